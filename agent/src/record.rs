@@ -1,0 +1,288 @@
+//! The event log's records: one JSON object per line, schema version [`SCHEMA_VERSION`].
+//!
+//! Two shapes share the top-level fields `v`, `time`, `kind`, `action`, `capacity`:
+//! - [`EventRecord`]: something changed on the machine (`kind` `cpu`, `memory_block`,
+//!   `memory`), seen by one source (`ebpf`, `uevent`, `scan`).
+//! - [`AgentRecord`]: the agent's own state (`kind` `agent`): `ready`, `loss`, `warning`,
+//!   `stopped`.
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::capacity::Summary;
+
+pub const SCHEMA_VERSION: u32 = 1;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    Ebpf,
+    Uevent,
+    Scan,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    Cpu,
+    MemoryBlock,
+    Memory,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    Add,
+    Remove,
+    Online,
+    Offline,
+    Change,
+    Resize,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Add => "add",
+            Self::Remove => "remove",
+            Self::Online => "online",
+            Self::Offline => "offline",
+            Self::Change => "change",
+            Self::Resize => "resize",
+        }
+    }
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ebpf => "ebpf",
+            Self::Uevent => "uevent",
+            Self::Scan => "scan",
+        }
+    }
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Cpu => "cpu",
+            Self::MemoryBlock => "memory_block",
+            Self::Memory => "memory",
+        }
+    }
+}
+
+/// A change on the machine, as one source saw it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EventRecord {
+    pub v: u32,
+    /// RFC 3339, UTC, microseconds.
+    pub time: String,
+    pub source: Source,
+    pub kind: Kind,
+    pub action: Action,
+    /// The sysfs name (`cpu1`, `memory42`), or null for machine-wide memory changes.
+    pub device: Option<String>,
+    /// The machine right after the event.
+    pub capacity: Summary,
+    /// CLOCK_MONOTONIC when the record was made, to line up with `kernel_ns`.
+    pub mono_ns: u64,
+    /// uevent: the kernel's sequence number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seqnum: Option<u64>,
+    /// eBPF: the hook that fired (`tracepoint/cpuhp/cpuhp_exit`, `fentry/online_pages`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<String>,
+    /// eBPF: CLOCK_MONOTONIC at the hook.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_ns: Option<u64>,
+    /// eBPF: how long the record took from the hook to the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery_ns: Option<u64>,
+    /// eBPF: the task that caused it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comm: Option<String>,
+    /// eBPF: the CPU the hook ran on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<u32>,
+    /// eBPF memory probes: pages added (positive) or removed (negative).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pages: Option<i64>,
+    /// eBPF: how many raw kernel hits this record folds (per-zone repeats, page chunks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hits: Option<u32>,
+    /// scan: why the scan ran (`startup`, `enobufs`, `seqnum_gap`, `ringbuf_drops`, `interval`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// One probe the agent tried to attach.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeStatus {
+    /// `tracepoint/cpuhp/cpuhp_exit`, `fentry/online_pages`, `kprobe/online_pages`, ...
+    pub name: String,
+    pub attached: bool,
+    pub error: Option<String>,
+}
+
+/// A source and whether it listens.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceStatus {
+    pub name: String,
+    pub listening: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The agent's own state.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    pub v: u32,
+    pub time: String,
+    /// Always `agent`.
+    pub kind: String,
+    /// `ready`, `loss`, `stopped`.
+    pub action: String,
+    pub capacity: Summary,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub probes: Vec<ProbeStatus>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<SourceStatus>,
+    /// ready: the slow re-read guard, in seconds, or null when it is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rescan_interval_s: Option<Option<u64>>,
+    /// loss: which source lost events and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<Source>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// ready: the start-up snapshot, in brief.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<MachineSummary>,
+}
+
+/// The start-up snapshot in one line's worth.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineSummary {
+    pub cpus_online_list: String,
+    pub cpus_possible: u32,
+    pub memory_block_size: Option<u64>,
+    pub memory_blocks_online: usize,
+    pub memory_blocks_offline: usize,
+    pub numa_nodes: usize,
+    /// `hugepages-2048kB` -> total pages.
+    pub hugepages: std::collections::BTreeMap<String, u64>,
+}
+
+impl MachineSummary {
+    pub fn of(s: &crate::capacity::Snapshot) -> Self {
+        Self {
+            cpus_online_list: s.cpus_online_list.clone(),
+            cpus_possible: s.cpus_possible,
+            memory_block_size: s.memory_block_size,
+            memory_blocks_online: s.online_blocks(),
+            memory_blocks_offline: s.offline_blocks(),
+            numa_nodes: s.numa_nodes.len(),
+            hugepages: s
+                .hugepages
+                .iter()
+                .map(|h| (format!("hugepages-{}kB", h.size_bytes / 1024), h.total))
+                .collect(),
+        }
+    }
+}
+
+impl AgentRecord {
+    pub fn new(action: &str, capacity: Summary) -> Self {
+        Self {
+            v: SCHEMA_VERSION,
+            time: now_rfc3339(),
+            kind: "agent".into(),
+            action: action.into(),
+            capacity,
+            probes: Vec::new(),
+            sources: Vec::new(),
+            rescan_interval_s: None,
+            source: None,
+            reason: None,
+            lost: None,
+            version: None,
+            machine: None,
+        }
+    }
+}
+
+/// Anything the event log carries.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Record {
+    Event(Box<EventRecord>),
+    Agent(Box<AgentRecord>),
+}
+
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_micros(SystemTime::now()).to_string()
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns()` reads.
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_records_round_trip_with_the_documented_field_names() {
+        let rec = EventRecord {
+            v: SCHEMA_VERSION,
+            time: now_rfc3339(),
+            source: Source::Uevent,
+            kind: Kind::MemoryBlock,
+            action: Action::Offline,
+            device: Some("memory42".into()),
+            capacity: Summary {
+                memory_bytes: 1 << 30,
+                cpus_online: 2,
+            },
+            mono_ns: 5,
+            seqnum: Some(7),
+            probe: None,
+            kernel_ns: None,
+            delivery_ns: None,
+            pid: None,
+            comm: None,
+            cpu: None,
+            pages: None,
+            hits: None,
+            reason: None,
+        };
+        let line = serde_json::to_string(&rec).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["kind"], "memory_block");
+        assert_eq!(v["action"], "offline");
+        assert_eq!(v["source"], "uevent");
+        assert_eq!(v["capacity"]["memory_bytes"], 1u64 << 30);
+        assert!(
+            v.get("kernel_ns").is_none(),
+            "absent optional fields stay out: {line}"
+        );
+        // RFC 3339 UTC with microseconds: 2026-11-27T20:56:57.123456Z
+        let t = v["time"].as_str().unwrap();
+        assert!(t.ends_with('Z') && t.len() == 27, "{t}");
+        let back: Record = serde_json::from_str(&line).unwrap();
+        assert_eq!(back, Record::Event(Box::new(rec)));
+    }
+}

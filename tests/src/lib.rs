@@ -1,0 +1,352 @@
+//! Helpers for the privileged integration tests: guards that put the machine back, and the
+//! agent as a child process whose NDJSON records the tests read.
+//!
+//! Every test that changes CPU or memory state takes [`MachineLock`] first (an `flock`, so
+//! tests in different processes cannot overlap either) and holds guards that restore the
+//! state on drop, panics included.
+use std::{
+    fs,
+    io::{BufRead, BufReader},
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// True when the tests may change the machine; prints why not otherwise.
+pub fn can_change_machine(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        eprintln!("\n*** SKIP {test}: needs root to change CPU/memory state and load eBPF ***\n");
+    }
+    root
+}
+
+/// Serialises machine-changing tests across threads and processes.
+pub struct MachineLock {
+    _file: fs::File,
+}
+
+impl MachineLock {
+    pub fn take() -> Self {
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open("/tmp/hotplug-agent-tests.lock")
+            .expect("opening the test lock file");
+        // SAFETY: flock on a descriptor we own.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        assert_eq!(rc, 0, "flock on the test lock failed");
+        Self { _file: file }
+    }
+}
+
+const CPU_DIR: &str = "/sys/devices/system/cpu";
+const MEM_DIR: &str = "/sys/devices/system/memory";
+
+fn write_sysfs(path: &Path, value: &str) -> std::io::Result<()> {
+    fs::write(path, value)
+}
+
+/// Takes a CPU offline; puts it back online on drop.
+pub struct CpuOffline {
+    cpu: u32,
+    restored: bool,
+}
+
+impl CpuOffline {
+    /// The highest CPU that can be taken offline (cpu0 usually cannot).
+    pub fn pick() -> Option<u32> {
+        let mut cpus: Vec<u32> = fs::read_dir(CPU_DIR)
+            .ok()?
+            .filter_map(|e| {
+                e.ok()?
+                    .file_name()
+                    .to_str()?
+                    .strip_prefix("cpu")?
+                    .parse()
+                    .ok()
+            })
+            .filter(|n| Path::new(&format!("{CPU_DIR}/cpu{n}/online")).exists())
+            .filter(|n| {
+                fs::read_to_string(format!("{CPU_DIR}/cpu{n}/online"))
+                    .is_ok_and(|s| s.trim() == "1")
+            })
+            .collect();
+        cpus.sort_unstable();
+        cpus.pop()
+    }
+
+    pub fn new(cpu: u32) -> Self {
+        write_sysfs(&PathBuf::from(format!("{CPU_DIR}/cpu{cpu}/online")), "0")
+            .expect("taking the CPU offline");
+        Self {
+            cpu,
+            restored: false,
+        }
+    }
+
+    /// Puts it back now (the records of that are part of most tests).
+    pub fn restore(&mut self) {
+        write_sysfs(
+            &PathBuf::from(format!("{CPU_DIR}/cpu{}/online", self.cpu)),
+            "1",
+        )
+        .expect("putting the CPU back online");
+        self.restored = true;
+    }
+}
+
+impl Drop for CpuOffline {
+    fn drop(&mut self) {
+        if !self.restored {
+            let _ = write_sysfs(
+                &PathBuf::from(format!("{CPU_DIR}/cpu{}/online", self.cpu)),
+                "1",
+            );
+        }
+    }
+}
+
+/// Memory blocks taken offline; every one is put back online on drop.
+pub struct BlocksOffline {
+    pub blocks: Vec<u32>,
+}
+
+pub fn block_size() -> u64 {
+    let s = fs::read_to_string(format!("{MEM_DIR}/block_size_bytes")).expect("block_size_bytes");
+    u64::from_str_radix(s.trim(), 16).expect("hex block size")
+}
+
+fn online_blocks() -> Vec<u32> {
+    let mut ids: Vec<u32> = fs::read_dir(MEM_DIR)
+        .map(|d| {
+            d.filter_map(|e| {
+                e.ok()?
+                    .file_name()
+                    .to_str()?
+                    .strip_prefix("memory")?
+                    .parse()
+                    .ok()
+            })
+            .filter(|n| {
+                fs::read_to_string(format!("{MEM_DIR}/memory{n}/state"))
+                    .is_ok_and(|s| s.trim() == "online")
+            })
+            .collect()
+        })
+        .unwrap_or_default();
+    // High blocks are the likeliest to be free of unmovable pages.
+    ids.sort_unstable_by(|a, b| b.cmp(a));
+    ids
+}
+
+impl BlocksOffline {
+    /// Offlines up to `n` blocks, trying others where the kernel answers EBUSY.
+    pub fn take(n: usize) -> Self {
+        let mut guard = Self { blocks: Vec::new() };
+        for id in online_blocks() {
+            if guard.blocks.len() == n {
+                break;
+            }
+            if write_sysfs(
+                &PathBuf::from(format!("{MEM_DIR}/memory{id}/state")),
+                "offline",
+            )
+            .is_ok()
+            {
+                guard.blocks.push(id);
+            }
+        }
+        guard
+    }
+
+    /// Puts every block back online now.
+    pub fn restore(&mut self) {
+        for id in self.blocks.drain(..) {
+            let path = PathBuf::from(format!("{MEM_DIR}/memory{id}/state"));
+            if let Err(e) = write_sysfs(&path, "online") {
+                eprintln!("warning: could not put memory{id} back online: {e}");
+            }
+        }
+    }
+}
+
+impl Drop for BlocksOffline {
+    fn drop(&mut self) {
+        self.restore();
+    }
+}
+
+/// The agent binary: `HOTPLUG_AGENT_BIN` (set by `cargo xtask test`), else target/debug.
+pub fn agent_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("HOTPLUG_AGENT_BIN") {
+        return p.into();
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/hotplug-agent");
+    assert!(
+        p.exists(),
+        "{} not built: run `cargo xtask test` or `cargo build -p hotplug-agent`",
+        p.display()
+    );
+    p
+}
+
+/// A running `hotplug-agent`, killed (by its own PID) on drop.
+pub struct Agent {
+    child: Child,
+    lines: mpsc::Receiver<Value>,
+    /// Every record read so far, in order.
+    pub seen: Vec<Value>,
+    stderr_path: PathBuf,
+}
+
+impl Agent {
+    /// Starts `hotplug-agent <args>` with JSON output and waits for its `ready` record.
+    pub fn start(args: &[&str]) -> (Self, Value) {
+        Self::start_with(Command::new(agent_bin()), args)
+    }
+
+    pub fn start_with(mut cmd: Command, args: &[&str]) -> (Self, Value) {
+        let stderr_path = std::env::temp_dir().join(format!(
+            "hotplug-agent-test-{}-{}.err",
+            std::process::id(),
+            rand_suffix()
+        ));
+        let stderr = fs::File::create(&stderr_path).expect("stderr file");
+        let mut child = cmd
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawning the agent");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let v: Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("agent wrote a non-JSON line ({e}): {line}"));
+                if tx.send(v).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut agent = Self {
+            child,
+            lines: rx,
+            seen: Vec::new(),
+            stderr_path,
+        };
+        let ready = agent.wait_for("the ready record", Duration::from_secs(30), |r| {
+            r["kind"] == "agent" && r["action"] == "ready"
+        });
+        assert_eq!(
+            agent.seen.len(),
+            1,
+            "the ready record must be the first line: {:?}",
+            agent.seen
+        );
+        (agent, ready)
+    }
+
+    /// Waits for a record matching `pred`, up to `timeout`; panics with what was seen.
+    pub fn wait_for(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        if let Some(v) = self.seen.iter().find(|v| pred(v)) {
+            return v.clone();
+        }
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(v) => {
+                    self.seen.push(v.clone());
+                    if pred(&v) {
+                        return v;
+                    }
+                }
+                Err(_) => panic!(
+                    "timed out after {timeout:?} waiting for {what}; records seen:\n{}\nstderr:\n{}",
+                    self.seen
+                        .iter()
+                        .map(|v| v.to_string())
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                    self.stderr()
+                ),
+            }
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Freezes the agent (SIGSTOP) so the kernel's queue to it fills up; thawed on drop.
+    pub fn freeze(&self) -> Frozen {
+        // SAFETY: signalling our own child by its PID.
+        let rc = unsafe { libc::kill(self.child.id() as i32, libc::SIGSTOP) };
+        assert_eq!(rc, 0, "SIGSTOP to the agent");
+        Frozen {
+            pid: self.child.id() as i32,
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = fs::remove_file(&self.stderr_path);
+    }
+}
+
+/// A stopped agent; continued on drop.
+pub struct Frozen {
+    pid: i32,
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child by its PID.
+        unsafe { libc::kill(self.pid, libc::SIGCONT) };
+    }
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+/// A record's `kind`/`action`/`device`/`source` in one predicate.
+pub fn is_event(v: &Value, source: &str, kind: &str, action: &str, device: Option<&str>) -> bool {
+    v["source"] == source
+        && v["kind"] == kind
+        && v["action"] == action
+        && match device {
+            Some(d) => v["device"] == d,
+            None => true,
+        }
+}
+
+/// MemTotal in bytes and the online CPU count, straight from the kernel.
+pub fn machine() -> (u64, u64) {
+    let s = hotplug_agent::capacity::read_summary(Path::new("/")).expect("reading the machine");
+    (s.memory_bytes, u64::from(s.cpus_online))
+}
