@@ -1,38 +1,39 @@
 //! Percentiles of a sample, the one piece of arithmetic every section shares.
 use serde::Serialize;
 
-/// A sample of nanosecond figures, summarised. Percentiles are nearest-rank: the value at
-/// rank `ceil(p/100 * n)`, always one of the samples (so with fewer than 100 samples p99 is
-/// the maximum, which is the honest answer).
+/// A sample of nanosecond figures, summarised. Signed: some are differences that may go
+/// below zero (a record made before the sysfs write returned). Percentiles are nearest-rank:
+/// the value at rank `ceil(p/100 * n)`, always one of the samples (so with fewer than 100
+/// samples p99 is the maximum, which is the honest answer).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Summary {
     pub n: usize,
-    pub min_ns: u64,
-    pub p50_ns: u64,
-    pub p99_ns: u64,
-    pub max_ns: u64,
-    pub mean_ns: u64,
+    pub min_ns: i64,
+    pub p50_ns: i64,
+    pub p99_ns: i64,
+    pub max_ns: i64,
+    pub mean_ns: i64,
 }
 
 impl Summary {
     /// `None` for an empty sample.
-    pub fn of(samples: &[u64]) -> Option<Self> {
+    pub fn of(samples: &[i64]) -> Option<Self> {
         let mut sorted = samples.to_vec();
         sorted.sort_unstable();
-        let sum: u128 = sorted.iter().map(|&s| u128::from(s)).sum();
+        let sum: i128 = sorted.iter().map(|&s| i128::from(s)).sum();
         Some(Self {
             n: sorted.len(),
             min_ns: *sorted.first()?,
             p50_ns: percentile(&sorted, 50.0)?,
             p99_ns: percentile(&sorted, 99.0)?,
             max_ns: *sorted.last()?,
-            mean_ns: (sum / sorted.len() as u128) as u64,
+            mean_ns: (sum / sorted.len() as i128) as i64,
         })
     }
 }
 
 /// Nearest-rank percentile of an ascending slice; `None` when it is empty.
-pub fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
+pub fn percentile(sorted: &[i64], p: f64) -> Option<i64> {
     debug_assert!(sorted.is_sorted(), "percentile needs sorted input");
     let n = sorted.len();
     if n == 0 {
@@ -48,7 +49,7 @@ mod tests {
 
     #[test]
     fn nearest_rank_percentiles() {
-        let hundred: Vec<u64> = (1..=100).collect();
+        let hundred: Vec<i64> = (1..=100).collect();
         assert_eq!(percentile(&hundred, 50.0), Some(50));
         assert_eq!(percentile(&hundred, 99.0), Some(99));
         assert_eq!(percentile(&hundred, 100.0), Some(100));
@@ -75,5 +76,7 @@ mod tests {
             }
         );
         assert_eq!(Summary::of(&[]), None);
+        let signed = Summary::of(&[-5, 10, -20]).unwrap();
+        assert_eq!((signed.min_ns, signed.p50_ns, signed.max_ns), (-20, -5, 10));
     }
 }
