@@ -28,7 +28,7 @@ const HUGEPAGES_DIR: &str = "sys/kernel/mm/hugepages";
 const MAX_CPU_ID: u32 = 65_535;
 
 /// What every event record carries: cheap to read (two small files).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Summary {
     pub memory_bytes: u64,
     pub cpus_online: u32,

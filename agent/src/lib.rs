@@ -16,10 +16,17 @@
 //! - [`status`]: the snapshot and which probes can attach; `hotplug-agent status`.
 //! - [`telemetry`]: diagnostics (tracing) on stderr, never mixed with the event log.
 pub mod capacity;
+pub mod checkpoint;
+pub mod episode;
+pub mod node;
 pub mod pipeline;
+pub mod reconcile;
 pub mod record;
+pub mod refresh;
 pub mod report;
+pub mod run;
 pub mod sources;
 pub mod status;
 pub mod telemetry;
+pub mod verify;
 pub mod watch;

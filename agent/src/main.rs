@@ -4,9 +4,7 @@ use std::{io::IsTerminal, path::PathBuf, time::Duration};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use hotplug_agent::{
-    pipeline::{self, Rescan},
-    report::Format,
-    status, telemetry, watch,
+    episode, pipeline::{self, Rescan}, refresh, report::Format, run, status, telemetry, watch,
 };
 
 /// Catches CPU and memory hotplug as the kernel makes it.
@@ -21,6 +19,9 @@ struct Cli {
 enum Command {
     /// Stream CPU and memory hotplug events as they happen (no cluster needed).
     Watch(WatchArgs),
+    /// Watch, and make this node's kubelet advertise the real capacity (episodes,
+    /// reconcile against the Node, refresh, verify).
+    Run(Box<RunArgs>),
     /// Print the machine's capacity and which probes can attach here.
     Status {
         #[arg(long, value_enum, default_value = "text")]
@@ -36,6 +37,80 @@ struct WatchArgs {
     /// `json`: one object per line (the event log). Default: text on a terminal, else json.
     #[arg(long, value_enum)]
     format: Option<Format>,
+    #[command(flatten)]
+    sources: SourceArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum RefreshKind {
+    /// RestartUnit of the kubelet's unit over the system D-Bus.
+    Systemd,
+    /// Run `--refresh-command`.
+    Command,
+    /// Report only.
+    None,
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// `json` (the event log, default) or `text`.
+    #[arg(long, value_enum, default_value = "json")]
+    format: Format,
+    #[command(flatten)]
+    sources: SourceArgs,
+    /// This node's name. Default: $NODE_NAME, else the hostname.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// A kubeconfig file. Default: in-cluster config, else $KUBECONFIG or ~/.kube/config.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Run without any Kubernetes API: episodes are recorded, nothing is reconciled.
+    #[arg(long)]
+    no_kubernetes: bool,
+    /// An episode settles when no event came for this long (ms).
+    #[arg(long, default_value_t = episode::DEFAULT_SETTLE.as_millis() as u64)]
+    settle_ms: u64,
+    /// ...but never waits longer than this after its first event (ms).
+    #[arg(long, default_value_t = episode::DEFAULT_MAX_WAIT.as_millis() as u64)]
+    max_wait_ms: u64,
+    /// How the kubelet is made to re-read the machine.
+    #[arg(long, value_enum, default_value = "systemd")]
+    refresh: RefreshKind,
+    /// systemd: the kubelet's unit.
+    #[arg(long, default_value = "kubelet.service")]
+    kubelet_unit: String,
+    /// systemd: D-Bus address (default: the system bus), e.g.
+    /// unix:path=/host/run/dbus/system_bus_socket in a DaemonSet.
+    #[arg(long)]
+    systemd_bus: Option<String>,
+    /// command: `PROGRAM ARG...`, split as a shell would, run without a shell.
+    #[arg(long)]
+    refresh_command: Option<String>,
+    /// How long a refresh may take.
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    refresh_timeout: Duration,
+    /// How long the Node may take to advertise the new capacity after a refresh.
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    verify_timeout: Duration,
+    /// Guard rail: at least this long between two refreshes.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    min_refresh_interval: Duration,
+    /// Guard rail: at most this many refreshes in any hour.
+    #[arg(long, default_value_t = 12)]
+    max_refreshes_per_hour: u32,
+    /// The kubelet's root dir, for its CPU and memory manager checkpoints.
+    #[arg(long, default_value = "/var/lib/kubelet")]
+    kubelet_root_dir: PathBuf,
+    /// With a static CPU/memory manager checkpoint that no longer matches the machine.
+    #[arg(long, value_enum, default_value = "refuse")]
+    static_policy: run::StaticPolicy,
+    /// cgroup filesystem root, to check the pods' cgroup memory limit.
+    #[arg(long, default_value = "/sys/fs/cgroup")]
+    cgroup_root: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+struct SourceArgs {
     /// Slow re-read guard for MemTotal changes no uevent announces: `auto` (60 s when the
     /// precise memory probes cannot attach, else off), `off`, or seconds.
     #[arg(long, default_value = "auto", value_parser = parse_rescan)]
@@ -52,6 +127,80 @@ struct WatchArgs {
     /// Filesystem root holding proc/ and sys/.
     #[arg(long, default_value = "/", hide = true)]
     root: PathBuf,
+}
+
+impl SourceArgs {
+    fn pipeline(&self) -> pipeline::Config {
+        pipeline::Config {
+            root: self.root.clone(),
+            ebpf: !self.no_ebpf,
+            uevent: !self.no_uevent,
+            uevent_rcvbuf: self.uevent_rcvbuf,
+            rescan: self.rescan_interval,
+            ..pipeline::Config::default()
+        }
+    }
+}
+
+fn hostname() -> anyhow::Result<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").context("reading the hostname")?;
+    Ok(name.trim().to_string())
+}
+
+async fn kube_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path).with_context(|| format!("reading {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("using {}", path.display()))?
+        }
+        None => kube::Config::infer().await.context("no in-cluster config and no kubeconfig")?,
+    };
+    kube::Client::try_from(config).context("building the Kubernetes client")
+}
+
+async fn run_command(args: RunArgs) -> anyhow::Result<()> {
+    let backend = match args.refresh {
+        RefreshKind::None => refresh::Backend::None,
+        RefreshKind::Systemd => refresh::Backend::Systemd(refresh::systemd::SystemdConfig {
+            unit: args.kubelet_unit.clone(),
+            bus_address: args.systemd_bus.clone(),
+            timeout: args.refresh_timeout,
+        }),
+        RefreshKind::Command => {
+            let line = args.refresh_command.as_deref().context("--refresh command needs --refresh-command 'PROGRAM ARG...'")?;
+            let argv = refresh::command::parse(line).with_context(|| format!("--refresh-command {line:?}"))?;
+            refresh::Backend::Command(refresh::command::CommandConfig { argv, stop: None, start: None, timeout: args.refresh_timeout })
+        }
+    };
+    let node_name = match args.node_name.clone() {
+        Some(n) => n,
+        None => hostname()?,
+    };
+    let client = if args.no_kubernetes {
+        None
+    } else {
+        Some(kube_client(args.kubeconfig.as_ref()).await?)
+    };
+    let config = run::Config {
+        pipeline: args.sources.pipeline(),
+        settle: Duration::from_millis(args.settle_ms),
+        max_wait: Duration::from_millis(args.max_wait_ms),
+        node_name,
+        backend,
+        guard: refresh::guard::GuardConfig {
+            min_interval: args.min_refresh_interval,
+            max_per_hour: args.max_refreshes_per_hour,
+            ..refresh::guard::GuardConfig::default()
+        },
+        verify_timeout: args.verify_timeout,
+        kubelet_root: args.kubelet_root_dir,
+        static_policy: args.static_policy,
+        cgroup_root: args.cgroup_root,
+    };
+    let mut out = std::io::stdout().lock();
+    run::run(config, client, args.format, &mut out, shutdown_signal()).await.context("hotplug-agent run")
 }
 
 fn parse_rescan(s: &str) -> Result<Rescan, String> {
@@ -94,19 +243,13 @@ fn main() -> anyhow::Result<()> {
             } else {
                 Format::Json
             });
-            let config = pipeline::Config {
-                root: args.root,
-                ebpf: !args.no_ebpf,
-                uevent: !args.no_uevent,
-                uevent_rcvbuf: args.uevent_rcvbuf,
-                rescan: args.rescan_interval,
-                ..pipeline::Config::default()
-            };
+            let config = args.sources.pipeline();
             let mut out = std::io::stdout().lock();
             runtime
                 .block_on(watch::run(config, format, &mut out, shutdown_signal()))
                 .context("hotplug-agent watch")
         }
+        Command::Run(args) => runtime.block_on(run_command(*args)),
         Command::Status { format, root } => {
             let status = runtime
                 .block_on(async { status::collect(&root) })

@@ -221,16 +221,108 @@ impl AgentRecord {
     }
 }
 
-/// Anything the event log carries.
+/// What the node's capacity looks like from the API: `.status.capacity`, parsed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Advertised {
+    pub memory_bytes: Option<u64>,
+    /// `cpu` in millicores (the kubelet advertises the count of online CPUs: 2 -> 2000).
+    pub cpu_millis: Option<u64>,
+    /// `hugepages-2Mi` -> bytes.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub hugepages: std::collections::BTreeMap<String, u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocatable_memory_bytes: Option<u64>,
+}
+
+/// A decision of `hotplug-agent run`: `kind` `episode`, `reconcile`, `refresh` or `verify`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DecisionRecord {
+    pub v: u32,
+    pub time: String,
+    pub kind: String,
+    /// episode: `settled`; reconcile: `in_sync`, `stale`, `api_unreachable`, `api_reachable`,
+    /// `failed`; refresh: `started`, `succeeded`, `failed`, `skipped`, `deferred`;
+    /// verify: `converged`, `timeout`.
+    pub action: String,
+    /// The machine when the decision was made.
+    pub capacity: Summary,
+    /// Episode number, counted from 1 (0: the start-up reconcile).
+    pub episode: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// episode: how many event records it folded; `startup` or `events`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<String>,
+    /// What the Node advertised before, and (verify) after.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertised: Option<Advertised>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertised_after: Option<Advertised>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub differences: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// Why: a skipped refresh, a deferral, an error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// refresh deferred: when it may run (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<String>,
+    /// verify: the pods' cgroup memory limit, before and after.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<CgroupCheck>,
+    /// episode: time from its first event to settling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settle_ms: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CgroupCheck {
+    pub path: String,
+    pub before: Option<u64>,
+    pub after: Option<u64>,
+    /// How far it should have moved: the change of the Node's allocatable memory.
+    pub expected_delta: Option<i64>,
+    pub ok: bool,
+}
+
+impl DecisionRecord {
+    pub fn new(kind: &str, action: &str, capacity: Summary, episode: u64) -> Self {
+        Self {
+            v: SCHEMA_VERSION,
+            time: now_rfc3339(),
+            kind: kind.into(),
+            action: action.into(),
+            capacity,
+            episode,
+            ..Self::default()
+        }
+    }
+}
+
+/// Anything the event log carries. (Deserialising: event records first, then the
+/// `agent` and decision shapes, which share their top-level fields.)
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Record {
     Event(Box<EventRecord>),
     Agent(Box<AgentRecord>),
+    Decision(Box<DecisionRecord>),
 }
 
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_micros(SystemTime::now()).to_string()
+}
+
+/// RFC 3339 for a moment `after` from now.
+pub fn rfc3339_in(after: std::time::Duration) -> String {
+    humantime::format_rfc3339_micros(SystemTime::now() + after).to_string()
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns()` reads.

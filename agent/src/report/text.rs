@@ -4,12 +4,13 @@
 //! 21:04:05.123456  uevent  memory_block  offline  memory47   mem 23.41 GiB  cpus 2  seq 4242
 //! 21:04:05.123460  ebpf    cpu           online   cpu1       mem 23.54 GiB  cpus 2  cpuhp/1[20] 12µs
 //! ```
-use crate::record::{AgentRecord, EventRecord, Record};
+use crate::record::{AgentRecord, DecisionRecord, EventRecord, Record};
 
 pub fn line(record: &Record) -> String {
     match record {
         Record::Event(e) => event(e),
         Record::Agent(a) => agent(a),
+        Record::Decision(d) => decision(d),
     }
 }
 
@@ -48,6 +49,31 @@ fn event(e: &EventRecord) -> String {
     }
     if let Some(r) = &e.reason {
         s.push_str(&format!("  ({r})"));
+    }
+    s
+}
+
+fn decision(d: &DecisionRecord) -> String {
+    let mut s = format!(
+        "{:<15}  {:<6}  {:<12}  {:<7}  {:<9}  mem {:>10}  cpus {:<3}",
+        clock(&d.time),
+        "run",
+        d.kind,
+        d.action,
+        format!("#{}", d.episode),
+        gib(d.capacity.memory_bytes),
+        d.capacity.cpus_online
+    );
+    for diff in &d.differences {
+        s.push_str(&format!("  {diff}"));
+    }
+    for (label, v) in [("backend", &d.backend), ("reason", &d.reason), ("message", &d.message)] {
+        if let Some(v) = v {
+            s.push_str(&format!("  {label} {v}"));
+        }
+    }
+    if let Some(ms) = d.duration_ms {
+        s.push_str(&format!("  {ms} ms"));
     }
     s
 }

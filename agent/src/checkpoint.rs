@@ -1,0 +1,568 @@
+//! The kubelet's CPU and memory manager checkpoints: would a restart crash-loop?
+//!
+//! With the `static` CPU manager or the `Static` memory manager, the kubelet checks its
+//! checkpoint against the machine when it starts and refuses to start when they differ
+//! (kubernetes/kubernetes#124066, #109996). After a hot-add that is exactly the case, so a
+//! plain restart turns a stale node into a crash-looping one. This module repeats the
+//! kubelet's start-up checks on the checkpoint files, read-only:
+//! - pkg/kubelet/cm/cpumanager/policy_static.go `validateState`: an empty default set with
+//!   assignments is refused; an assignment overlapping the default set is refused; the union
+//!   of the default set and every assigned set must equal the online CPUs ("current set of
+//!   available CPUs %q doesn't match with CPUs in state %q").
+//! - pkg/kubelet/cm/memorymanager/policy_static.go `validateState`: an empty machine state
+//!   is recomputed (unless assignments exist); otherwise the checkpoint's per-NUMA-node state
+//!   must equal one computed from the machine ("[memorymanager] the expected machine state
+//!   is different from the real one"). Of that state, hotplug changes the set of nodes and
+//!   each node's `memory` total (cadvisor's per-node MemTotal): those are compared.
+//!   Reserved and allocatable amounts depend on the kubelet's flags, which we cannot see.
+//!
+//! Formats: pkg/kubelet/cm/{cpumanager,memorymanager}/state/checkpoint.go. Newer kubelets
+//! add `podEntries` and a `data` copy but keep the top-level fields, which are read here.
+//! A checkpoint that cannot be read or parsed is an error, never a guess. So is a policy
+//! we do not know: it is reported as unsafe.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize, de::IgnoredAny};
+
+use crate::capacity::{self, CpuListError, Snapshot};
+
+pub const DEFAULT_KUBELET_ROOT: &str = "/var/lib/kubelet";
+pub const CPU_MANAGER_STATE: &str = "cpu_manager_state";
+pub const MEMORY_MANAGER_STATE: &str = "memory_manager_state";
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "verdict", rename_all = "snake_case")]
+pub enum Verdict {
+    /// No checkpoint, or a policy whose restart is safe ("none"/"None"), or a static
+    /// checkpoint that still matches the machine.
+    Safe { notes: Vec<String> },
+    /// A restart would make the kubelet refuse to start (crash-loop).
+    Unsafe {
+        /// `"cpu"` or `"memory"`.
+        manager: &'static str,
+        policy: String,
+        path: PathBuf,
+        reason: String,
+        /// Pod UIDs holding exclusive CPUs or pinned memory: the pods to evict before the
+        /// checkpoint can be reset.
+        pods: Vec<String>,
+    },
+}
+
+impl Verdict {
+    pub fn is_safe(&self) -> bool {
+        matches!(self, Self::Safe { .. })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("reading {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("parsing {}", path.display())]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("parsing {what} {value:?} in {}", path.display())]
+    CpuSet {
+        path: PathBuf,
+        what: String,
+        value: String,
+        #[source]
+        source: CpuListError,
+    },
+}
+
+/// One verdict per checkpoint file present under `kubelet_root` (CPU, then memory), or a
+/// single [`Verdict::Safe`] when there is none.
+pub fn check(kubelet_root: &Path, machine: &Snapshot) -> Result<Vec<Verdict>, CheckpointError> {
+    let mut verdicts = Vec::new();
+    let cpu = kubelet_root.join(CPU_MANAGER_STATE);
+    if let Some(bytes) = read(&cpu)? {
+        verdicts.push(check_cpu(&cpu, &bytes, machine)?);
+    }
+    let memory = kubelet_root.join(MEMORY_MANAGER_STATE);
+    if let Some(bytes) = read(&memory)? {
+        verdicts.push(check_memory(&memory, &bytes, machine)?);
+    }
+    if verdicts.is_empty() {
+        let note = format!(
+            "no CPU or memory manager checkpoint in {}",
+            kubelet_root.display()
+        );
+        verdicts.push(Verdict::Safe { notes: vec![note] });
+    }
+    Ok(verdicts)
+}
+
+fn read(path: &Path) -> Result<Option<Vec<u8>>, CheckpointError> {
+    match fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(CheckpointError::Read {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// cpumanager/state/checkpoint.go `CPUManagerCheckpoint` (v2, kubelet >= 1.18; v3 adds
+/// `podEntries`).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CpuCheckpoint {
+    policy_name: String,
+    #[serde(default)]
+    default_cpu_set: String,
+    /// Pod UID -> container name -> CPU set.
+    #[serde(default)]
+    entries: Option<BTreeMap<String, BTreeMap<String, String>>>,
+    /// Pod UID -> the pod's CPU set (pod-level resource managers).
+    #[serde(default)]
+    pod_entries: Option<BTreeMap<String, PodCpuEntry>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PodCpuEntry {
+    #[serde(default)]
+    cpu_set: String,
+}
+
+fn check_cpu(path: &Path, bytes: &[u8], machine: &Snapshot) -> Result<Verdict, CheckpointError> {
+    let cp: CpuCheckpoint =
+        serde_json::from_slice(bytes).map_err(|source| CheckpointError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+    let cpus = |what: String, value: &str| {
+        capacity::parse_cpu_list(value)
+            .map(BTreeSet::from_iter)
+            .map_err(|source| CheckpointError::CpuSet {
+                path: path.to_owned(),
+                what,
+                value: value.to_owned(),
+                source,
+            })
+    };
+    let mut assigned = Vec::new();
+    for (pod, containers) in cp.entries.iter().flatten() {
+        for (container, set) in containers {
+            let what = format!("the CPU set of pod {pod} container {container}");
+            assigned.push((pod.clone(), container.clone(), cpus(what, set)?));
+        }
+    }
+    for (pod, entry) in cp.pod_entries.iter().flatten() {
+        let set = cpus(format!("the CPU set of pod {pod}"), &entry.cpu_set)?;
+        assigned.push((pod.clone(), "(pod)".to_owned(), set));
+    }
+    let pods: Vec<String> = assigned
+        .iter()
+        .map(|(pod, ..)| pod.clone())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let unsafe_because = |reason: String| Verdict::Unsafe {
+        manager: "cpu",
+        policy: cp.policy_name.clone(),
+        path: path.to_owned(),
+        reason,
+        pods: pods.clone(),
+    };
+    let safe = |note: &str| Verdict::Safe {
+        notes: vec![format!("{}: {note}", path.display())],
+    };
+
+    match cp.policy_name.as_str() {
+        "none" => return Ok(safe("CPU manager policy none, a restart is safe")),
+        "static" => {}
+        other => {
+            return Ok(unsafe_because(format!(
+                "unknown CPU manager policy {other:?}: cannot tell whether the kubelet would \
+                 accept this checkpoint"
+            )));
+        }
+    }
+    let default = cpus("defaultCpuSet".to_owned(), &cp.default_cpu_set)?;
+    if default.is_empty() {
+        return Ok(if assigned.is_empty() {
+            safe("static CPU manager with an empty state, which the kubelet initialises")
+        } else {
+            unsafe_because("empty default CPU set while pods hold CPUs (kubelet: \"default cpuset cannot be empty\")".to_owned())
+        });
+    }
+    for (pod, container, set) in &assigned {
+        if !set.is_disjoint(&default) {
+            return Ok(unsafe_because(format!(
+                "pod {pod} container {container} CPUs {} overlap the default CPU set {} \
+                 (kubelet: \"overlaps with default cpuset\")",
+                list(set),
+                list(&default)
+            )));
+        }
+    }
+    let mut known = default;
+    for (_, _, set) in &assigned {
+        known.extend(set);
+    }
+    let online = capacity::parse_cpu_list(&machine.cpus_online_list)
+        .map(BTreeSet::from_iter)
+        .map_err(|source| CheckpointError::CpuSet {
+            path: PathBuf::from("/sys/devices/system/cpu/online"),
+            what: "the online CPUs".to_owned(),
+            value: machine.cpus_online_list.clone(),
+            source,
+        })?;
+    if known == online {
+        return Ok(safe(&format!(
+            "static CPU manager, checkpoint CPUs {} match the online CPUs",
+            list(&known)
+        )));
+    }
+    // With the strict-cpu-reservation option the kubelet leaves the reserved CPUs out of
+    // the state, which we cannot tell apart from a changed machine: reported as unsafe,
+    // the side that never crash-loops a kubelet.
+    Ok(unsafe_because(format!(
+        "checkpoint CPUs {} != online CPUs {} (kubelet: \"current set of available CPUs \
+         doesn't match with CPUs in state\")",
+        list(&known),
+        list(&online)
+    )))
+}
+
+/// memorymanager/state/checkpoint.go `MemoryManagerCheckpoint`, state.go `NUMANodeMap`.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MemoryCheckpoint {
+    policy_name: String,
+    /// NUMA node id -> its state.
+    #[serde(default)]
+    machine_state: Option<BTreeMap<u32, NumaNodeState>>,
+    /// Pod UID -> container name -> memory blocks.
+    #[serde(default)]
+    entries: Option<BTreeMap<String, BTreeMap<String, IgnoredAny>>>,
+    #[serde(default)]
+    pod_entries: Option<BTreeMap<String, IgnoredAny>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NumaNodeState {
+    /// Resource name (`memory`, `hugepages-2Mi`, ...) -> its table.
+    #[serde(default)]
+    memory_map: Option<BTreeMap<String, MemoryTable>>,
+}
+
+#[derive(Deserialize)]
+struct MemoryTable {
+    total: u64,
+}
+
+fn check_memory(path: &Path, bytes: &[u8], machine: &Snapshot) -> Result<Verdict, CheckpointError> {
+    let cp: MemoryCheckpoint =
+        serde_json::from_slice(bytes).map_err(|source| CheckpointError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+    let pods: Vec<String> = (cp.entries.iter().flat_map(BTreeMap::keys))
+        .chain(cp.pod_entries.iter().flat_map(BTreeMap::keys))
+        .cloned()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let unsafe_because = |reason: String| Verdict::Unsafe {
+        manager: "memory",
+        policy: cp.policy_name.clone(),
+        path: path.to_owned(),
+        reason,
+        pods: pods.clone(),
+    };
+    let safe = |note: &str| Verdict::Safe {
+        notes: vec![format!("{}: {note}", path.display())],
+    };
+
+    match cp.policy_name.as_str() {
+        "None" => return Ok(safe("memory manager policy None, a restart is safe")),
+        "Static" => {}
+        other => {
+            return Ok(unsafe_because(format!(
+                "unknown memory manager policy {other:?}: cannot tell whether the kubelet \
+                 would accept this checkpoint"
+            )));
+        }
+    }
+    let state = cp.machine_state.unwrap_or_default();
+    if state.is_empty() {
+        return Ok(if pods.is_empty() {
+            safe("Static memory manager with an empty machine state, which the kubelet computes")
+        } else {
+            unsafe_because("empty machine state while pods hold pinned memory (kubelet: \"machine state can not be empty when it has memory assignments\")".to_owned())
+        });
+    }
+    // cadvisor reports a machine without NUMA information as one node 0 holding everything.
+    let real: BTreeMap<u32, u64> = if machine.numa_nodes.is_empty() {
+        BTreeMap::from([(0, machine.memory_bytes)])
+    } else {
+        machine
+            .numa_nodes
+            .iter()
+            .map(|n| (n.id, n.memory_bytes))
+            .collect()
+    };
+    let mut differences = Vec::new();
+    let ids = |ids: Vec<u32>| capacity::format_cpu_list(&ids);
+    if !state.keys().eq(real.keys()) {
+        differences.push(format!(
+            "checkpoint NUMA nodes {} != machine NUMA nodes {}",
+            ids(state.keys().copied().collect()),
+            ids(real.keys().copied().collect())
+        ));
+    }
+    for (id, node) in &state {
+        let Some(real) = real.get(id) else { continue };
+        match node.memory_map.as_ref().and_then(|m| m.get("memory")) {
+            Some(table) if table.total == *real => {}
+            Some(table) => differences.push(format!(
+                "NUMA node {id} memory {} bytes in the checkpoint != {real} bytes on the machine",
+                table.total
+            )),
+            None => differences.push(format!(
+                "NUMA node {id} has no memory table in the checkpoint"
+            )),
+        }
+    }
+    if differences.is_empty() {
+        return Ok(safe(
+            "Static memory manager, NUMA nodes and their memory match the machine",
+        ));
+    }
+    Ok(unsafe_because(format!(
+        "{} (kubelet: \"[memorymanager] the expected machine state is different from the real one\")",
+        differences.join("; ")
+    )))
+}
+
+fn list(cpus: &BTreeSet<u32>) -> String {
+    capacity::format_cpu_list(&cpus.iter().copied().collect::<Vec<_>>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capacity::NumaNode;
+
+    const GIB: u64 = 1 << 30;
+
+    fn machine(online: &str, nodes: &[(u32, u64)]) -> Snapshot {
+        let cpus = capacity::parse_cpu_list(online).expect("fixture CPU list");
+        Snapshot {
+            memory_bytes: nodes.iter().map(|(_, m)| m).sum(),
+            cpus_online: cpus.len() as u32,
+            cpus_online_list: online.to_owned(),
+            cpus_possible: cpus.len() as u32,
+            memory_block_size: None,
+            memory_blocks: Vec::new(),
+            hugepages: Vec::new(),
+            numa_nodes: nodes
+                .iter()
+                .map(|&(id, memory_bytes)| NumaNode {
+                    id,
+                    cpus: Vec::new(),
+                    memory_bytes,
+                })
+                .collect(),
+        }
+    }
+
+    fn kubelet_root(cpu: Option<&str>, memory: Option<&str>) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (name, text) in [(CPU_MANAGER_STATE, cpu), (MEMORY_MANAGER_STATE, memory)] {
+            if let Some(text) = text {
+                fs::write(dir.path().join(name), text).expect("writing the fixture");
+            }
+        }
+        dir
+    }
+
+    fn one(root: &tempfile::TempDir, machine: &Snapshot) -> Verdict {
+        let mut verdicts = check(root.path(), machine).expect("readable checkpoints");
+        assert_eq!(verdicts.len(), 1, "{verdicts:?}");
+        verdicts.remove(0)
+    }
+
+    /// As the kubelet writes them (`json.Marshal`, one line, checksum last).
+    const CPU_NONE: &str = r#"{"policyName":"none","defaultCpuSet":"","checksum":3242152201}"#;
+    const CPU_STATIC: &str = r#"{"policyName":"static","defaultCpuSet":"0,3","entries":{"6b3c1e0e-4a0c-4d7e-9d2a-1f1f1f1f1f1f":{"app":"1-2"}},"checksum":1552716370}"#;
+    const MEMORY_NONE: &str = r#"{"policyName":"None","machineState":{},"checksum":4236770233}"#;
+
+    fn memory_static(node_totals: &[(u32, u64)]) -> String {
+        let nodes: Vec<String> = node_totals
+            .iter()
+            .map(|(id, total)| {
+                let reserved = GIB / 2;
+                format!(
+                    r#""{id}":{{"numberOfAssignments":2,"memoryMap":{{"hugepages-2Mi":{{"total":0,"systemReserved":0,"allocatable":0,"reserved":0,"free":0}},"memory":{{"total":{total},"systemReserved":{reserved},"allocatable":{a},"reserved":{GIB},"free":{f}}}}},"cells":[{id}]}}"#,
+                    a = total - reserved,
+                    f = total - reserved - GIB,
+                )
+            })
+            .collect();
+        format!(
+            r#"{{"policyName":"Static","machineState":{{{}}},"entries":{{"pod-b":{{"db":[{{"numaAffinity":[0],"type":"memory","size":{GIB}}}]}}}},"checksum":1}}"#,
+            nodes.join(",")
+        )
+    }
+
+    #[test]
+    fn no_kubelet_dir_is_safe() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let missing = root.path().join("var/lib/kubelet");
+        let verdicts = check(&missing, &machine("0-1", &[(0, 4 * GIB)])).expect("no files");
+        assert!(
+            matches!(verdicts.as_slice(), [Verdict::Safe { .. }]),
+            "{verdicts:?}"
+        );
+    }
+
+    #[test]
+    fn none_policies_are_safe() {
+        let root = kubelet_root(Some(CPU_NONE), Some(MEMORY_NONE));
+        let verdicts = check(root.path(), &machine("0-1", &[(0, 4 * GIB)])).expect("parses");
+        assert_eq!(verdicts.len(), 2);
+        assert!(verdicts.iter().all(Verdict::is_safe), "{verdicts:?}");
+    }
+
+    #[test]
+    fn static_cpu_matching_the_machine_is_safe_with_a_note() {
+        let root = kubelet_root(Some(CPU_STATIC), None);
+        let Verdict::Safe { notes } = one(&root, &machine("0-3", &[(0, 4 * GIB)])) else {
+            panic!("0,3 + 1-2 is 0-3")
+        };
+        assert!(
+            notes[0].contains("checkpoint CPUs 0-3 match the online CPUs"),
+            "{notes:?}"
+        );
+    }
+
+    #[test]
+    fn static_cpu_with_a_changed_cpu_set_is_unsafe() {
+        let root = kubelet_root(Some(CPU_STATIC), None);
+        let verdict = one(&root, &machine("0-1", &[(0, 4 * GIB)]));
+        let Verdict::Unsafe {
+            manager,
+            policy,
+            path,
+            reason,
+            pods,
+        } = verdict
+        else {
+            panic!("two CPUs went offline: {verdict:?}")
+        };
+        assert_eq!((manager, policy.as_str()), ("cpu", "static"));
+        assert_eq!(path, root.path().join(CPU_MANAGER_STATE));
+        assert!(
+            reason.starts_with("checkpoint CPUs 0-3 != online CPUs 0-1"),
+            "{reason}"
+        );
+        assert_eq!(pods, ["6b3c1e0e-4a0c-4d7e-9d2a-1f1f1f1f1f1f"]);
+    }
+
+    #[test]
+    fn static_cpu_checks_follow_the_kubelets_order() {
+        let m = machine("0-3", &[(0, 4 * GIB)]);
+        let empty = kubelet_root(
+            Some(r#"{"policyName":"static","defaultCpuSet":"","checksum":0}"#),
+            None,
+        );
+        assert!(
+            one(&empty, &m).is_safe(),
+            "an empty state is initialised by the kubelet"
+        );
+        let overlap = r#"{"policyName":"static","defaultCpuSet":"0-3","entries":{"p":{"c":"3"}},"checksum":0}"#;
+        let Verdict::Unsafe { reason, .. } = one(&kubelet_root(Some(overlap), None), &m) else {
+            panic!("overlap is refused")
+        };
+        assert!(
+            reason.contains("overlap the default CPU set 0-3"),
+            "{reason}"
+        );
+        let unknown = kubelet_root(
+            Some(r#"{"policyName":"fancy","defaultCpuSet":"0-3"}"#),
+            None,
+        );
+        assert!(
+            !one(&unknown, &m).is_safe(),
+            "an unknown policy is never guessed safe"
+        );
+    }
+
+    #[test]
+    fn static_memory_matching_is_safe_and_a_changed_node_is_unsafe() {
+        let before = machine("0-3", &[(0, 8 * GIB), (1, 8 * GIB)]);
+        let root = kubelet_root(None, Some(&memory_static(&[(0, 8 * GIB), (1, 8 * GIB)])));
+        assert!(one(&root, &before).is_safe());
+
+        let after = machine("0-3", &[(0, 8 * GIB), (1, 16 * GIB)]);
+        let Verdict::Unsafe {
+            manager,
+            policy,
+            reason,
+            pods,
+            ..
+        } = one(&root, &after)
+        else {
+            panic!("node 1 grew")
+        };
+        assert_eq!((manager, policy.as_str()), ("memory", "Static"));
+        assert!(
+            reason.starts_with(&format!(
+                "NUMA node 1 memory {} bytes in the checkpoint != {} bytes on the machine",
+                8 * GIB,
+                16 * GIB
+            )),
+            "{reason}"
+        );
+        assert_eq!(pods, ["pod-b"]);
+
+        let one_node = machine("0-3", &[(0, 8 * GIB)]);
+        let Verdict::Unsafe { reason, .. } = one(&root, &one_node) else {
+            panic!("node 1 went away")
+        };
+        assert!(
+            reason.starts_with("checkpoint NUMA nodes 0-1 != machine NUMA nodes 0"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn corrupt_or_unreadable_checkpoints_are_errors() {
+        let root = kubelet_root(
+            Some(r#"{"policyName":"static","defaultCpuSet":"0-3""#),
+            None,
+        );
+        let err = check(root.path(), &machine("0-3", &[])).expect_err("truncated JSON");
+        assert!(matches!(err, CheckpointError::Parse { .. }), "{err:?}");
+
+        let root = kubelet_root(
+            Some(r#"{"policyName":"static","defaultCpuSet":"0-x"}"#),
+            None,
+        );
+        let err = check(root.path(), &machine("0-3", &[])).expect_err("bad CPU set");
+        assert!(matches!(err, CheckpointError::CpuSet { .. }), "{err:?}");
+
+        let root = kubelet_root(None, None);
+        fs::create_dir(root.path().join(MEMORY_MANAGER_STATE)).expect("mkdir");
+        let err = check(root.path(), &machine("0-3", &[])).expect_err("a directory");
+        assert!(matches!(err, CheckpointError::Read { .. }), "{err:?}");
+    }
+}

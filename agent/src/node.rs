@@ -1,0 +1,155 @@
+//! This node's object in the API: read it, watch it, and report on it (Events and the
+//! agent's own condition, in the style of node-problem-detector's conditions).
+use std::time::Duration;
+
+use futures::{StreamExt, pin_mut};
+use k8s_openapi::{
+    api::core::v1::{Event, EventSource, Node, ObjectReference},
+    apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time},
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Client,
+    api::{Patch, PatchParams, PostParams, WatchEvent, WatchParams},
+};
+use serde_json::json;
+use tokio::time::Instant;
+
+/// The agent's condition type on the Node. True: the advertised capacity is stale or a
+/// refresh failed; False: in sync.
+pub const CONDITION: &str = "HotplugCapacityStale";
+pub const COMPONENT: &str = "hotplug-agent";
+/// The kubelet records node events in `default`; so do we, where `kubectl describe node` finds them.
+const EVENTS_NAMESPACE: &str = "default";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventType {
+    Normal,
+    Warning,
+}
+
+pub struct NodeApi {
+    nodes: Api<Node>,
+    events: Api<Event>,
+    name: String,
+    uid: Option<String>,
+}
+
+impl NodeApi {
+    pub fn new(client: Client, name: &str) -> Self {
+        Self {
+            nodes: Api::all(client.clone()),
+            events: Api::namespaced(client, EVENTS_NAMESPACE),
+            name: name.into(),
+            uid: None,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub async fn get(&mut self) -> Result<Node, kube::Error> {
+        let node = self.nodes.get(&self.name).await?;
+        self.uid = node.metadata.uid.clone();
+        Ok(node)
+    }
+
+    /// Sets the agent's condition; keeps `lastTransitionTime` unless the status flips.
+    pub async fn set_condition(&self, current: &Node, stale: bool, reason: &str, message: &str) -> Result<(), kube::Error> {
+        let status = if stale { "True" } else { "False" };
+        let now = Timestamp::now();
+        let previous = current
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|c| c.iter().find(|c| c.type_ == CONDITION));
+        let transition = match previous {
+            Some(p) if p.status == status => p.last_transition_time.clone().map_or(now, |t| t.0),
+            _ => now,
+        };
+        // Strategic merge: conditions merge by `type`, so the kubelet's own stay untouched.
+        let patch = json!({"status": {"conditions": [{
+            "type": CONDITION,
+            "status": status,
+            "reason": reason,
+            "message": message,
+            "lastHeartbeatTime": Time(now),
+            "lastTransitionTime": Time(transition),
+        }]}});
+        self.nodes.patch_status(&self.name, &PatchParams::default(), &Patch::Strategic(patch)).await?;
+        Ok(())
+    }
+
+    /// Records a core/v1 Event on the Node.
+    pub async fn event(&self, kind: EventType, reason: &str, message: &str) -> Result<(), kube::Error> {
+        let now = Timestamp::now();
+        let event = Event {
+            metadata: ObjectMeta {
+                name: Some(format!("{}.{:x}", self.name, now.as_nanosecond())),
+                namespace: Some(EVENTS_NAMESPACE.into()),
+                ..ObjectMeta::default()
+            },
+            involved_object: ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Node".into()),
+                name: Some(self.name.clone()),
+                uid: self.uid.clone(),
+                ..ObjectReference::default()
+            },
+            reason: Some(reason.into()),
+            message: Some(message.into()),
+            type_: Some(match kind {
+                EventType::Normal => "Normal".into(),
+                EventType::Warning => "Warning".into(),
+            }),
+            source: Some(EventSource { component: Some(COMPONENT.into()), host: Some(self.name.clone()) }),
+            first_timestamp: Some(Time(now)),
+            last_timestamp: Some(Time(now)),
+            event_time: Some(MicroTime(now)),
+            count: Some(1),
+            action: Some(reason.into()),
+            reporting_component: Some(COMPONENT.into()),
+            reporting_instance: Some(self.name.clone()),
+            ..Event::default()
+        };
+        self.events.create(&PostParams::default(), &event).await?;
+        Ok(())
+    }
+
+    /// Watches the Node (no polling) until `done` holds or `timeout` passes; returns the
+    /// Node that satisfied it, or `None` on timeout.
+    pub async fn wait_until(&mut self, timeout: Duration, done: impl Fn(&Node) -> bool) -> Result<Option<Node>, kube::Error> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let node = self.get().await?;
+            if done(&node) {
+                return Ok(Some(node));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            let rv = node.metadata.resource_version.clone().unwrap_or_default();
+            let params = WatchParams::default()
+                .fields(&format!("metadata.name={}", self.name))
+                .timeout(left.as_secs().clamp(1, 290) as u32);
+            let stream = self.nodes.watch(&params, &rv).await?;
+            pin_mut!(stream);
+            loop {
+                match tokio::time::timeout_at(deadline, stream.next()).await {
+                    Err(_) => return Ok(None),
+                    Ok(Some(Ok(WatchEvent::Added(n) | WatchEvent::Modified(n)))) if done(&n) => return Ok(Some(n)),
+                    Ok(Some(Ok(WatchEvent::Error(e)))) => {
+                        // 410 Gone and friends: start again from a fresh GET.
+                        tracing::debug!(code = e.code, message = %e.message, "node watch ended");
+                        break;
+                    }
+                    Ok(Some(Ok(_))) => {}
+                    Ok(Some(Err(e))) => return Err(e),
+                    Ok(None) => break,
+                }
+            }
+        }
+    }
+}

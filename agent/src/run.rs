@@ -1,0 +1,480 @@
+//! `hotplug-agent run`: the pipeline, and for this node the whole loop:
+//! episode -> reconcile -> refresh -> verify, reported in the event log and on the Node.
+//!
+//! One controller task handles one episode at a time (so never more than one refresh is
+//! in flight); the pump keeps writing events and counting them meanwhile, so whatever
+//! arrives during a refresh becomes the next episode. Work that cannot be done now (API
+//! down, a guard rail) stays pending and is retried; a new episode joins it.
+use std::{future::Future, io::Write, path::PathBuf, time::Duration};
+
+use k8s_openapi::api::core::v1::Node;
+use tokio::{sync::mpsc, time::Instant};
+
+use crate::{
+    capacity::{self, Snapshot},
+    checkpoint::{self, Verdict},
+    episode::{Episodes, Tracker},
+    node::{EventType, NodeApi},
+    pipeline::{self, Pipeline},
+    reconcile,
+    record::{Advertised, AgentRecord, DecisionRecord, Record},
+    refresh::{self, Backend, guard::Guard},
+    report::{Format, write_record},
+    sources::error_chain,
+    verify,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum StaticPolicy {
+    /// Do not restart; raise the condition and a Warning Event saying what to do.
+    Refuse,
+    /// Cordon, evict the pinned pods, stop the kubelet, move the checkpoint aside, start.
+    DrainAndReset,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub pipeline: pipeline::Config,
+    pub settle: Duration,
+    pub max_wait: Duration,
+    pub node_name: String,
+    pub backend: Backend,
+    pub guard: refresh::guard::GuardConfig,
+    pub verify_timeout: Duration,
+    pub kubelet_root: PathBuf,
+    pub static_policy: StaticPolicy,
+    pub cgroup_root: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Start(#[from] pipeline::StartError),
+    #[error("writing the event log")]
+    Write(#[source] std::io::Error),
+}
+
+/// Runs until `shutdown` completes. `client` is `None` where no cluster is configured:
+/// episodes are still recorded and reconcile says it has nothing to compare with.
+pub async fn run(
+    config: Config,
+    client: Option<kube::Client>,
+    format: Format,
+    out: &mut impl Write,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    let Pipeline { ready, mut records, .. } = pipeline::start(config.pipeline.clone()).await?;
+    let last = ready.capacity;
+    write_record(out, &Record::Agent(Box::new(ready)), format).map_err(RunError::Write)?;
+    out.flush().map_err(RunError::Write)?;
+
+    let (tracker, episodes) = Tracker::new();
+    let episodes = episodes.with_timing(config.settle, config.max_wait);
+    let (log_tx, mut log_rx) = mpsc::channel::<Record>(4096);
+    let decisions = log_tx.clone();
+    // The pump: every pipeline record to the log, every event counted for the episodes.
+    let pump = tokio::spawn(async move {
+        while let Some(rec) = records.recv().await {
+            if matches!(rec, Record::Event(_)) {
+                tracker.event();
+            }
+            if log_tx.send(rec).await.is_err() {
+                break;
+            }
+        }
+    });
+    let controller = Controller::new(config, client, decisions);
+    let control = tokio::spawn(controller.run(episodes));
+
+    tokio::pin!(shutdown);
+    let result = loop {
+        tokio::select! {
+            rec = log_rx.recv() => {
+                let Some(mut rec) = rec else { break Ok(()) };
+                let wrote = loop {
+                    if let Err(e) = write_record(out, &rec, format) {
+                        break Err(e);
+                    }
+                    match log_rx.try_recv() {
+                        Ok(next) => rec = next,
+                        Err(_) => break out.flush(),
+                    }
+                };
+                if let Err(e) = wrote {
+                    break Err(e);
+                }
+            }
+            () = &mut shutdown => break Ok(()),
+        }
+    };
+    pump.abort();
+    control.abort();
+    match result {
+        Ok(()) => {
+            let stopped = Record::Agent(Box::new(AgentRecord::new("stopped", last)));
+            let _ = write_record(out, &stopped, format).and_then(|()| out.flush());
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(RunError::Write(e)),
+    }
+}
+
+/// What to do after handling: done, or try again at a time.
+enum Next {
+    Done,
+    RetryAt(Instant),
+}
+
+struct Controller {
+    config: Config,
+    node: Option<NodeApi>,
+    log: mpsc::Sender<Record>,
+    guard: Guard,
+    episode: u64,
+    /// The API failed and we said so; say it again only when it is back.
+    api_down: bool,
+    api_backoff: Duration,
+    /// Posting Events failed and we said so once.
+    events_failing: bool,
+}
+
+const API_RETRY_MIN: Duration = Duration::from_secs(1);
+const API_RETRY_MAX: Duration = Duration::from_secs(30);
+
+impl Controller {
+    fn new(config: Config, client: Option<kube::Client>, log: mpsc::Sender<Record>) -> Self {
+        let node = client.map(|c| NodeApi::new(c, &config.node_name));
+        let guard = Guard::new(config.guard.clone());
+        Self { config, node, log, guard, episode: 0, api_down: false, api_backoff: API_RETRY_MIN, events_failing: false }
+    }
+
+    async fn run(mut self, mut episodes: Episodes) {
+        // The start-up reconcile: a hot-add while the agent was down is caught here.
+        let mut pending = true;
+        self.decide("episode", "settled", |d| {
+            d.trigger = Some("startup".into());
+            d.events = Some(0);
+        })
+        .await;
+        loop {
+            if !pending {
+                let Some(ep) = episodes.next().await else { return };
+                self.episode += 1;
+                let settle_ms = (ep.settled - ep.first).as_millis() as u64;
+                self.decide("episode", "settled", |d| {
+                    d.trigger = Some("events".into());
+                    d.events = Some(ep.events);
+                    d.settle_ms = Some(settle_ms);
+                    d.reason = ep.bounded.then(|| "max_wait".to_string());
+                })
+                .await;
+            }
+            pending = false;
+            match self.handle().await {
+                Next::Done => {}
+                Next::RetryAt(at) => {
+                    pending = true;
+                    // Wait for the retry time; a new episode meanwhile joins the pending work.
+                    tokio::select! {
+                        () = tokio::time::sleep_until(at) => {}
+                        ep = episodes.next() => {
+                            let Some(ep) = ep else { return };
+                            self.episode += 1;
+                            self.decide("episode", "settled", |d| {
+                                d.trigger = Some("events".into());
+                                d.events = Some(ep.events);
+                            })
+                            .await;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn snapshot(&self) -> Option<Snapshot> {
+        match capacity::read_snapshot(&self.config.pipeline.root) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "reading the machine's capacity");
+                None
+            }
+        }
+    }
+
+    async fn decide(&self, kind: &str, action: &str, fill: impl FnOnce(&mut DecisionRecord)) {
+        let capacity = capacity::read_summary(&self.config.pipeline.root).unwrap_or_default();
+        let mut d = DecisionRecord::new(kind, action, capacity, self.episode);
+        d.node = self.node.as_ref().map(|n| n.name().to_string());
+        fill(&mut d);
+        let _ = self.log.send(Record::Decision(Box::new(d))).await;
+    }
+
+    async fn event(&mut self, kind: EventType, reason: &str, message: &str) {
+        let Some(node) = &self.node else { return };
+        match node.event(kind, reason, message).await {
+            Ok(()) => self.events_failing = false,
+            Err(e) if !self.events_failing => {
+                self.events_failing = true;
+                tracing::warn!(error = %error_chain(&e), "posting a Node Event failed; the event log still has it");
+            }
+            Err(_) => {}
+        }
+    }
+
+    async fn condition(&mut self, node: &Node, stale: bool, reason: &str, message: &str) {
+        let Some(api) = &self.node else { return };
+        if let Err(e) = api.set_condition(node, stale, reason, message).await {
+            tracing::warn!(error = %error_chain(&e), "setting the Node condition failed");
+        }
+    }
+
+    /// Fetches the Node, or arranges a retry and says once that the API is down.
+    async fn fetch(&mut self) -> Result<Node, Next> {
+        let api = self.node.as_mut().expect("fetch is only called with a client");
+        match api.get().await {
+            Ok(node) => {
+                if self.api_down {
+                    self.api_down = false;
+                    self.api_backoff = API_RETRY_MIN;
+                    self.decide("reconcile", "api_reachable", |d| d.message = Some("the API answers again; reconciling the pending episode".into())).await;
+                }
+                Ok(node)
+            }
+            Err(e) => {
+                let message = error_chain(&e);
+                if !self.api_down {
+                    self.api_down = true;
+                    self.decide("reconcile", "api_unreachable", |d| {
+                        d.message = Some(format!("{message}; keeping the episode and retrying until the API answers"));
+                    })
+                    .await;
+                }
+                let at = Instant::now() + self.api_backoff;
+                self.api_backoff = (self.api_backoff * 2).min(API_RETRY_MAX);
+                Err(Next::RetryAt(at))
+            }
+        }
+    }
+
+    async fn handle(&mut self) -> Next {
+        let Some(machine) = self.snapshot() else {
+            return Next::RetryAt(Instant::now() + API_RETRY_MAX);
+        };
+        if self.node.is_none() {
+            self.decide("reconcile", "skipped", |d| d.reason = Some("no Kubernetes API configured".into())).await;
+            return Next::Done;
+        }
+        let node = match self.fetch().await {
+            Ok(n) => n,
+            Err(next) => return next,
+        };
+        let advertised = match reconcile::advertised(&node) {
+            Ok(a) => a,
+            Err(e) => {
+                self.decide("reconcile", "failed", |d| d.message = Some(e.to_string())).await;
+                // The kubelet may not have registered yet; its next update is an event for us
+                // only if the machine changes, so look again later.
+                return Next::RetryAt(Instant::now() + API_RETRY_MAX);
+            }
+        };
+        let expected = reconcile::expected(&machine);
+        let differences = reconcile::differences(&expected, &advertised);
+        if differences.is_empty() {
+            self.decide("reconcile", "in_sync", |d| d.advertised = Some(advertised.clone())).await;
+            self.condition(&node, false, "CapacityInSync", "the Node advertises the machine's capacity").await;
+            return Next::Done;
+        }
+        let summary = differences.join("; ");
+        self.decide("reconcile", "stale", |d| {
+            d.advertised = Some(advertised.clone());
+            d.differences = differences.clone();
+        })
+        .await;
+        self.event(EventType::Normal, "CapacityChanged", &format!("machine capacity changed, Node is stale: {summary}")).await;
+        self.condition(&node, true, "CapacityStale", &summary).await;
+        self.refresh(&node, &machine, advertised, &summary).await
+    }
+
+    async fn refresh(&mut self, node: &Node, machine: &Snapshot, before: Advertised, summary: &str) -> Next {
+        let backend = self.config.backend.name();
+        if matches!(self.config.backend, Backend::None) {
+            self.decide("refresh", "skipped", |d| {
+                d.backend = Some(backend.into());
+                d.reason = Some("report_only".into());
+            })
+            .await;
+            return Next::Done;
+        }
+        if let Some(blocked) = self.static_policy_blocks(node, machine).await {
+            return blocked;
+        }
+        let now = Instant::now();
+        if let Err(deferred) = self.guard.check(now) {
+            let wait = deferred.until.saturating_duration_since(now);
+            self.decide("refresh", "deferred", |d| {
+                d.backend = Some(backend.into());
+                d.reason = Some(deferred.reason.into());
+                d.until = Some(crate::record::rfc3339_in(wait));
+            })
+            .await;
+            return Next::RetryAt(deferred.until);
+        }
+        let cgroup_file = verify::pods_limit_file(&self.config.cgroup_root);
+        let cgroup_before = cgroup_file.as_deref().and_then(|f| verify::read_limit(f).ok().flatten());
+        self.guard.started(now);
+        self.decide("refresh", "started", |d| d.backend = Some(backend.into())).await;
+        let started = Instant::now();
+        match refresh::refresh(&self.config.backend).await {
+            Ok(outcome) => {
+                self.decide("refresh", "succeeded", |d| {
+                    d.backend = Some(backend.into());
+                    d.duration_ms = Some(outcome.duration.as_millis() as u64);
+                    d.message = Some(outcome.detail.clone());
+                })
+                .await;
+                self.event(EventType::Normal, "KubeletRefreshed", &format!("{backend} refresh done to pick up: {summary}")).await;
+            }
+            Err(e) => {
+                let message = error_chain(&e);
+                self.guard.finished(Instant::now(), false);
+                let retry = Instant::now() + self.guard.backoff().unwrap_or(API_RETRY_MAX);
+                self.decide("refresh", "failed", |d| {
+                    d.backend = Some(backend.into());
+                    d.duration_ms = Some(started.elapsed().as_millis() as u64);
+                    d.message = Some(message.clone());
+                })
+                .await;
+                self.event(EventType::Warning, "KubeletRefreshFailed", &format!("{backend} refresh failed: {message}")).await;
+                self.condition(node, true, "RefreshFailed", &message).await;
+                return Next::RetryAt(retry);
+            }
+        }
+        self.verify(before, cgroup_file, cgroup_before, started).await
+    }
+
+    async fn verify(&mut self, before: Advertised, cgroup_file: Option<PathBuf>, cgroup_before: Option<u64>, started: Instant) -> Next {
+        let root = self.config.pipeline.root.clone();
+        let timeout = self.config.verify_timeout;
+        let api = self.node.as_mut().expect("verify is only called with a client");
+        // The machine is re-read at every Node update: verify converges to the truth now.
+        let result = api
+            .wait_until(timeout, |n| {
+                let Ok(adv) = reconcile::advertised(n) else { return false };
+                capacity::read_snapshot(&root).is_ok_and(|m| reconcile::differences(&reconcile::expected(&m), &adv).is_empty())
+            })
+            .await;
+        let elapsed = started.elapsed().as_millis() as u64;
+        match result {
+            Ok(Some(node)) => {
+                let after = reconcile::advertised(&node).ok();
+                let cgroup = cgroup_file.map(|f| {
+                    let now = verify::read_limit(&f).ok().flatten();
+                    let delta = match (before.allocatable_memory_bytes, after.as_ref().and_then(|a| a.allocatable_memory_bytes)) {
+                        (Some(b), Some(a)) => Some(a as i64 - b as i64),
+                        _ => None,
+                    };
+                    verify::check(&f, cgroup_before, now, delta)
+                });
+                let cgroup_ok = cgroup.as_ref().is_none_or(|c| c.ok);
+                self.guard.finished(Instant::now(), true);
+                self.decide("verify", "converged", |d| {
+                    d.advertised = Some(before.clone());
+                    d.advertised_after = after.clone();
+                    d.duration_ms = Some(elapsed);
+                    d.cgroup = cgroup.clone();
+                })
+                .await;
+                let message = format!(
+                    "Node capacity converged: memory {} -> {}, cpu {} -> {}",
+                    show(before.memory_bytes),
+                    show(after.as_ref().and_then(|a| a.memory_bytes)),
+                    show(before.cpu_millis.map(|m| m / 1000)),
+                    show(after.as_ref().and_then(|a| a.cpu_millis).map(|m| m / 1000)),
+                );
+                self.event(EventType::Normal, "CapacityConverged", &message).await;
+                if !cgroup_ok {
+                    let c = cgroup.as_ref().expect("checked");
+                    let warn = format!("the pods' cgroup limit {} did not move with allocatable ({:?} -> {:?})", c.path, c.before, c.after);
+                    self.event(EventType::Warning, "PodsCgroupLimitStale", &warn).await;
+                }
+                self.condition(&node, !cgroup_ok, if cgroup_ok { "CapacityInSync" } else { "PodsCgroupLimitStale" }, &message).await;
+                Next::Done
+            }
+            Ok(None) => {
+                self.guard.finished(Instant::now(), false);
+                let retry = Instant::now() + self.guard.backoff().unwrap_or(API_RETRY_MAX);
+                self.decide("verify", "timeout", |d| {
+                    d.advertised = Some(before.clone());
+                    d.duration_ms = Some(elapsed);
+                    d.message = Some(format!("the Node did not converge within {timeout:?}"));
+                })
+                .await;
+                let message = format!("the Node did not advertise the machine's capacity within {timeout:?} after the refresh");
+                self.event(EventType::Warning, "CapacityNotConverged", &message).await;
+                if let Ok(node) = self.fetch().await {
+                    self.condition(&node, true, "RefreshNotConverged", &message).await;
+                }
+                Next::RetryAt(retry)
+            }
+            Err(e) => {
+                let message = error_chain(&e);
+                self.decide("verify", "failed", |d| d.message = Some(message)).await;
+                Next::RetryAt(Instant::now() + API_RETRY_MIN)
+            }
+        }
+    }
+
+    /// The kubelet's static CPU or memory manager: a restart would crash-loop it.
+    async fn static_policy_blocks(&mut self, node: &Node, machine: &Snapshot) -> Option<Next> {
+        let verdicts = match checkpoint::check(&self.config.kubelet_root, machine) {
+            Ok(v) => v,
+            Err(e) => {
+                let message = format!("cannot read the kubelet's checkpoints, not restarting blind: {}", error_chain(&e));
+                self.decide("refresh", "skipped", |d| {
+                    d.reason = Some("checkpoint_unreadable".into());
+                    d.message = Some(message.clone());
+                })
+                .await;
+                self.event(EventType::Warning, "KubeletCheckpointUnreadable", &message).await;
+                self.condition(node, true, "KubeletCheckpointUnreadable", &message).await;
+                return Some(Next::Done);
+            }
+        };
+        let unsafe_ = verdicts.iter().find_map(|v| match v {
+            Verdict::Unsafe { manager, policy, path, reason, pods } => Some((*manager, policy.clone(), path.clone(), reason.clone(), pods.len())),
+            Verdict::Safe { .. } => None,
+        })?;
+        let (manager, policy, path, reason, pods) = unsafe_;
+        match self.config.static_policy {
+            StaticPolicy::Refuse | StaticPolicy::DrainAndReset => {
+                // TODO(issue 3, drain-and-reset): until the procedure is implemented, the opt-in
+                // policy behaves as `refuse` and says so.
+                let how = if self.config.static_policy == StaticPolicy::DrainAndReset {
+                    " (drain-and-reset is not implemented yet; doing nothing)"
+                } else {
+                    ""
+                };
+                let message = format!(
+                    "not restarting the kubelet: its {manager} manager ({policy}) checkpoint {} no longer matches the machine ({reason}); \
+                     a restart would crash-loop it. Drain the node ({pods} pods hold pinned resources), stop the kubelet, move the \
+                     checkpoint aside, start the kubelet, uncordon{how}",
+                    path.display()
+                );
+                self.decide("refresh", "skipped", |d| {
+                    d.reason = Some("static_policy".into());
+                    d.message = Some(message.clone());
+                })
+                .await;
+                self.event(EventType::Warning, "StaticPolicyBlocksRefresh", &message).await;
+                self.condition(node, true, "StaticPolicyCheckpoint", &message).await;
+                Some(Next::Done)
+            }
+        }
+    }
+}
+
+fn show(v: Option<u64>) -> String {
+    v.map_or_else(|| "?".into(), |v| v.to_string())
+}
