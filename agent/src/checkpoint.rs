@@ -22,11 +22,15 @@
 //! we do not know: it is reported as unsafe.
 use std::{
     collections::{BTreeMap, BTreeSet},
+    fmt::Display,
     fs, io,
     path::{Path, PathBuf},
 };
 
-use serde::{Deserialize, Serialize, de::IgnoredAny};
+use serde::{
+    Deserialize, Serialize,
+    de::{DeserializeOwned, IgnoredAny},
+};
 
 use crate::capacity::{self, CpuListError, Snapshot};
 
@@ -96,11 +100,9 @@ pub fn check(kubelet_root: &Path, machine: &Snapshot) -> Result<Vec<Verdict>, Ch
         verdicts.push(check_memory(&memory, &bytes, machine)?);
     }
     if verdicts.is_empty() {
-        let note = format!(
-            "no CPU or memory manager checkpoint in {}",
-            kubelet_root.display()
-        );
-        verdicts.push(Verdict::Safe { notes: vec![note] });
+        let root = kubelet_root.display();
+        let notes = vec![format!("no CPU or memory manager checkpoint in {root}")];
+        verdicts.push(Verdict::Safe { notes });
     }
     Ok(verdicts)
 }
@@ -113,6 +115,53 @@ fn read(path: &Path) -> Result<Option<Vec<u8>>, CheckpointError> {
             path: path.to_owned(),
             source,
         }),
+    }
+}
+
+fn parse<T: DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<T, CheckpointError> {
+    serde_json::from_slice(bytes).map_err(|source| CheckpointError::Parse {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// What every verdict on one file repeats.
+struct File<'a> {
+    manager: &'static str,
+    policy: &'a str,
+    path: &'a Path,
+    /// Sorted, without duplicates.
+    pods: Vec<String>,
+}
+
+impl File<'_> {
+    fn safe(&self, note: impl Display) -> Verdict {
+        Verdict::Safe {
+            notes: vec![format!("{}: {note}", self.path.display())],
+        }
+    }
+
+    fn refused(&self, reason: impl Display, kubelet_says: &str) -> Verdict {
+        self.unsafe_because(format!("{reason} (kubelet: \"{kubelet_says}\")"))
+    }
+
+    fn unknown_policy(&self) -> Verdict {
+        let (manager, policy) = (self.manager, self.policy);
+        self.unsafe_because(format!(
+            "unknown {manager} manager policy {policy:?}: cannot tell whether the kubelet \
+             would accept this checkpoint"
+        ))
+    }
+
+    fn unsafe_because(&self, reason: String) -> Verdict {
+        let (manager, policy, path) = (self.manager, self.policy.to_owned(), self.path.to_owned());
+        Verdict::Unsafe {
+            manager,
+            policy,
+            path,
+            reason,
+            pods: self.pods.clone(),
+        }
     }
 }
 
@@ -140,12 +189,8 @@ struct PodCpuEntry {
 }
 
 fn check_cpu(path: &Path, bytes: &[u8], machine: &Snapshot) -> Result<Verdict, CheckpointError> {
-    let cp: CpuCheckpoint =
-        serde_json::from_slice(bytes).map_err(|source| CheckpointError::Parse {
-            path: path.to_owned(),
-            source,
-        })?;
-    let cpus = |what: String, value: &str| {
+    let cp: CpuCheckpoint = parse(path, bytes)?;
+    let cpus = |path: &Path, what: String, value: &str| {
         capacity::parse_cpu_list(value)
             .map(BTreeSet::from_iter)
             .map_err(|source| CheckpointError::CpuSet {
@@ -159,85 +204,67 @@ fn check_cpu(path: &Path, bytes: &[u8], machine: &Snapshot) -> Result<Verdict, C
     for (pod, containers) in cp.entries.iter().flatten() {
         for (container, set) in containers {
             let what = format!("the CPU set of pod {pod} container {container}");
-            assigned.push((pod.clone(), container.clone(), cpus(what, set)?));
+            assigned.push((pod, container.as_str(), cpus(path, what, set)?));
         }
     }
     for (pod, entry) in cp.pod_entries.iter().flatten() {
-        let set = cpus(format!("the CPU set of pod {pod}"), &entry.cpu_set)?;
-        assigned.push((pod.clone(), "(pod)".to_owned(), set));
+        let set = cpus(path, format!("the CPU set of pod {pod}"), &entry.cpu_set)?;
+        assigned.push((pod, "(pod)", set));
     }
-    let pods: Vec<String> = assigned
+    let pods = assigned
         .iter()
-        .map(|(pod, ..)| pod.clone())
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    let unsafe_because = |reason: String| Verdict::Unsafe {
+        .map(|(pod, ..)| (*pod).clone())
+        .collect::<BTreeSet<_>>();
+    let file = File {
         manager: "cpu",
-        policy: cp.policy_name.clone(),
-        path: path.to_owned(),
-        reason,
-        pods: pods.clone(),
-    };
-    let safe = |note: &str| Verdict::Safe {
-        notes: vec![format!("{}: {note}", path.display())],
+        policy: &cp.policy_name,
+        path,
+        pods: Vec::from_iter(pods),
     };
 
     match cp.policy_name.as_str() {
-        "none" => return Ok(safe("CPU manager policy none, a restart is safe")),
+        "none" => return Ok(file.safe("CPU manager policy none, a restart is safe")),
         "static" => {}
-        other => {
-            return Ok(unsafe_because(format!(
-                "unknown CPU manager policy {other:?}: cannot tell whether the kubelet would \
-                 accept this checkpoint"
-            )));
-        }
+        _ => return Ok(file.unknown_policy()),
     }
-    let default = cpus("defaultCpuSet".to_owned(), &cp.default_cpu_set)?;
+    let default = cpus(path, "defaultCpuSet".to_owned(), &cp.default_cpu_set)?;
     if default.is_empty() {
         return Ok(if assigned.is_empty() {
-            safe("static CPU manager with an empty state, which the kubelet initialises")
+            file.safe("static CPU manager with an empty state, which the kubelet initialises")
         } else {
-            unsafe_because("empty default CPU set while pods hold CPUs (kubelet: \"default cpuset cannot be empty\")".to_owned())
+            let reason = "empty default CPU set while pods hold CPUs";
+            file.refused(reason, "default cpuset cannot be empty")
         });
     }
-    for (pod, container, set) in &assigned {
-        if !set.is_disjoint(&default) {
-            return Ok(unsafe_because(format!(
-                "pod {pod} container {container} CPUs {} overlap the default CPU set {} \
-                 (kubelet: \"overlaps with default cpuset\")",
-                list(set),
-                list(&default)
-            )));
-        }
+    if let Some((pod, container, set)) = assigned.iter().find(|(.., s)| !s.is_disjoint(&default)) {
+        let (set, default) = (list(set), list(&default));
+        let reason =
+            format!("pod {pod} container {container} CPUs {set} overlap the default {default}");
+        return Ok(file.refused(reason, "overlaps with default cpuset"));
     }
-    let mut known = default;
-    for (_, _, set) in &assigned {
+    let known = assigned.iter().fold(default, |mut known, (.., set)| {
         known.extend(set);
-    }
-    let online = capacity::parse_cpu_list(&machine.cpus_online_list)
-        .map(BTreeSet::from_iter)
-        .map_err(|source| CheckpointError::CpuSet {
-            path: PathBuf::from("/sys/devices/system/cpu/online"),
-            what: "the online CPUs".to_owned(),
-            value: machine.cpus_online_list.clone(),
-            source,
-        })?;
+        known
+    });
+    let online = cpus(
+        Path::new("/sys/devices/system/cpu/online"),
+        "the online CPUs".to_owned(),
+        &machine.cpus_online_list,
+    )?;
+    let (known, online) = (list(&known), list(&online));
     if known == online {
-        return Ok(safe(&format!(
-            "static CPU manager, checkpoint CPUs {} match the online CPUs",
-            list(&known)
+        return Ok(file.safe(format!(
+            "static CPU manager, checkpoint CPUs {known} match the online CPUs"
         )));
     }
     // With the strict-cpu-reservation option the kubelet leaves the reserved CPUs out of
     // the state, which we cannot tell apart from a changed machine: reported as unsafe,
     // the side that never crash-loops a kubelet.
-    Ok(unsafe_because(format!(
-        "checkpoint CPUs {} != online CPUs {} (kubelet: \"current set of available CPUs \
-         doesn't match with CPUs in state\")",
-        list(&known),
-        list(&online)
-    )))
+    let reason = format!("checkpoint CPUs {known} != online CPUs {online}");
+    Ok(file.refused(
+        reason,
+        "current set of available CPUs doesn't match with CPUs in state",
+    ))
 }
 
 /// memorymanager/state/checkpoint.go `MemoryManagerCheckpoint`, state.go `NUMANodeMap`.
@@ -269,44 +296,35 @@ struct MemoryTable {
 }
 
 fn check_memory(path: &Path, bytes: &[u8], machine: &Snapshot) -> Result<Verdict, CheckpointError> {
-    let cp: MemoryCheckpoint =
-        serde_json::from_slice(bytes).map_err(|source| CheckpointError::Parse {
-            path: path.to_owned(),
-            source,
-        })?;
-    let pods: Vec<String> = (cp.entries.iter().flat_map(BTreeMap::keys))
+    let cp: MemoryCheckpoint = parse(path, bytes)?;
+    let pods = (cp.entries.iter().flat_map(BTreeMap::keys))
         .chain(cp.pod_entries.iter().flat_map(BTreeMap::keys))
         .cloned()
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    let unsafe_because = |reason: String| Verdict::Unsafe {
+        .collect::<BTreeSet<_>>();
+    let file = File {
         manager: "memory",
-        policy: cp.policy_name.clone(),
-        path: path.to_owned(),
-        reason,
-        pods: pods.clone(),
-    };
-    let safe = |note: &str| Verdict::Safe {
-        notes: vec![format!("{}: {note}", path.display())],
+        policy: &cp.policy_name,
+        path,
+        pods: Vec::from_iter(pods),
     };
 
     match cp.policy_name.as_str() {
-        "None" => return Ok(safe("memory manager policy None, a restart is safe")),
+        "None" => return Ok(file.safe("memory manager policy None, a restart is safe")),
         "Static" => {}
-        other => {
-            return Ok(unsafe_because(format!(
-                "unknown memory manager policy {other:?}: cannot tell whether the kubelet \
-                 would accept this checkpoint"
-            )));
-        }
+        _ => return Ok(file.unknown_policy()),
     }
     let state = cp.machine_state.unwrap_or_default();
     if state.is_empty() {
-        return Ok(if pods.is_empty() {
-            safe("Static memory manager with an empty machine state, which the kubelet computes")
+        return Ok(if file.pods.is_empty() {
+            file.safe(
+                "Static memory manager with an empty machine state, which the kubelet computes",
+            )
         } else {
-            unsafe_because("empty machine state while pods hold pinned memory (kubelet: \"machine state can not be empty when it has memory assignments\")".to_owned())
+            let reason = "empty machine state while pods hold pinned memory";
+            file.refused(
+                reason,
+                "machine state can not be empty when it has memory assignments",
+            )
         });
     }
     // cadvisor reports a machine without NUMA information as one node 0 holding everything.
@@ -320,40 +338,37 @@ fn check_memory(path: &Path, bytes: &[u8], machine: &Snapshot) -> Result<Verdict
             .collect()
     };
     let mut differences = Vec::new();
-    let ids = |ids: Vec<u32>| capacity::format_cpu_list(&ids);
     if !state.keys().eq(real.keys()) {
-        differences.push(format!(
-            "checkpoint NUMA nodes {} != machine NUMA nodes {}",
+        let ids = |ids: Vec<u32>| capacity::format_cpu_list(&ids);
+        let (old, new) = (
             ids(state.keys().copied().collect()),
-            ids(real.keys().copied().collect())
+            ids(real.keys().copied().collect()),
+        );
+        differences.push(format!(
+            "checkpoint NUMA nodes {old} != machine NUMA nodes {new}"
         ));
     }
     for (id, node) in &state {
         let Some(real) = real.get(id) else { continue };
         match node.memory_map.as_ref().and_then(|m| m.get("memory")) {
             Some(table) if table.total == *real => {}
-            Some(table) => differences.push(format!(
-                "NUMA node {id} memory {} bytes in the checkpoint != {real} bytes on the machine",
-                table.total
+            Some(MemoryTable { total }) => differences.push(format!(
+                "NUMA node {id} memory {total} bytes in the checkpoint != {real} bytes on the machine"
             )),
-            None => differences.push(format!(
-                "NUMA node {id} has no memory table in the checkpoint"
-            )),
+            None => differences.push(format!("NUMA node {id} has no memory table in the checkpoint")),
         }
     }
     if differences.is_empty() {
-        return Ok(safe(
-            "Static memory manager, NUMA nodes and their memory match the machine",
-        ));
+        return Ok(
+            file.safe("Static memory manager, NUMA nodes and their memory match the machine")
+        );
     }
-    Ok(unsafe_because(format!(
-        "{} (kubelet: \"[memorymanager] the expected machine state is different from the real one\")",
-        differences.join("; ")
-    )))
+    let kubelet_says = "[memorymanager] the expected machine state is different from the real one";
+    Ok(file.refused(differences.join("; "), kubelet_says))
 }
 
 fn list(cpus: &BTreeSet<u32>) -> String {
-    capacity::format_cpu_list(&cpus.iter().copied().collect::<Vec<_>>())
+    capacity::format_cpu_list(&Vec::from_iter(cpus.iter().copied()))
 }
 
 #[cfg(test)]
@@ -364,23 +379,23 @@ mod tests {
     const GIB: u64 = 1 << 30;
 
     fn machine(online: &str, nodes: &[(u32, u64)]) -> Snapshot {
-        let cpus = capacity::parse_cpu_list(online).expect("fixture CPU list");
+        let cpus = capacity::parse_cpu_list(online)
+            .expect("fixture CPU list")
+            .len() as u32;
+        let numa_nodes = nodes.iter().map(|&(id, memory_bytes)| NumaNode {
+            id,
+            cpus: vec![],
+            memory_bytes,
+        });
         Snapshot {
             memory_bytes: nodes.iter().map(|(_, m)| m).sum(),
-            cpus_online: cpus.len() as u32,
+            cpus_online: cpus,
             cpus_online_list: online.to_owned(),
-            cpus_possible: cpus.len() as u32,
+            cpus_possible: cpus,
             memory_block_size: None,
             memory_blocks: Vec::new(),
             hugepages: Vec::new(),
-            numa_nodes: nodes
-                .iter()
-                .map(|&(id, memory_bytes)| NumaNode {
-                    id,
-                    cpus: Vec::new(),
-                    memory_bytes,
-                })
-                .collect(),
+            numa_nodes: numa_nodes.collect(),
         }
     }
 
@@ -400,25 +415,37 @@ mod tests {
         verdicts.remove(0)
     }
 
-    /// As the kubelet writes them (`json.Marshal`, one line, checksum last).
+    fn unsafe_reason(verdict: Verdict) -> String {
+        match verdict {
+            Verdict::Unsafe { reason, .. } => reason,
+            safe => panic!("expected unsafe, got {safe:?}"),
+        }
+    }
+
+    /// As the kubelet writes them (`json.Marshal`: one line, checksum last).
     const CPU_NONE: &str = r#"{"policyName":"none","defaultCpuSet":"","checksum":3242152201}"#;
     const CPU_STATIC: &str = r#"{"policyName":"static","defaultCpuSet":"0,3","entries":{"6b3c1e0e-4a0c-4d7e-9d2a-1f1f1f1f1f1f":{"app":"1-2"}},"checksum":1552716370}"#;
     const MEMORY_NONE: &str = r#"{"policyName":"None","machineState":{},"checksum":4236770233}"#;
 
+    /// A Static checkpoint with one pod holding 1 GiB on node 0, 512 MiB reserved per node.
     fn memory_static(node_totals: &[(u32, u64)]) -> String {
-        let nodes: Vec<String> = node_totals
-            .iter()
-            .map(|(id, total)| {
-                let reserved = GIB / 2;
-                format!(
-                    r#""{id}":{{"numberOfAssignments":2,"memoryMap":{{"hugepages-2Mi":{{"total":0,"systemReserved":0,"allocatable":0,"reserved":0,"free":0}},"memory":{{"total":{total},"systemReserved":{reserved},"allocatable":{a},"reserved":{GIB},"free":{f}}}}},"cells":[{id}]}}"#,
-                    a = total - reserved,
-                    f = total - reserved - GIB,
-                )
-            })
-            .collect();
+        let node = |(id, total): &(u32, u64)| {
+            let (r, a) = (GIB / 2, total - GIB / 2);
+            let hugepages = r#""hugepages-2Mi":{"total":0,"systemReserved":0,"allocatable":0,"reserved":0,"free":0}"#;
+            let memory = format!(
+                r#""memory":{{"total":{total},"systemReserved":{r},"allocatable":{a},"reserved":{GIB},"free":{f}}}"#,
+                f = a - GIB
+            );
+            format!(
+                r#""{id}":{{"numberOfAssignments":2,"memoryMap":{{{hugepages},{memory}}},"cells":[{id}]}}"#
+            )
+        };
+        let nodes: Vec<String> = node_totals.iter().map(node).collect();
+        let entries = format!(
+            r#"{{"pod-b":{{"db":[{{"numaAffinity":[0],"type":"memory","size":{GIB}}}]}}}}"#
+        );
         format!(
-            r#"{{"policyName":"Static","machineState":{{{}}},"entries":{{"pod-b":{{"db":[{{"numaAffinity":[0],"type":"memory","size":{GIB}}}]}}}},"checksum":1}}"#,
+            r#"{{"policyName":"Static","machineState":{{{}}},"entries":{entries},"checksum":1}}"#,
             nodes.join(",")
         )
     }
@@ -445,8 +472,9 @@ mod tests {
     #[test]
     fn static_cpu_matching_the_machine_is_safe_with_a_note() {
         let root = kubelet_root(Some(CPU_STATIC), None);
-        let Verdict::Safe { notes } = one(&root, &machine("0-3", &[(0, 4 * GIB)])) else {
-            panic!("0,3 + 1-2 is 0-3")
+        let verdict = one(&root, &machine("0-3", &[(0, 4 * GIB)]));
+        let Verdict::Safe { notes } = verdict else {
+            panic!("0,3 + 1-2 is 0-3: {verdict:?}")
         };
         assert!(
             notes[0].contains("checkpoint CPUs 0-3 match the online CPUs"),
@@ -471,7 +499,7 @@ mod tests {
         assert_eq!((manager, policy.as_str()), ("cpu", "static"));
         assert_eq!(path, root.path().join(CPU_MANAGER_STATE));
         assert!(
-            reason.starts_with("checkpoint CPUs 0-3 != online CPUs 0-1"),
+            reason.starts_with("checkpoint CPUs 0-3 != online CPUs 0-1 (kubelet: "),
             "{reason}"
         );
         assert_eq!(pods, ["6b3c1e0e-4a0c-4d7e-9d2a-1f1f1f1f1f1f"]);
@@ -480,64 +508,52 @@ mod tests {
     #[test]
     fn static_cpu_checks_follow_the_kubelets_order() {
         let m = machine("0-3", &[(0, 4 * GIB)]);
-        let empty = kubelet_root(
-            Some(r#"{"policyName":"static","defaultCpuSet":"","checksum":0}"#),
-            None,
-        );
+        let empty = r#"{"policyName":"static","defaultCpuSet":"","checksum":0}"#;
         assert!(
-            one(&empty, &m).is_safe(),
-            "an empty state is initialised by the kubelet"
+            one(&kubelet_root(Some(empty), None), &m).is_safe(),
+            "the kubelet initialises it"
         );
-        let overlap = r#"{"policyName":"static","defaultCpuSet":"0-3","entries":{"p":{"c":"3"}},"checksum":0}"#;
-        let Verdict::Unsafe { reason, .. } = one(&kubelet_root(Some(overlap), None), &m) else {
-            panic!("overlap is refused")
-        };
+        let overlap = r#"{"policyName":"static","defaultCpuSet":"0-3","entries":{"p":{"c":"3"}}}"#;
+        let reason = unsafe_reason(one(&kubelet_root(Some(overlap), None), &m));
         assert!(
-            reason.contains("overlap the default CPU set 0-3"),
+            reason.contains("CPUs 3 overlap the default 0-3"),
             "{reason}"
         );
-        let unknown = kubelet_root(
-            Some(r#"{"policyName":"fancy","defaultCpuSet":"0-3"}"#),
-            None,
-        );
+        let unknown = r#"{"policyName":"fancy","defaultCpuSet":"0-3"}"#;
         assert!(
-            !one(&unknown, &m).is_safe(),
-            "an unknown policy is never guessed safe"
+            !one(&kubelet_root(Some(unknown), None), &m).is_safe(),
+            "never guessed safe"
         );
     }
 
     #[test]
     fn static_memory_matching_is_safe_and_a_changed_node_is_unsafe() {
-        let before = machine("0-3", &[(0, 8 * GIB), (1, 8 * GIB)]);
         let root = kubelet_root(None, Some(&memory_static(&[(0, 8 * GIB), (1, 8 * GIB)])));
-        assert!(one(&root, &before).is_safe());
+        assert!(one(&root, &machine("0-3", &[(0, 8 * GIB), (1, 8 * GIB)])).is_safe());
 
-        let after = machine("0-3", &[(0, 8 * GIB), (1, 16 * GIB)]);
+        let verdict = one(&root, &machine("0-3", &[(0, 8 * GIB), (1, 16 * GIB)]));
         let Verdict::Unsafe {
             manager,
             policy,
             reason,
             pods,
             ..
-        } = one(&root, &after)
+        } = verdict
         else {
-            panic!("node 1 grew")
+            panic!("node 1 grew: {verdict:?}")
         };
-        assert_eq!((manager, policy.as_str()), ("memory", "Static"));
-        assert!(
-            reason.starts_with(&format!(
-                "NUMA node 1 memory {} bytes in the checkpoint != {} bytes on the machine",
-                8 * GIB,
-                16 * GIB
-            )),
-            "{reason}"
+        assert_eq!(
+            (manager, policy.as_str(), pods.as_slice()),
+            ("memory", "Static", &["pod-b".to_owned()][..])
         );
-        assert_eq!(pods, ["pod-b"]);
+        let expected = format!(
+            "NUMA node 1 memory {} bytes in the checkpoint != {} bytes on the machine",
+            8 * GIB,
+            16 * GIB
+        );
+        assert!(reason.starts_with(&expected), "{reason}");
 
-        let one_node = machine("0-3", &[(0, 8 * GIB)]);
-        let Verdict::Unsafe { reason, .. } = one(&root, &one_node) else {
-            panic!("node 1 went away")
-        };
+        let reason = unsafe_reason(one(&root, &machine("0-3", &[(0, 8 * GIB)])));
         assert!(
             reason.starts_with("checkpoint NUMA nodes 0-1 != machine NUMA nodes 0"),
             "{reason}"
@@ -546,23 +562,24 @@ mod tests {
 
     #[test]
     fn corrupt_or_unreadable_checkpoints_are_errors() {
-        let root = kubelet_root(
+        let m = machine("0-3", &[]);
+        let truncated = kubelet_root(
             Some(r#"{"policyName":"static","defaultCpuSet":"0-3""#),
             None,
         );
-        let err = check(root.path(), &machine("0-3", &[])).expect_err("truncated JSON");
+        let err = check(truncated.path(), &m).expect_err("truncated JSON");
         assert!(matches!(err, CheckpointError::Parse { .. }), "{err:?}");
 
-        let root = kubelet_root(
+        let bad_set = kubelet_root(
             Some(r#"{"policyName":"static","defaultCpuSet":"0-x"}"#),
             None,
         );
-        let err = check(root.path(), &machine("0-3", &[])).expect_err("bad CPU set");
+        let err = check(bad_set.path(), &m).expect_err("bad CPU set");
         assert!(matches!(err, CheckpointError::CpuSet { .. }), "{err:?}");
 
         let root = kubelet_root(None, None);
         fs::create_dir(root.path().join(MEMORY_MANAGER_STATE)).expect("mkdir");
-        let err = check(root.path(), &machine("0-3", &[])).expect_err("a directory");
+        let err = check(root.path(), &m).expect_err("a directory");
         assert!(matches!(err, CheckpointError::Read { .. }), "{err:?}");
     }
 }

@@ -24,8 +24,19 @@ pub struct Tracker {
 
 impl Tracker {
     pub fn new() -> (Self, Episodes) {
-        let (tx, rx) = watch::channel(Activity { count: 0, last: Instant::now() });
-        (Self { tx }, Episodes { rx, consumed: 0, settle: DEFAULT_SETTLE, max_wait: DEFAULT_MAX_WAIT })
+        let (tx, rx) = watch::channel(Activity {
+            count: 0,
+            last: Instant::now(),
+        });
+        (
+            Self { tx },
+            Episodes {
+                rx,
+                consumed: 0,
+                settle: DEFAULT_SETTLE,
+                max_wait: DEFAULT_MAX_WAIT,
+            },
+        )
     }
 
     /// One more event, now.
@@ -97,7 +108,12 @@ impl Episodes {
         let count = self.rx.borrow().count;
         let events = count - self.consumed;
         self.consumed = count;
-        Some(Episode { events, first, settled: Instant::now(), bounded })
+        Some(Episode {
+            events,
+            first,
+            settled: Instant::now(),
+            bounded,
+        })
     }
 }
 
@@ -127,7 +143,11 @@ mod tests {
         assert_eq!(ep.events, 512);
         assert!(!ep.bounded);
         // It settled one window after the last event (at 511 ms), not before.
-        assert_eq!(ep.settled - start, SETTLE - Duration::from_millis(1), "{ep:?}");
+        assert_eq!(
+            ep.settled - start,
+            SETTLE - Duration::from_millis(1),
+            "{ep:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -148,7 +168,10 @@ mod tests {
         let (ep, mut episodes) = task.await.unwrap();
         assert!(ep.bounded, "{ep:?}");
         let took = ep.settled - ep.first;
-        assert!(took >= MAX && took < MAX + Duration::from_millis(150), "{took:?}");
+        assert!(
+            took >= MAX && took < MAX + Duration::from_millis(150),
+            "{took:?}"
+        );
         // What came after the cut is the next episode: nothing is dropped.
         for _ in 0..3 {
             tracker.event();

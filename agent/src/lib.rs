@@ -1,18 +1,25 @@
-//! hotplug-agent: catches CPU and memory hotplug as the kernel makes it.
+//! hotplug-agent: catches CPU and memory hotplug as the kernel makes it, and makes the
+//! kubelet advertise the real capacity.
 //!
 //! Data flow, one direction:
 //! ```text
-//! kernel ─► sources ─► SourceEvent channel ─► watch (annotate with capacity) ─► report
-//!   eBPF ring buffer   sources::ebpf
-//!   netlink uevents    sources::uevent
-//!   sysfs rescans      sources::scan
+//! kernel ─► sources ─► pipeline ─► records ─┬─► report (stdout NDJSON / text)       watch
+//!   eBPF ring buffer    (capacity,           └─► episode ─► reconcile ─► refresh ─► verify
+//!   netlink uevents      folding,                             (Node)   (kubelet)  (Node, cgroup)  run
+//!   sysfs rescans        rescans)
 //! ```
 //! - [`capacity`]: the machine's truth as cadvisor computes it; a pure function of a root.
 //! - [`sources`]: the kernel probe, the uevent monitor, and the snapshot scans.
-//! - [`record`]: the event log's records (the schema).
-//! - [`report`]: NDJSON and the human text view.
 //! - [`pipeline`]: sources in, records out (start-up snapshot, folding, rescans).
+//! - [`record`]: the event log's records (the schema); [`report`]: NDJSON and text.
 //! - [`watch`]: the pipeline written out; `hotplug-agent watch`.
+//! - [`episode`]: a burst of events settles into one episode.
+//! - [`reconcile`]: the machine against the Node's advertised capacity.
+//! - [`refresh`]: making the kubelet re-read the machine (systemd, command), with guard rails;
+//!   [`checkpoint`]: the kubelet's static CPU/memory manager checkpoints that forbid it.
+//! - [`node`]: this node's object: get, watch, Events, the agent's condition.
+//! - [`verify`]: the pods' cgroup memory limit check.
+//! - [`run`]: the controller; `hotplug-agent run`.
 //! - [`status`]: the snapshot and which probes can attach; `hotplug-agent status`.
 //! - [`telemetry`]: diagnostics (tracing) on stderr, never mixed with the event log.
 pub mod capacity;

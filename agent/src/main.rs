@@ -4,7 +4,11 @@ use std::{io::IsTerminal, path::PathBuf, time::Duration};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use hotplug_agent::{
-    episode, pipeline::{self, Rescan}, refresh, report::Format, run, status, telemetry, watch,
+    episode,
+    pipeline::{self, Rescan},
+    refresh,
+    report::Format,
+    run, status, telemetry, watch,
 };
 
 /// Catches CPU and memory hotplug as the kernel makes it.
@@ -86,6 +90,12 @@ struct RunArgs {
     /// command: `PROGRAM ARG...`, split as a shell would, run without a shell.
     #[arg(long)]
     refresh_command: Option<String>,
+    /// command + `--static-policy drain-and-reset`: how to stop the kubelet.
+    #[arg(long)]
+    kubelet_stop_command: Option<String>,
+    /// command + `--static-policy drain-and-reset`: how to start the kubelet.
+    #[arg(long)]
+    kubelet_start_command: Option<String>,
     /// How long a refresh may take.
     #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
     refresh_timeout: Duration,
@@ -143,19 +153,23 @@ impl SourceArgs {
 }
 
 fn hostname() -> anyhow::Result<String> {
-    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").context("reading the hostname")?;
+    let name =
+        std::fs::read_to_string("/proc/sys/kernel/hostname").context("reading the hostname")?;
     Ok(name.trim().to_string())
 }
 
 async fn kube_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
     let config = match kubeconfig {
         Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path).with_context(|| format!("reading {}", path.display()))?;
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading {}", path.display()))?;
             kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
                 .await
                 .with_context(|| format!("using {}", path.display()))?
         }
-        None => kube::Config::infer().await.context("no in-cluster config and no kubeconfig")?,
+        None => kube::Config::infer()
+            .await
+            .context("no in-cluster config and no kubeconfig")?,
     };
     kube::Client::try_from(config).context("building the Kubernetes client")
 }
@@ -169,9 +183,30 @@ async fn run_command(args: RunArgs) -> anyhow::Result<()> {
             timeout: args.refresh_timeout,
         }),
         RefreshKind::Command => {
-            let line = args.refresh_command.as_deref().context("--refresh command needs --refresh-command 'PROGRAM ARG...'")?;
-            let argv = refresh::command::parse(line).with_context(|| format!("--refresh-command {line:?}"))?;
-            refresh::Backend::Command(refresh::command::CommandConfig { argv, stop: None, start: None, timeout: args.refresh_timeout })
+            let line = args
+                .refresh_command
+                .as_deref()
+                .context("--refresh command needs --refresh-command 'PROGRAM ARG...'")?;
+            let parse = |flag: &str, line: &str| {
+                refresh::command::parse(line).with_context(|| format!("{flag} {line:?}"))
+            };
+            let argv = parse("--refresh-command", line)?;
+            let stop = args
+                .kubelet_stop_command
+                .as_deref()
+                .map(|l| parse("--kubelet-stop-command", l))
+                .transpose()?;
+            let start = args
+                .kubelet_start_command
+                .as_deref()
+                .map(|l| parse("--kubelet-start-command", l))
+                .transpose()?;
+            refresh::Backend::Command(refresh::command::CommandConfig {
+                argv,
+                stop,
+                start,
+                timeout: args.refresh_timeout,
+            })
         }
     };
     let node_name = match args.node_name.clone() {
@@ -200,7 +235,9 @@ async fn run_command(args: RunArgs) -> anyhow::Result<()> {
         cgroup_root: args.cgroup_root,
     };
     let mut out = std::io::stdout().lock();
-    run::run(config, client, args.format, &mut out, shutdown_signal()).await.context("hotplug-agent run")
+    run::run(config, client, args.format, &mut out, shutdown_signal())
+        .await
+        .context("hotplug-agent run")
 }
 
 fn parse_rescan(s: &str) -> Result<Rescan, String> {

@@ -4,13 +4,13 @@ use std::time::Duration;
 
 use futures::{StreamExt, pin_mut};
 use k8s_openapi::{
-    api::core::v1::{Event, EventSource, Node, ObjectReference},
+    api::core::v1::{Event, EventSource, Node, ObjectReference, Pod},
     apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time},
     jiff::Timestamp,
 };
 use kube::{
     Api, Client,
-    api::{Patch, PatchParams, PostParams, WatchEvent, WatchParams},
+    api::{EvictParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams},
 };
 use serde_json::json;
 use tokio::time::Instant;
@@ -29,6 +29,7 @@ pub enum EventType {
 }
 
 pub struct NodeApi {
+    client: Client,
     nodes: Api<Node>,
     events: Api<Event>,
     name: String,
@@ -38,6 +39,7 @@ pub struct NodeApi {
 impl NodeApi {
     pub fn new(client: Client, name: &str) -> Self {
         Self {
+            client: client.clone(),
             nodes: Api::all(client.clone()),
             events: Api::namespaced(client, EVENTS_NAMESPACE),
             name: name.into(),
@@ -56,7 +58,13 @@ impl NodeApi {
     }
 
     /// Sets the agent's condition; keeps `lastTransitionTime` unless the status flips.
-    pub async fn set_condition(&self, current: &Node, stale: bool, reason: &str, message: &str) -> Result<(), kube::Error> {
+    pub async fn set_condition(
+        &self,
+        current: &Node,
+        stale: bool,
+        reason: &str,
+        message: &str,
+    ) -> Result<(), kube::Error> {
         let status = if stale { "True" } else { "False" };
         let now = Timestamp::now();
         let previous = current
@@ -77,12 +85,23 @@ impl NodeApi {
             "lastHeartbeatTime": Time(now),
             "lastTransitionTime": Time(transition),
         }]}});
-        self.nodes.patch_status(&self.name, &PatchParams::default(), &Patch::Strategic(patch)).await?;
+        self.nodes
+            .patch_status(
+                &self.name,
+                &PatchParams::default(),
+                &Patch::Strategic(patch),
+            )
+            .await?;
         Ok(())
     }
 
     /// Records a core/v1 Event on the Node.
-    pub async fn event(&self, kind: EventType, reason: &str, message: &str) -> Result<(), kube::Error> {
+    pub async fn event(
+        &self,
+        kind: EventType,
+        reason: &str,
+        message: &str,
+    ) -> Result<(), kube::Error> {
         let now = Timestamp::now();
         let event = Event {
             metadata: ObjectMeta {
@@ -103,7 +122,10 @@ impl NodeApi {
                 EventType::Normal => "Normal".into(),
                 EventType::Warning => "Warning".into(),
             }),
-            source: Some(EventSource { component: Some(COMPONENT.into()), host: Some(self.name.clone()) }),
+            source: Some(EventSource {
+                component: Some(COMPONENT.into()),
+                host: Some(self.name.clone()),
+            }),
             first_timestamp: Some(Time(now)),
             last_timestamp: Some(Time(now)),
             event_time: Some(MicroTime(now)),
@@ -117,9 +139,39 @@ impl NodeApi {
         Ok(())
     }
 
+    /// Marks the Node (un)schedulable, as `kubectl cordon`/`uncordon` do.
+    pub async fn cordon(&self, unschedulable: bool) -> Result<(), kube::Error> {
+        let patch = json!({"spec": {"unschedulable": unschedulable}});
+        self.nodes
+            .patch(&self.name, &PatchParams::default(), &Patch::Merge(patch))
+            .await?;
+        Ok(())
+    }
+
+    /// The pods bound to this Node.
+    pub async fn pods(&self) -> Result<Vec<Pod>, kube::Error> {
+        let pods: Api<Pod> = Api::all(self.client.clone());
+        let list = pods
+            .list(&ListParams::default().fields(&format!("spec.nodeName={}", self.name)))
+            .await?;
+        Ok(list.items)
+    }
+
+    /// Evicts a pod through the Eviction API, so PodDisruptionBudgets are honoured: the
+    /// API answers 429 while a budget forbids it.
+    pub async fn evict(&self, namespace: &str, name: &str) -> Result<(), kube::Error> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        pods.evict(name, &EvictParams::default()).await?;
+        Ok(())
+    }
+
     /// Watches the Node (no polling) until `done` holds or `timeout` passes; returns the
     /// Node that satisfied it, or `None` on timeout.
-    pub async fn wait_until(&mut self, timeout: Duration, done: impl Fn(&Node) -> bool) -> Result<Option<Node>, kube::Error> {
+    pub async fn wait_until(
+        &mut self,
+        timeout: Duration,
+        done: impl Fn(&Node) -> bool,
+    ) -> Result<Option<Node>, kube::Error> {
         let deadline = Instant::now() + timeout;
         loop {
             let node = self.get().await?;
@@ -139,7 +191,9 @@ impl NodeApi {
             loop {
                 match tokio::time::timeout_at(deadline, stream.next()).await {
                     Err(_) => return Ok(None),
-                    Ok(Some(Ok(WatchEvent::Added(n) | WatchEvent::Modified(n)))) if done(&n) => return Ok(Some(n)),
+                    Ok(Some(Ok(WatchEvent::Added(n) | WatchEvent::Modified(n)))) if done(&n) => {
+                        return Ok(Some(n));
+                    }
                     Ok(Some(Ok(WatchEvent::Error(e)))) => {
                         // 410 Gone and friends: start again from a fresh GET.
                         tracing::debug!(code = e.code, message = %e.message, "node watch ended");

@@ -18,7 +18,10 @@ const CANDIDATES: [&str; 4] = [
 
 /// The limit file of the pods' cgroup, if this host has one.
 pub fn pods_limit_file(cgroup_root: &Path) -> Option<PathBuf> {
-    CANDIDATES.iter().map(|c| cgroup_root.join(c)).find(|p| p.exists())
+    CANDIDATES
+        .iter()
+        .map(|c| cgroup_root.join(c))
+        .find(|p| p.exists())
 }
 
 /// The limit in bytes; `None` for no limit (`max` in v2, the page-rounded i64::MAX in v1).
@@ -28,21 +31,35 @@ pub fn read_limit(path: &Path) -> std::io::Result<Option<u64>> {
     if text == "max" {
         return Ok(None);
     }
-    let v: u64 = text
-        .parse()
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {text:?} is not a limit", path.display())))?;
+    let v: u64 = text.parse().map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{}: {text:?} is not a limit", path.display()),
+        )
+    })?;
     Ok((v < 1 << 62).then_some(v))
 }
 
 /// Did the limit move with allocatable?
-pub fn check(path: &Path, before: Option<u64>, after: Option<u64>, expected_delta: Option<i64>) -> CgroupCheck {
+pub fn check(
+    path: &Path,
+    before: Option<u64>,
+    after: Option<u64>,
+    expected_delta: Option<i64>,
+) -> CgroupCheck {
     let ok = match (before, after, expected_delta) {
         (Some(b), Some(a), Some(d)) => a as i128 - b as i128 == d as i128,
         // Unlimited stays fine; we cannot judge without a before/after or an expectation.
         (None, None, _) => true,
         _ => false,
     };
-    CgroupCheck { path: path.display().to_string(), before, after, expected_delta, ok }
+    CgroupCheck {
+        path: path.display().to_string(),
+        before,
+        after,
+        expected_delta,
+        ok,
+    }
 }
 
 #[cfg(test)]
@@ -62,7 +79,10 @@ mod tests {
         std::fs::create_dir_all(&v2).unwrap();
         std::fs::write(v2.join("memory.max"), "68719476736\n").unwrap();
         let f = pods_limit_file(dir.path()).unwrap();
-        assert!(f.ends_with("kubepods.slice/memory.max"), "v2 systemd layout wins: {f:?}");
+        assert!(
+            f.ends_with("kubepods.slice/memory.max"),
+            "v2 systemd layout wins: {f:?}"
+        );
         assert_eq!(read_limit(&f).unwrap(), Some(64 << 30));
         std::fs::write(&f, "max\n").unwrap();
         assert_eq!(read_limit(&f).unwrap(), None);

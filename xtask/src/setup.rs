@@ -10,8 +10,8 @@ use crate::process::{self, Privilege};
 /// The version DESIGN.md proves on this toolchain: it links against rustc's own LLVM.
 const BPF_LINKER_VERSION: &str = "0.10.2";
 /// libudev-dev and pkg-config: the `udev` crate's build script finds libudev through
-/// pkg-config.
-const DEBIAN_PACKAGES: [&str; 2] = ["libudev-dev", "pkg-config"];
+/// pkg-config. dbus-daemon: the systemd refresh tests run a private bus.
+const DEBIAN_PACKAGES: [&str; 3] = ["libudev-dev", "pkg-config", "dbus-daemon"];
 /// Where aya looks for tracefs first when it attaches tracepoints.
 const TRACEFS: &str = "/sys/kernel/tracing";
 

@@ -160,7 +160,7 @@ pub async fn run(argv: &[String], timeout: Duration) -> Result<Outcome, RefreshE
             signal,
             stderr,
         }),
-        // Neither an exit code nor a signal cannot happen for a reaped child on Unix.
+        // A reaped child has an exit code or a signal; kept total rather than panicking.
         (None, None) => Err(RefreshError::Exit {
             command,
             code: -1,

@@ -191,9 +191,9 @@ fn classify(source: zbus::Error, method: &'static str, unit: &str, address: &str
                 source,
             }
         }
-        // No owner, and activation failed: the system bus ships an activation file for
-        // org.freedesktop.systemd1 whose Exec is /bin/false, so a bus without systemd
-        // answers SpawnChildExited rather than ServiceUnknown.
+        // No owner, and activation failed: the systemd package installs a D-Bus activation
+        // file for org.freedesktop.systemd1 with `Exec=/bin/false`, so a bus without systemd
+        // running answers SpawnChildExited rather than ServiceUnknown.
         zbus::Error::FDO(e) if no_systemd(e) => RefreshError::NoSystemd {
             address: address.to_owned(),
             source,

@@ -67,7 +67,11 @@ fn decision(d: &DecisionRecord) -> String {
     for diff in &d.differences {
         s.push_str(&format!("  {diff}"));
     }
-    for (label, v) in [("backend", &d.backend), ("reason", &d.reason), ("message", &d.message)] {
+    for (label, v) in [
+        ("backend", &d.backend),
+        ("reason", &d.reason),
+        ("message", &d.message),
+    ] {
         if let Some(v) = v {
             s.push_str(&format!("  {label} {v}"));
         }

@@ -24,6 +24,8 @@ use crate::{
     verify,
 };
 
+mod reset;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum StaticPolicy {
     /// Do not restart; raise the condition and a Warning Event saying what to do.
@@ -63,7 +65,9 @@ pub async fn run(
     out: &mut impl Write,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
-    let Pipeline { ready, mut records, .. } = pipeline::start(config.pipeline.clone()).await?;
+    let Pipeline {
+        ready, mut records, ..
+    } = pipeline::start(config.pipeline.clone()).await?;
     let last = ready.capacity;
     write_record(out, &Record::Agent(Box::new(ready)), format).map_err(RunError::Write)?;
     out.flush().map_err(RunError::Write)?;
@@ -146,7 +150,16 @@ impl Controller {
     fn new(config: Config, client: Option<kube::Client>, log: mpsc::Sender<Record>) -> Self {
         let node = client.map(|c| NodeApi::new(c, &config.node_name));
         let guard = Guard::new(config.guard.clone());
-        Self { config, node, log, guard, episode: 0, api_down: false, api_backoff: API_RETRY_MIN, events_failing: false }
+        Self {
+            config,
+            node,
+            log,
+            guard,
+            episode: 0,
+            api_down: false,
+            api_backoff: API_RETRY_MIN,
+            events_failing: false,
+        }
     }
 
     async fn run(mut self, mut episodes: Episodes) {
@@ -159,7 +172,9 @@ impl Controller {
         .await;
         loop {
             if !pending {
-                let Some(ep) = episodes.next().await else { return };
+                let Some(ep) = episodes.next().await else {
+                    return;
+                };
                 self.episode += 1;
                 let settle_ms = (ep.settled - ep.first).as_millis() as u64;
                 self.decide("episode", "settled", |d| {
@@ -232,13 +247,20 @@ impl Controller {
 
     /// Fetches the Node, or arranges a retry and says once that the API is down.
     async fn fetch(&mut self) -> Result<Node, Next> {
-        let api = self.node.as_mut().expect("fetch is only called with a client");
+        let api = self
+            .node
+            .as_mut()
+            .expect("fetch is only called with a client");
         match api.get().await {
             Ok(node) => {
                 if self.api_down {
                     self.api_down = false;
                     self.api_backoff = API_RETRY_MIN;
-                    self.decide("reconcile", "api_reachable", |d| d.message = Some("the API answers again; reconciling the pending episode".into())).await;
+                    self.decide("reconcile", "api_reachable", |d| {
+                        d.message =
+                            Some("the API answers again; reconciling the pending episode".into())
+                    })
+                    .await;
                 }
                 Ok(node)
             }
@@ -247,7 +269,9 @@ impl Controller {
                 if !self.api_down {
                     self.api_down = true;
                     self.decide("reconcile", "api_unreachable", |d| {
-                        d.message = Some(format!("{message}; keeping the episode and retrying until the API answers"));
+                        d.message = Some(format!(
+                            "{message}; keeping the episode and retrying until the API answers"
+                        ));
                     })
                     .await;
                 }
@@ -263,7 +287,10 @@ impl Controller {
             return Next::RetryAt(Instant::now() + API_RETRY_MAX);
         };
         if self.node.is_none() {
-            self.decide("reconcile", "skipped", |d| d.reason = Some("no Kubernetes API configured".into())).await;
+            self.decide("reconcile", "skipped", |d| {
+                d.reason = Some("no Kubernetes API configured".into())
+            })
+            .await;
             return Next::Done;
         }
         let node = match self.fetch().await {
@@ -273,7 +300,8 @@ impl Controller {
         let advertised = match reconcile::advertised(&node) {
             Ok(a) => a,
             Err(e) => {
-                self.decide("reconcile", "failed", |d| d.message = Some(e.to_string())).await;
+                self.decide("reconcile", "failed", |d| d.message = Some(e.to_string()))
+                    .await;
                 // The kubelet may not have registered yet; its next update is an event for us
                 // only if the machine changes, so look again later.
                 return Next::RetryAt(Instant::now() + API_RETRY_MAX);
@@ -282,8 +310,17 @@ impl Controller {
         let expected = reconcile::expected(&machine);
         let differences = reconcile::differences(&expected, &advertised);
         if differences.is_empty() {
-            self.decide("reconcile", "in_sync", |d| d.advertised = Some(advertised.clone())).await;
-            self.condition(&node, false, "CapacityInSync", "the Node advertises the machine's capacity").await;
+            self.decide("reconcile", "in_sync", |d| {
+                d.advertised = Some(advertised.clone())
+            })
+            .await;
+            self.condition(
+                &node,
+                false,
+                "CapacityInSync",
+                "the Node advertises the machine's capacity",
+            )
+            .await;
             return Next::Done;
         }
         let summary = differences.join("; ");
@@ -292,12 +329,23 @@ impl Controller {
             d.differences = differences.clone();
         })
         .await;
-        self.event(EventType::Normal, "CapacityChanged", &format!("machine capacity changed, Node is stale: {summary}")).await;
+        self.event(
+            EventType::Normal,
+            "CapacityChanged",
+            &format!("machine capacity changed, Node is stale: {summary}"),
+        )
+        .await;
         self.condition(&node, true, "CapacityStale", &summary).await;
         self.refresh(&node, &machine, advertised, &summary).await
     }
 
-    async fn refresh(&mut self, node: &Node, machine: &Snapshot, before: Advertised, summary: &str) -> Next {
+    async fn refresh(
+        &mut self,
+        node: &Node,
+        machine: &Snapshot,
+        before: Advertised,
+        summary: &str,
+    ) -> Next {
         let backend = self.config.backend.name();
         if matches!(self.config.backend, Backend::None) {
             self.decide("refresh", "skipped", |d| {
@@ -307,10 +355,28 @@ impl Controller {
             .await;
             return Next::Done;
         }
-        if let Some(blocked) = self.static_policy_blocks(node, machine).await {
-            return blocked;
-        }
         let now = Instant::now();
+        let reset = match self.static_policy_blocks(node, machine).await {
+            Blocking::No => false,
+            Blocking::Stop(next) => return next,
+            Blocking::Reset(blocked) => {
+                // The reset restarts the kubelet itself; it counts against the guard rails too.
+                if let Err(deferred) = self.guard.check(now) {
+                    self.decide("refresh", "deferred", |d| {
+                        d.backend = Some(backend.into());
+                        d.reason = Some(deferred.reason.into());
+                    })
+                    .await;
+                    return Next::RetryAt(deferred.until);
+                }
+                self.guard.started(now);
+                if let Err(next) = self.drain_and_reset(node, blocked).await {
+                    self.guard.finished(Instant::now(), false);
+                    return next;
+                }
+                true
+            }
+        };
         if let Err(deferred) = self.guard.check(now) {
             let wait = deferred.until.saturating_duration_since(now);
             self.decide("refresh", "deferred", |d| {
@@ -322,9 +388,15 @@ impl Controller {
             return Next::RetryAt(deferred.until);
         }
         let cgroup_file = verify::pods_limit_file(&self.config.cgroup_root);
-        let cgroup_before = cgroup_file.as_deref().and_then(|f| verify::read_limit(f).ok().flatten());
+        let cgroup_before = cgroup_file
+            .as_deref()
+            .and_then(|f| verify::read_limit(f).ok().flatten());
+        if reset {
+            return self.verify(before, cgroup_file, cgroup_before, now).await;
+        }
         self.guard.started(now);
-        self.decide("refresh", "started", |d| d.backend = Some(backend.into())).await;
+        self.decide("refresh", "started", |d| d.backend = Some(backend.into()))
+            .await;
         let started = Instant::now();
         match refresh::refresh(&self.config.backend).await {
             Ok(outcome) => {
@@ -334,7 +406,12 @@ impl Controller {
                     d.message = Some(outcome.detail.clone());
                 })
                 .await;
-                self.event(EventType::Normal, "KubeletRefreshed", &format!("{backend} refresh done to pick up: {summary}")).await;
+                self.event(
+                    EventType::Normal,
+                    "KubeletRefreshed",
+                    &format!("{backend} refresh done to pick up: {summary}"),
+                )
+                .await;
             }
             Err(e) => {
                 let message = error_chain(&e);
@@ -346,23 +423,42 @@ impl Controller {
                     d.message = Some(message.clone());
                 })
                 .await;
-                self.event(EventType::Warning, "KubeletRefreshFailed", &format!("{backend} refresh failed: {message}")).await;
+                self.event(
+                    EventType::Warning,
+                    "KubeletRefreshFailed",
+                    &format!("{backend} refresh failed: {message}"),
+                )
+                .await;
                 self.condition(node, true, "RefreshFailed", &message).await;
                 return Next::RetryAt(retry);
             }
         }
-        self.verify(before, cgroup_file, cgroup_before, started).await
+        self.verify(before, cgroup_file, cgroup_before, started)
+            .await
     }
 
-    async fn verify(&mut self, before: Advertised, cgroup_file: Option<PathBuf>, cgroup_before: Option<u64>, started: Instant) -> Next {
+    async fn verify(
+        &mut self,
+        before: Advertised,
+        cgroup_file: Option<PathBuf>,
+        cgroup_before: Option<u64>,
+        started: Instant,
+    ) -> Next {
         let root = self.config.pipeline.root.clone();
         let timeout = self.config.verify_timeout;
-        let api = self.node.as_mut().expect("verify is only called with a client");
+        let api = self
+            .node
+            .as_mut()
+            .expect("verify is only called with a client");
         // The machine is re-read at every Node update: verify converges to the truth now.
         let result = api
             .wait_until(timeout, |n| {
-                let Ok(adv) = reconcile::advertised(n) else { return false };
-                capacity::read_snapshot(&root).is_ok_and(|m| reconcile::differences(&reconcile::expected(&m), &adv).is_empty())
+                let Ok(adv) = reconcile::advertised(n) else {
+                    return false;
+                };
+                capacity::read_snapshot(&root).is_ok_and(|m| {
+                    reconcile::differences(&reconcile::expected(&m), &adv).is_empty()
+                })
             })
             .await;
         let elapsed = started.elapsed().as_millis() as u64;
@@ -371,7 +467,10 @@ impl Controller {
                 let after = reconcile::advertised(&node).ok();
                 let cgroup = cgroup_file.map(|f| {
                     let now = verify::read_limit(&f).ok().flatten();
-                    let delta = match (before.allocatable_memory_bytes, after.as_ref().and_then(|a| a.allocatable_memory_bytes)) {
+                    let delta = match (
+                        before.allocatable_memory_bytes,
+                        after.as_ref().and_then(|a| a.allocatable_memory_bytes),
+                    ) {
                         (Some(b), Some(a)) => Some(a as i64 - b as i64),
                         _ => None,
                     };
@@ -393,13 +492,28 @@ impl Controller {
                     show(before.cpu_millis.map(|m| m / 1000)),
                     show(after.as_ref().and_then(|a| a.cpu_millis).map(|m| m / 1000)),
                 );
-                self.event(EventType::Normal, "CapacityConverged", &message).await;
+                self.event(EventType::Normal, "CapacityConverged", &message)
+                    .await;
                 if !cgroup_ok {
                     let c = cgroup.as_ref().expect("checked");
-                    let warn = format!("the pods' cgroup limit {} did not move with allocatable ({:?} -> {:?})", c.path, c.before, c.after);
-                    self.event(EventType::Warning, "PodsCgroupLimitStale", &warn).await;
+                    let warn = format!(
+                        "the pods' cgroup limit {} did not move with allocatable ({:?} -> {:?})",
+                        c.path, c.before, c.after
+                    );
+                    self.event(EventType::Warning, "PodsCgroupLimitStale", &warn)
+                        .await;
                 }
-                self.condition(&node, !cgroup_ok, if cgroup_ok { "CapacityInSync" } else { "PodsCgroupLimitStale" }, &message).await;
+                self.condition(
+                    &node,
+                    !cgroup_ok,
+                    if cgroup_ok {
+                        "CapacityInSync"
+                    } else {
+                        "PodsCgroupLimitStale"
+                    },
+                    &message,
+                )
+                .await;
                 Next::Done
             }
             Ok(None) => {
@@ -411,68 +525,97 @@ impl Controller {
                     d.message = Some(format!("the Node did not converge within {timeout:?}"));
                 })
                 .await;
-                let message = format!("the Node did not advertise the machine's capacity within {timeout:?} after the refresh");
-                self.event(EventType::Warning, "CapacityNotConverged", &message).await;
+                let message = format!(
+                    "the Node did not advertise the machine's capacity within {timeout:?} after the refresh"
+                );
+                self.event(EventType::Warning, "CapacityNotConverged", &message)
+                    .await;
                 if let Ok(node) = self.fetch().await {
-                    self.condition(&node, true, "RefreshNotConverged", &message).await;
+                    self.condition(&node, true, "RefreshNotConverged", &message)
+                        .await;
                 }
                 Next::RetryAt(retry)
             }
             Err(e) => {
                 let message = error_chain(&e);
-                self.decide("verify", "failed", |d| d.message = Some(message)).await;
+                self.decide("verify", "failed", |d| d.message = Some(message))
+                    .await;
                 Next::RetryAt(Instant::now() + API_RETRY_MIN)
             }
         }
     }
 
     /// The kubelet's static CPU or memory manager: a restart would crash-loop it.
-    async fn static_policy_blocks(&mut self, node: &Node, machine: &Snapshot) -> Option<Next> {
+    async fn static_policy_blocks(&mut self, node: &Node, machine: &Snapshot) -> Blocking {
         let verdicts = match checkpoint::check(&self.config.kubelet_root, machine) {
             Ok(v) => v,
             Err(e) => {
-                let message = format!("cannot read the kubelet's checkpoints, not restarting blind: {}", error_chain(&e));
+                let message = format!(
+                    "cannot read the kubelet's checkpoints, not restarting blind: {}",
+                    error_chain(&e)
+                );
                 self.decide("refresh", "skipped", |d| {
                     d.reason = Some("checkpoint_unreadable".into());
                     d.message = Some(message.clone());
                 })
                 .await;
-                self.event(EventType::Warning, "KubeletCheckpointUnreadable", &message).await;
-                self.condition(node, true, "KubeletCheckpointUnreadable", &message).await;
-                return Some(Next::Done);
+                self.event(EventType::Warning, "KubeletCheckpointUnreadable", &message)
+                    .await;
+                self.condition(node, true, "KubeletCheckpointUnreadable", &message)
+                    .await;
+                return Blocking::Stop(Next::Done);
             }
         };
-        let unsafe_ = verdicts.iter().find_map(|v| match v {
-            Verdict::Unsafe { manager, policy, path, reason, pods } => Some((*manager, policy.clone(), path.clone(), reason.clone(), pods.len())),
-            Verdict::Safe { .. } => None,
-        })?;
-        let (manager, policy, path, reason, pods) = unsafe_;
-        match self.config.static_policy {
-            StaticPolicy::Refuse | StaticPolicy::DrainAndReset => {
-                // TODO(issue 3, drain-and-reset): until the procedure is implemented, the opt-in
-                // policy behaves as `refuse` and says so.
-                let how = if self.config.static_policy == StaticPolicy::DrainAndReset {
-                    " (drain-and-reset is not implemented yet; doing nothing)"
-                } else {
-                    ""
-                };
-                let message = format!(
-                    "not restarting the kubelet: its {manager} manager ({policy}) checkpoint {} no longer matches the machine ({reason}); \
-                     a restart would crash-loop it. Drain the node ({pods} pods hold pinned resources), stop the kubelet, move the \
-                     checkpoint aside, start the kubelet, uncordon{how}",
-                    path.display()
-                );
-                self.decide("refresh", "skipped", |d| {
-                    d.reason = Some("static_policy".into());
-                    d.message = Some(message.clone());
-                })
-                .await;
-                self.event(EventType::Warning, "StaticPolicyBlocksRefresh", &message).await;
-                self.condition(node, true, "StaticPolicyCheckpoint", &message).await;
-                Some(Next::Done)
+        let mut reasons = Vec::new();
+        let mut blocked = reset::Blocked {
+            checkpoints: Vec::new(),
+            pods: Vec::new(),
+        };
+        for v in verdicts {
+            if let Verdict::Unsafe {
+                manager,
+                policy,
+                path,
+                reason,
+                pods,
+            } = v
+            {
+                reasons.push(format!("its {manager} manager ({policy}) checkpoint {} no longer matches the machine ({reason})", path.display()));
+                blocked.checkpoints.push(path);
+                blocked.pods.extend(pods);
             }
         }
+        if reasons.is_empty() {
+            return Blocking::No;
+        }
+        if self.config.static_policy == StaticPolicy::DrainAndReset {
+            return Blocking::Reset(blocked);
+        }
+        let message = format!(
+            "not restarting the kubelet: {}; a restart would crash-loop it. Drain the node ({} pods hold pinned resources), \
+             stop the kubelet, move the checkpoint aside, start the kubelet, uncordon; or run the agent with \
+             --static-policy drain-and-reset to have it done",
+            reasons.join("; "),
+            blocked.pods.len()
+        );
+        self.decide("refresh", "skipped", |d| {
+            d.reason = Some("static_policy".into());
+            d.message = Some(message.clone());
+        })
+        .await;
+        self.event(EventType::Warning, "StaticPolicyBlocksRefresh", &message)
+            .await;
+        self.condition(node, true, "StaticPolicyCheckpoint", &message)
+            .await;
+        Blocking::Stop(Next::Done)
     }
+}
+
+/// Whether the checkpoints let a plain restart happen.
+enum Blocking {
+    No,
+    Stop(Next),
+    Reset(reset::Blocked),
 }
 
 fn show(v: Option<u64>) -> String {

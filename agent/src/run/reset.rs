@@ -1,0 +1,241 @@
+//! `--static-policy drain-and-reset`: the documented way out when the kubelet's static CPU
+//! or memory manager checkpoint no longer matches the machine (kubernetes/kubernetes#124066,
+//! #109996; the "changing the CPU manager policy" procedure in the Kubernetes docs):
+//! cordon, evict the pods that hold exclusive CPUs or pinned memory (through the Eviction
+//! API, so PodDisruptionBudgets are honoured), stop the kubelet, move the checkpoint aside
+//! (kept as a backup, never deleted), start the kubelet, wait for the Node to be Ready,
+//! uncordon. Every step is a `reset` record; a step that fails stops the procedure, and the
+//! kubelet is never left stopped by us.
+use std::{path::PathBuf, time::Duration};
+
+use k8s_openapi::{api::core::v1::Node, jiff::Timestamp};
+use tokio::time::Instant;
+
+use super::{Controller, Next};
+use crate::{node::EventType, refresh, sources::error_chain};
+
+/// What the checkpoint check found.
+pub struct Blocked {
+    pub checkpoints: Vec<PathBuf>,
+    /// UIDs of the pods holding pinned resources.
+    pub pods: Vec<String>,
+}
+
+/// How long a PodDisruptionBudget may hold an eviction before the procedure gives up.
+const EVICTION_PATIENCE: Duration = Duration::from_secs(120);
+const EVICTION_RETRY: Duration = Duration::from_secs(5);
+
+impl Controller {
+    async fn step(&self, action: &str, message: String) {
+        self.decide("reset", action, |d| d.message = Some(message))
+            .await;
+    }
+
+    async fn abort(&mut self, node: &Node, why: String, uncordon: bool) -> Next {
+        if uncordon && let Some(api) = &self.node {
+            let _ = api.cordon(false).await;
+        }
+        self.step("failed", why.clone()).await;
+        self.event(EventType::Warning, "StaticPolicyResetFailed", &why)
+            .await;
+        self.condition(node, true, "StaticPolicyResetFailed", &why)
+            .await;
+        Next::Done
+    }
+
+    /// `Ok`: the kubelet runs on a fresh checkpoint; go on to verify. `Err`: what to do instead.
+    pub(super) async fn drain_and_reset(
+        &mut self,
+        node: &Node,
+        blocked: Blocked,
+    ) -> Result<(), Next> {
+        let names: Vec<String> = blocked
+            .checkpoints
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        self.step(
+            "started",
+            format!(
+                "checkpoints {}; pods {}",
+                names.join(", "),
+                blocked.pods.join(", ")
+            ),
+        )
+        .await;
+        self.event(
+            EventType::Warning,
+            "StaticPolicyReset",
+            "draining pinned pods and resetting the kubelet's checkpoint",
+        )
+        .await;
+        let api = self
+            .node
+            .as_ref()
+            .expect("reset is only called with a client");
+        if let Err(e) = api.cordon(true).await {
+            return Err(self
+                .abort(node, format!("cordon failed: {}", error_chain(&e)), false)
+                .await);
+        }
+        self.step("cordoned", "the Node is unschedulable".into())
+            .await;
+
+        if let Err(why) = self.evict_pinned(&blocked.pods).await {
+            return Err(self.abort(node, why, true).await);
+        }
+
+        if let Err(e) = refresh::stop(&self.config.backend).await {
+            return Err(self
+                .abort(
+                    node,
+                    format!("stopping the kubelet failed: {}", error_chain(&e)),
+                    true,
+                )
+                .await);
+        }
+        self.step("kubelet_stopped", self.config.backend.name().into())
+            .await;
+
+        let stamp = Timestamp::now().as_second();
+        let mut moved = Vec::new();
+        for path in &blocked.checkpoints {
+            let backup = path.with_file_name(format!(
+                "{}.hotplug-agent-{stamp}.bak",
+                path.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            ));
+            match std::fs::rename(path, &backup) {
+                Ok(()) => {
+                    self.step(
+                        "checkpoint_moved",
+                        format!("{} -> {}", path.display(), backup.display()),
+                    )
+                    .await;
+                    moved.push(backup);
+                }
+                Err(e) => {
+                    // Never leave the kubelet stopped: start it on the old checkpoint and say so.
+                    let _ = refresh::start(&self.config.backend).await;
+                    return Err(self
+                        .abort(
+                            node,
+                            format!("moving {} aside failed: {e}", path.display()),
+                            true,
+                        )
+                        .await);
+                }
+            }
+        }
+
+        let started_at = Timestamp::now();
+        if let Err(e) = refresh::start(&self.config.backend).await {
+            return Err(self
+                .abort(
+                    node,
+                    format!(
+                        "starting the kubelet failed (checkpoints kept at {moved:?}): {}",
+                        error_chain(&e)
+                    ),
+                    false,
+                )
+                .await);
+        }
+        self.step("kubelet_started", self.config.backend.name().into())
+            .await;
+
+        let api = self
+            .node
+            .as_mut()
+            .expect("reset is only called with a client");
+        let ready = api
+            .wait_until(self.config.verify_timeout, |n| {
+                is_ready_since(n, started_at)
+            })
+            .await;
+        match ready {
+            Ok(Some(_)) => {
+                self.step("node_ready", "the kubelet reports Ready again".into())
+                    .await
+            }
+            Ok(None) => {
+                let why = format!(
+                    "the Node did not report Ready within {:?} after the kubelet started; left cordoned",
+                    self.config.verify_timeout
+                );
+                return Err(self.abort(node, why, false).await);
+            }
+            Err(e) => {
+                return Err(self
+                    .abort(
+                        node,
+                        format!("watching the Node: {}", error_chain(&e)),
+                        false,
+                    )
+                    .await);
+            }
+        }
+        let api = self
+            .node
+            .as_ref()
+            .expect("reset is only called with a client");
+        if let Err(e) = api.cordon(false).await {
+            return Err(self
+                .abort(node, format!("uncordon failed: {}", error_chain(&e)), false)
+                .await);
+        }
+        self.step("uncordoned", "the Node is schedulable again".into())
+            .await;
+        Ok(())
+    }
+
+    /// Evicts the pods that hold pinned resources; waits while a PodDisruptionBudget says no.
+    async fn evict_pinned(&mut self, uids: &[String]) -> Result<(), String> {
+        let api = self
+            .node
+            .as_ref()
+            .expect("reset is only called with a client");
+        let pods = api
+            .pods()
+            .await
+            .map_err(|e| format!("listing the Node's pods: {}", error_chain(&e)))?;
+        let targets: Vec<(String, String)> = pods
+            .iter()
+            .filter(|p| p.metadata.uid.as_ref().is_some_and(|u| uids.contains(u)))
+            .filter_map(|p| Some((p.metadata.namespace.clone()?, p.metadata.name.clone()?)))
+            .collect();
+        for (ns, name) in targets {
+            let deadline = Instant::now() + EVICTION_PATIENCE;
+            loop {
+                match api.evict(&ns, &name).await {
+                    Ok(()) => break,
+                    Err(kube::Error::Api(status)) if status.code == 404 => break,
+                    Err(kube::Error::Api(status))
+                        if status.code == 429 && Instant::now() < deadline =>
+                    {
+                        tracing::info!(pod = %format!("{ns}/{name}"), "eviction refused by a PodDisruptionBudget; retrying");
+                        tokio::time::sleep(EVICTION_RETRY).await;
+                    }
+                    Err(e) => return Err(format!("evicting {ns}/{name}: {}", error_chain(&e))),
+                }
+            }
+            self.step("evicted", format!("{ns}/{name}")).await;
+        }
+        Ok(())
+    }
+}
+
+/// Ready=True with a heartbeat from after `since`: the restarted kubelet is posting.
+fn is_ready_since(node: &Node, since: Timestamp) -> bool {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+        .is_some_and(|c| {
+            c.status == "True"
+                && c.last_heartbeat_time
+                    .as_ref()
+                    .is_some_and(|t| t.0.as_second() >= since.as_second())
+        })
+}
