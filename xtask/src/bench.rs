@@ -49,6 +49,10 @@ pub struct Args {
     /// A smoke run: 10 toggles and a 5 s idle window, unless given explicitly.
     #[arg(long)]
     pub quick: bool,
+    /// Measure this `hotplug-agent` binary instead of building the workspace's (e.g. to
+    /// compare two builds).
+    #[arg(long, value_name = "PATH")]
+    pub agent: Option<PathBuf>,
     /// Run only these suites (`watch`, `idle`); all by default.
     #[arg(last = true)]
     pub suites: Vec<String>,
@@ -93,14 +97,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     let idle_secs = args.idle_secs.unwrap_or(if args.quick { 5 } else { 60 });
 
-    setup::run()?;
-    process::run(process::cargo().args(["build", "--release", "-p", "hotplug-agent"]))?;
-    let binary = workspace::agent_binary("release");
-    ensure!(
-        binary.is_file(),
-        "{} not found after the build",
-        binary.display()
-    );
+    let binary = match args.agent {
+        Some(binary) => {
+            ensure!(
+                binary.is_file(),
+                "--agent {}: no such file",
+                binary.display()
+            );
+            binary
+        }
+        None => build_agent()?,
+    };
     let out_dir = workspace::target_dir().join("bench");
     fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let ctx = Context {
@@ -128,7 +135,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         // one still runs, and what the failed one measured is still reported.
         if let Err(err) = suite(&ctx, &mut sections) {
             eprintln!("bench: {name} failed: {err:#}");
-            errors.push(format!("{name}: {err:#}"));
+            errors.push((*name, format!("{err:#}")));
         }
         if Interrupt::check().is_err() {
             break;
@@ -142,9 +149,31 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     write_json(&json_path, &ctx, &machine, &sections, &errors)?;
     println!("\nresults: {}", json_path.display());
     if !errors.is_empty() {
-        bail!("{} suite(s) failed:\n{}", errors.len(), errors.join("\n"));
+        // The whole error (records seen, the agent's stderr) went to stderr above.
+        let first_lines: Vec<String> = errors
+            .iter()
+            .map(|(name, err)| format!("{name}: {}", err.lines().next().unwrap_or_default()))
+            .collect();
+        bail!(
+            "{} suite(s) failed, the machine is back as it was:\n{}",
+            errors.len(),
+            first_lines.join("\n")
+        );
     }
     Ok(())
+}
+
+/// Setup and a release build: the figures are for the optimised agent.
+fn build_agent() -> anyhow::Result<PathBuf> {
+    setup::run()?;
+    process::run(process::cargo().args(["build", "--release", "-p", "hotplug-agent"]))?;
+    let binary = workspace::agent_binary("release");
+    ensure!(
+        binary.is_file(),
+        "{} not found after the build",
+        binary.display()
+    );
+    Ok(binary)
 }
 
 /// The machine the figures come from: these hosts are shared and noisy, so every result says
@@ -193,7 +222,7 @@ fn write_json(
     ctx: &Context,
     machine: &Machine,
     sections: &[Section],
-    errors: &[String],
+    errors: &[(&str, String)],
 ) -> anyhow::Result<()> {
     let doc = serde_json::json!({
         "machine": machine,
@@ -203,7 +232,10 @@ fn write_json(
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         "sections": sections,
-        "errors": errors,
+        "errors": errors
+            .iter()
+            .map(|(suite, error)| serde_json::json!({ "suite": suite, "error": error }))
+            .collect::<Vec<_>>(),
     });
     let text = serde_json::to_string_pretty(&doc).context("serialising the results")?;
     fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))

@@ -6,7 +6,7 @@
 //! - [`run`]: setup, release build, then `hotplug-agent watch` (or the given arguments).
 //! - [`test`]: setup, one workspace build, the unprivileged tests in parallel, then the
 //!   privileged integration tests (`hotplug-tests`) one at a time; prints a summary line.
-//! - [`bench`]: not written yet.
+//! - [`bench`]: latency from a real sysfs write to the record, eBPF delivery, idle footprint (as root).
 //!
 //! [`process`] and [`workspace`] hold what the tasks share: running commands, root and sudo,
 //! and where the workspace and its target directory are.
@@ -41,7 +41,7 @@ enum Task {
     Run(run::Args),
     /// Setup, then the whole test suite; privileged tests run one at a time.
     Test(test::Args),
-    /// Benchmarks (not implemented yet).
+    /// Measure: hotplug-to-record latency per source, eBPF delivery, idle RSS and wake-ups (root).
     Bench(bench::Args),
 }
 

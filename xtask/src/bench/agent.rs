@@ -145,10 +145,13 @@ impl Agent {
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
-                    let status = self.child.try_wait().ok().flatten();
+                    let status = match self.child.try_wait() {
+                        Ok(Some(status)) => status.to_string(),
+                        _ => "not reaped yet".to_owned(),
+                    };
                     bail!(
-                        "the agent closed its stdout (exit status: {status:?}) while the bench \
-                         waited for {what}\n{}",
+                        "the agent closed its stdout ({status}) while the bench waited for \
+                         {what}\n{}",
                         self.dump()
                     )
                 }

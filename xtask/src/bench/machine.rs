@@ -210,8 +210,10 @@ impl Drop for BlockGuard {
 pub struct ProcStatus {
     pub rss_kib: u64,
     pub hwm_kib: u64,
-    /// Voluntary plus involuntary context switches, summed over every thread.
-    pub ctxt_switches: u64,
+    /// Context switches summed over every thread: voluntary ones (the thread went to sleep,
+    /// one per wake-up) and involuntary ones (preempted while running).
+    pub voluntary: u64,
+    pub involuntary: u64,
     pub threads: usize,
 }
 
@@ -233,10 +235,14 @@ impl ProcStatus {
                 continue;
             };
             out.threads += 1;
-            out.ctxt_switches += field(&status, "voluntary_ctxt_switches:").unwrap_or(0)
-                + field(&status, "nonvoluntary_ctxt_switches:").unwrap_or(0);
+            out.voluntary += field(&status, "voluntary_ctxt_switches:").unwrap_or(0);
+            out.involuntary += field(&status, "nonvoluntary_ctxt_switches:").unwrap_or(0);
         }
         Ok(out)
+    }
+
+    pub fn ctxt_switches(&self) -> u64 {
+        self.voluntary + self.involuntary
     }
 }
 

@@ -392,11 +392,12 @@ fn describe_refused(refused: &[(u32, String)]) -> String {
 }
 
 /// `delivery_ns` (kernel hook to the agent reading the ring buffer) of every eBPF record the
-/// agent wrote, overall and per probe.
+/// agent wrote, overall and per probe and action (a CPU going offline keeps the other CPUs
+/// busy, which shows in its records' delivery).
 fn delivery(agent: &Agent) -> Section {
     let mut section = Section::new("eBPF delivery (kernel hook → agent reads the ring buffer)");
     let mut all = Vec::new();
-    let mut per_probe: BTreeMap<String, (Vec<i64>, Vec<i64>)> = BTreeMap::new();
+    let mut per_probe: BTreeMap<(String, String), (Vec<i64>, Vec<i64>)> = BTreeMap::new();
     for line in agent
         .seen
         .iter()
@@ -406,20 +407,24 @@ fn delivery(agent: &Agent) -> Section {
             continue;
         };
         all.push(delivery);
-        let probe = line.record["probe"]
-            .as_str()
-            .unwrap_or("unknown")
-            .to_owned();
-        let entry = per_probe.entry(probe).or_default();
+        let text = |field: &str| line.record[field].as_str().unwrap_or("?").to_owned();
+        let entry = per_probe
+            .entry((text("probe"), text("action")))
+            .or_default();
         entry.0.push(delivery);
         if let (Some(kernel), Some(made)) = (line.record["kernel_ns"].as_u64(), line.mono_ns()) {
             entry.1.push(made as i64 - kernel as i64);
         }
     }
     section.latency("delivery_ns, all eBPF records", all, Some(DELIVERY_TARGET));
-    for (probe, (delivery, to_record)) in per_probe {
-        section.latency(format!("  delivery_ns, {probe}"), delivery, None);
-        section.latency(format!("  hook → record, {probe}"), to_record, None);
+    for ((probe, action), (delivery, to_record)) in per_probe {
+        let probe = probe.rsplit('/').next().unwrap_or(&probe).to_owned();
+        section.latency(format!("  delivery_ns, {probe} {action}"), delivery, None);
+        section.latency(
+            format!("  hook → record, {probe} {action}"),
+            to_record,
+            None,
+        );
     }
     section.note(
         "hook → record = mono_ns - kernel_ns: delivery plus the agent's own work (folding, \
