@@ -350,3 +350,6 @@ pub fn machine() -> (u64, u64) {
     let s = hotplug_agent::capacity::read_summary(Path::new("/")).expect("reading the machine");
     (s.memory_bytes, u64::from(s.cpus_online))
 }
+
+pub mod fake_api;
+pub mod kubelet;

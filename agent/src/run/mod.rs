@@ -141,6 +141,9 @@ struct Controller {
     api_backoff: Duration,
     /// Posting Events failed and we said so once.
     events_failing: bool,
+    /// The stale state last announced on the Node: a retry of the same work does not
+    /// announce it again.
+    announced: Option<String>,
 }
 
 const API_RETRY_MIN: Duration = Duration::from_secs(1);
@@ -159,6 +162,7 @@ impl Controller {
             api_down: false,
             api_backoff: API_RETRY_MIN,
             events_failing: false,
+            announced: None,
         }
     }
 
@@ -310,6 +314,7 @@ impl Controller {
         let expected = reconcile::expected(&machine);
         let differences = reconcile::differences(&expected, &advertised);
         if differences.is_empty() {
+            self.announced = None;
             self.decide("reconcile", "in_sync", |d| {
                 d.advertised = Some(advertised.clone())
             })
@@ -329,13 +334,16 @@ impl Controller {
             d.differences = differences.clone();
         })
         .await;
-        self.event(
-            EventType::Normal,
-            "CapacityChanged",
-            &format!("machine capacity changed, Node is stale: {summary}"),
-        )
-        .await;
-        self.condition(&node, true, "CapacityStale", &summary).await;
+        if self.announced.as_deref() != Some(summary.as_str()) {
+            self.event(
+                EventType::Normal,
+                "CapacityChanged",
+                &format!("machine capacity changed, Node is stale: {summary}"),
+            )
+            .await;
+            self.condition(&node, true, "CapacityStale", &summary).await;
+            self.announced = Some(summary.clone());
+        }
         self.refresh(&node, &machine, advertised, &summary).await
     }
 
@@ -478,6 +486,7 @@ impl Controller {
                 });
                 let cgroup_ok = cgroup.as_ref().is_none_or(|c| c.ok);
                 self.guard.finished(Instant::now(), true);
+                self.announced = None;
                 self.decide("verify", "converged", |d| {
                     d.advertised = Some(before.clone());
                     d.advertised_after = after.clone();

@@ -1,0 +1,303 @@
+//! `hotplug-agent run` end to end, as root, with real hotplug on this machine.
+//!
+//! The doubles: an in-process fake API server (`hotplug_tests::fake_api`) and the kubelet
+//! stand-in (`kubelet-standin`), which reads the machine's capacity once at start-up and
+//! keeps re-posting it, as the real kubelet does; the agent's `command` refresh backend
+//! restarts it, and only then does the Node show the new capacity.
+use std::{path::Path, time::Duration};
+
+use hotplug_tests::{
+    Agent, BlocksOffline, CpuOffline, MachineLock, can_change_machine,
+    fake_api::FakeApi,
+    kubelet::Kubelet,
+    machine,
+};
+use serde_json::Value;
+
+const NODE: &str = "hotplug-e2e";
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A fake API, a kubeconfig for it, a stand-in kubelet, and a scratch dir.
+struct Cluster {
+    rt: tokio::runtime::Runtime,
+    api: FakeApi,
+    kubelet: Kubelet,
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn start() -> Self {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let api = rt.block_on(FakeApi::start());
+        let dir = tempfile::tempdir().unwrap();
+        api.write_kubeconfig(&dir.path().join("kubeconfig"));
+        std::fs::create_dir_all(dir.path().join("kubelet-root")).unwrap();
+        std::fs::create_dir_all(dir.path().join("cgroup/kubepods.slice")).unwrap();
+        let cgroup_file = dir.path().join("cgroup/kubepods.slice/memory.max");
+        let kubelet = Kubelet::start(
+            &dir.path().join("kubeconfig"),
+            NODE,
+            dir.path(),
+            &["--cgroup-file", cgroup_file.to_str().unwrap()],
+        );
+        let cluster = Self { rt, api, kubelet, dir };
+        cluster.wait_node_matches_machine("the stand-in registered the Node");
+        cluster
+    }
+
+    fn kubeconfig(&self) -> String {
+        self.dir.path().join("kubeconfig").display().to_string()
+    }
+
+    fn path(&self, p: &str) -> String {
+        self.dir.path().join(p).display().to_string()
+    }
+
+    /// `hotplug-agent run` against this cluster, restarting the stand-in.
+    fn agent_args(&self, refresh_command: &str) -> Vec<String> {
+        [
+            "run",
+            "--format",
+            "json",
+            "--kubeconfig",
+            &self.kubeconfig(),
+            "--node-name",
+            NODE,
+            "--refresh",
+            "command",
+            "--refresh-command",
+            refresh_command,
+            "--settle-ms",
+            "300",
+            "--verify-timeout",
+            "20s",
+            "--kubelet-root-dir",
+            &self.path("kubelet-root"),
+            "--cgroup-root",
+            &self.path("cgroup"),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    fn start_agent(&self, refresh_command: &str) -> Agent {
+        let args = self.agent_args(refresh_command);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (mut agent, _ready) = Agent::start(&args);
+        agent.wait_for("the start-up reconcile", WAIT, |v| v["kind"] == "reconcile" && v["episode"] == 0);
+        agent
+    }
+
+    fn wait_node_matches_machine(&self, what: &str) -> Value {
+        let node = self.rt.block_on(self.api.wait_node(NODE, WAIT, node_matches_machine));
+        eprintln!("ok: {what}");
+        node
+    }
+}
+
+fn node_matches_machine(n: &Value) -> bool {
+    let (mem, cpus) = machine();
+    let cap = &n["status"]["capacity"];
+    let q = |v: &Value| v.as_str().map(str::to_string).unwrap_or_default();
+    quantity_bytes(&q(&cap["memory"])) == Some(mem) && q(&cap["cpu"]) == cpus.to_string()
+}
+
+/// The stand-in writes memory as `NKi` and cpu as a count, as the kubelet does.
+fn quantity_bytes(s: &str) -> Option<u64> {
+    match s.strip_suffix("Ki") {
+        Some(n) => n.parse::<u64>().ok().map(|n| n * 1024),
+        None => s.parse().ok(),
+    }
+}
+
+fn condition(node: &Value) -> Option<Value> {
+    node["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == "HotplugCapacityStale").cloned()
+}
+
+fn converged(agent: &mut Agent, episode: u64) -> Value {
+    agent.wait_for(&format!("verify converged for episode {episode}"), WAIT, |v| {
+        v["kind"] == "verify" && v["action"] == "converged" && v["episode"] == episode
+    })
+}
+
+fn count(agent: &Agent, kind: &str, action: &str) -> usize {
+    agent.seen.iter().filter(|v| v["kind"] == kind && v["action"] == action).count()
+}
+
+#[test]
+fn cpu_and_memory_hotplug_converge_with_one_restart_per_episode() {
+    if !can_change_machine("cpu_and_memory_hotplug_converge_with_one_restart_per_episode") {
+        return;
+    }
+    let _lock = MachineLock::take();
+    let Some(cpu) = CpuOffline::pick().filter(|&c| c != 0) else {
+        eprintln!("\n*** SKIP: no CPU other than cpu0 can go offline here ***\n");
+        return;
+    };
+    let cluster = Cluster::start();
+    let mut agent = cluster.start_agent(&cluster.kubelet.restart_command());
+    let startup = agent.wait_for("start-up reconcile", WAIT, |v| v["kind"] == "reconcile" && v["episode"] == 0);
+    assert_eq!(startup["action"], "in_sync", "{startup}");
+    assert_eq!(cluster.kubelet.restarts(), 1, "in sync at start-up: no restart");
+
+    let mut cpu_guard = CpuOffline::new(cpu);
+    let v = converged(&mut agent, 1);
+    assert_eq!(v["advertised"]["cpu_millis"].as_u64(), v["advertised_after"]["cpu_millis"].as_u64().map(|m| m + 1000), "{v}");
+    cluster.wait_node_matches_machine("cpu offline converged");
+    assert_eq!(cluster.kubelet.restarts(), 2);
+
+    cpu_guard.restore();
+    converged(&mut agent, 2);
+    cluster.wait_node_matches_machine("cpu online converged");
+    assert_eq!(cluster.kubelet.restarts(), 3);
+
+    let mut blocks = BlocksOffline::take(1);
+    if blocks.blocks.is_empty() {
+        eprintln!("\n*** SKIP (memory half): no memory block could go offline ***\n");
+        return;
+    }
+    let v = converged(&mut agent, 3);
+    let cgroup = &v["cgroup"];
+    assert_eq!(cgroup["ok"], true, "the pods' cgroup limit moved with allocatable: {v}");
+    assert_eq!(cgroup["after"].as_u64().unwrap() + hotplug_tests::block_size(), cgroup["before"].as_u64().unwrap(), "{v}");
+    cluster.wait_node_matches_machine("block offline converged");
+    assert_eq!(cluster.kubelet.restarts(), 4);
+    blocks.restore();
+    converged(&mut agent, 4);
+    cluster.wait_node_matches_machine("block online converged");
+    assert_eq!(cluster.kubelet.restarts(), 5, "exactly one restart per episode");
+    assert_eq!(count(&agent, "refresh", "started"), 4);
+
+    // On the Node: Events for each step, and the condition back to False.
+    let events = cluster.api.events();
+    let reasons: Vec<&str> = events.iter().filter_map(|e| e["reason"].as_str()).collect();
+    for reason in ["CapacityChanged", "KubeletRefreshed", "CapacityConverged"] {
+        assert_eq!(reasons.iter().filter(|r| **r == reason).count(), 4, "{reason} once per episode: {reasons:?}");
+    }
+    let changed = events.iter().find(|e| e["reason"] == "CapacityChanged").unwrap();
+    assert_eq!(changed["involvedObject"]["kind"], "Node");
+    assert!(changed["message"].as_str().unwrap().contains("cpu_millis"), "before/after in the message: {changed}");
+    let node = cluster.api.node(NODE).unwrap();
+    let cond = condition(&node).expect("the agent's condition");
+    assert_eq!(cond["status"], "False", "{cond}");
+    // The stand-in's own Ready condition survived our strategic merge patches.
+    assert!(node["status"]["conditions"].as_array().unwrap().iter().any(|c| c["type"] == "Ready"), "{node}");
+}
+
+#[test]
+fn a_burst_of_blocks_is_one_episode_and_one_restart() {
+    if !can_change_machine("a_burst_of_blocks_is_one_episode_and_one_restart") {
+        return;
+    }
+    let _lock = MachineLock::take();
+    let cluster = Cluster::start();
+    let mut agent = cluster.start_agent(&cluster.kubelet.restart_command());
+    let mut blocks = BlocksOffline::take(16);
+    if blocks.blocks.len() < 4 {
+        eprintln!("\n*** SKIP: only {} blocks could go offline ***\n", blocks.blocks.len());
+        return;
+    }
+    let n = blocks.blocks.len() as u64;
+    converged(&mut agent, 1);
+    let episode = agent.wait_for("episode 1", WAIT, |v| v["kind"] == "episode" && v["episode"] == 1);
+    assert!(episode["events"].as_u64().unwrap() >= 2 * n, "{n} blocks, each seen by uevent and eBPF: {episode}");
+    assert_eq!(cluster.kubelet.restarts(), 2, "one restart for {n} blocks");
+    blocks.restore();
+    converged(&mut agent, 2);
+    assert_eq!(cluster.kubelet.restarts(), 3, "one restart for putting {n} blocks back");
+    assert_eq!(count(&agent, "episode", "settled"), 3, "start-up + two bursts");
+}
+
+#[test]
+fn an_api_outage_during_an_episode_converges_when_it_returns() {
+    if !can_change_machine("an_api_outage_during_an_episode_converges_when_it_returns") {
+        return;
+    }
+    let _lock = MachineLock::take();
+    let Some(cpu) = CpuOffline::pick().filter(|&c| c != 0) else { return };
+    let cluster = Cluster::start();
+    let mut agent = cluster.start_agent(&cluster.kubelet.restart_command());
+    cluster.rt.block_on(cluster.api.stop());
+    let _cpu = CpuOffline::new(cpu);
+    agent.wait_for("api_unreachable", WAIT, |v| v["kind"] == "reconcile" && v["action"] == "api_unreachable");
+    cluster.rt.block_on(cluster.api.restart());
+    agent.wait_for("api_reachable", WAIT, |v| v["kind"] == "reconcile" && v["action"] == "api_reachable");
+    converged(&mut agent, 1);
+    cluster.wait_node_matches_machine("converged after the outage");
+    assert_eq!(count(&agent, "reconcile", "api_unreachable"), 1, "said once, not once per retry");
+    assert_eq!(cluster.kubelet.restarts(), 2);
+}
+
+#[test]
+fn a_failing_refresh_backs_off_and_warns_without_a_storm() {
+    if !can_change_machine("a_failing_refresh_backs_off_and_warns_without_a_storm") {
+        return;
+    }
+    let _lock = MachineLock::take();
+    let Some(cpu) = CpuOffline::pick().filter(|&c| c != 0) else { return };
+    let cluster = Cluster::start();
+    let mut agent = cluster.start_agent("sh -c 'echo kubelet unit is masked >&2; exit 3'");
+    let _cpu = CpuOffline::new(cpu);
+    let failed = agent.wait_for("refresh failed", WAIT, |v| v["kind"] == "refresh" && v["action"] == "failed");
+    assert!(failed["message"].as_str().unwrap().contains("masked"), "stderr of the command is reported: {failed}");
+    cluster.rt.block_on(cluster.api.wait_node(NODE, WAIT, |n| {
+        condition(n).is_some_and(|c| c["status"] == "True" && c["reason"] == "RefreshFailed")
+    }));
+    assert!(cluster.api.events().iter().any(|e| e["reason"] == "KubeletRefreshFailed" && e["type"] == "Warning"));
+    // A new, still stale episode right away is held back by the back-off instead of
+    // restarting again.
+    let blocks = BlocksOffline::take(1);
+    if !blocks.blocks.is_empty() {
+        let deferred = agent.wait_for("refresh deferred", WAIT, |v| v["kind"] == "refresh" && v["action"] == "deferred");
+        assert_eq!(deferred["reason"], "backoff", "{deferred}");
+    }
+    assert_eq!(count(&agent, "refresh", "started"), 1, "no storm");
+    assert_eq!(cluster.kubelet.restarts(), 1);
+}
+
+#[test]
+fn a_change_while_the_agent_was_down_is_fixed_at_start_up() {
+    if !can_change_machine("a_change_while_the_agent_was_down_is_fixed_at_start_up") {
+        return;
+    }
+    let _lock = MachineLock::take();
+    let Some(cpu) = CpuOffline::pick().filter(|&c| c != 0) else { return };
+    let cluster = Cluster::start();
+    let agent = cluster.start_agent(&cluster.kubelet.restart_command());
+    drop(agent); // killed (SIGKILL) by its guard
+    let _cpu = CpuOffline::new(cpu);
+    let args = cluster.agent_args(&cluster.kubelet.restart_command());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (mut agent, _) = Agent::start(&args);
+    let stale = agent.wait_for("start-up reconcile", WAIT, |v| v["kind"] == "reconcile" && v["episode"] == 0);
+    assert_eq!(stale["action"], "stale", "{stale}");
+    converged(&mut agent, 0);
+    cluster.wait_node_matches_machine("start-up reconcile fixed it");
+    assert_eq!(cluster.kubelet.restarts(), 2);
+}
+
+#[test]
+fn a_static_cpu_manager_checkpoint_blocks_the_restart_and_says_why() {
+    if !can_change_machine("a_static_cpu_manager_checkpoint_blocks_the_restart_and_says_why") {
+        return;
+    }
+    let _lock = MachineLock::take();
+    let Some(cpu) = CpuOffline::pick().filter(|&c| c != 0) else { return };
+    let cluster = Cluster::start();
+    // The kubelet's static CPU manager checkpoint, written for the machine as it is now.
+    let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
+    let state = format!(r#"{{"policyName":"static","defaultCpuSet":"{}","entries":{{}},"checksum":1}}"#, online.trim());
+    std::fs::write(Path::new(&cluster.path("kubelet-root")).join("cpu_manager_state"), state).unwrap();
+    let mut agent = cluster.start_agent(&cluster.kubelet.restart_command());
+    let _cpu = CpuOffline::new(cpu);
+    let skipped = agent.wait_for("refresh skipped", WAIT, |v| v["kind"] == "refresh" && v["action"] == "skipped");
+    assert_eq!(skipped["reason"], "static_policy", "{skipped}");
+    assert!(skipped["message"].as_str().unwrap().contains("cpu_manager_state"), "{skipped}");
+    cluster.rt.block_on(cluster.api.wait_node(NODE, WAIT, |n| {
+        condition(n).is_some_and(|c| c["status"] == "True" && c["reason"] == "StaticPolicyCheckpoint")
+    }));
+    assert!(cluster.api.events().iter().any(|e| e["reason"] == "StaticPolicyBlocksRefresh" && e["type"] == "Warning"));
+    assert_eq!(cluster.kubelet.restarts(), 1, "the kubelet was not restarted");
+    assert_eq!(count(&agent, "refresh", "started"), 0);
+}
