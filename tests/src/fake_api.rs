@@ -52,14 +52,7 @@ mod selector;
 mod store;
 mod watch;
 
-use std::{
-    io,
-    net::SocketAddr,
-    path::Path,
-    sync::Arc,
-    thread::JoinHandle,
-    time::Duration,
-};
+use std::{io, net::SocketAddr, path::Path, sync::Arc, thread::JoinHandle, time::Duration};
 
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::{body::Bytes, server::conn::http1, service::service_fn};
@@ -95,7 +88,9 @@ impl FakeApi {
     /// Binds 127.0.0.1 on a free port and starts serving.
     pub async fn start() -> FakeApi {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1:0");
-        listener.set_nonblocking(true).expect("a non-blocking listener");
+        listener
+            .set_nonblocking(true)
+            .expect("a non-blocking listener");
         let addr = listener.local_addr().expect("the listener's address");
         let shared = Arc::new(Shared::new(addr));
         let (control, commands) = mpsc::unbounded_channel();
@@ -163,7 +158,11 @@ impl FakeApi {
 
     /// The Node as a GET would return it.
     pub fn node(&self, name: &str) -> Option<Value> {
-        let key = Key { kind: Kind::Node, ns: String::new(), name: name.to_owned() };
+        let key = Key {
+            kind: Kind::Node,
+            ns: String::new(),
+            name: name.to_owned(),
+        };
         self.shared
             .read(|st| st.get(&key))
             .map(|n| view(Kind::Node, Group::Core, &n))
@@ -216,7 +215,11 @@ impl FakeApi {
     }
 
     pub fn pod(&self, ns: &str, name: &str) -> Option<Value> {
-        let key = Key { kind: Kind::Pod, ns: ns.to_owned(), name: name.to_owned() };
+        let key = Key {
+            kind: Kind::Pod,
+            ns: ns.to_owned(),
+            name: name.to_owned(),
+        };
         self.shared
             .read(|st| st.get(&key))
             .map(|p| view(Kind::Pod, Group::Core, &p))
@@ -224,13 +227,17 @@ impl FakeApi {
 
     /// From now on, evicting this pod answers 429 as a PodDisruptionBudget would.
     pub fn block_evictions(&self, ns: &str, name: &str) {
-        self.shared
-            .write(|st| st.blocked_evictions.insert((ns.to_owned(), name.to_owned())));
+        self.shared.write(|st| {
+            st.blocked_evictions
+                .insert((ns.to_owned(), name.to_owned()))
+        });
     }
 
     pub fn unblock_evictions(&self, ns: &str, name: &str) {
-        self.shared
-            .write(|st| st.blocked_evictions.remove(&(ns.to_owned(), name.to_owned())));
+        self.shared.write(|st| {
+            st.blocked_evictions
+                .remove(&(ns.to_owned(), name.to_owned()))
+        });
     }
 
     /// The next `times` requests with this method whose path starts with `path_prefix`
@@ -271,7 +278,12 @@ impl FakeApi {
 
     /// Waits until the Node exists and satisfies `pred`; panics after `timeout` with
     /// the last state of the Node.
-    pub async fn wait_node(&self, name: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+    pub async fn wait_node(
+        &self,
+        name: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut changes = self.shared.subscribe();
         loop {
@@ -280,7 +292,10 @@ impl FakeApi {
             if let Some(node) = node.as_ref().filter(|n| pred(n)) {
                 return node.clone();
             }
-            if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
                 let last = node.map_or_else(|| "(no such node)".to_owned(), |n| format!("{n:#}"));
                 panic!("timed out after {timeout:?} waiting for node {name}; last seen:\n{last}");
             }
@@ -296,9 +311,15 @@ impl FakeApi {
             if let Some(found) = self.events().into_iter().find(|e| pred(e)) {
                 return found;
             }
-            if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
                 let seen: Vec<String> = self.events().iter().map(Value::to_string).collect();
-                panic!("timed out after {timeout:?} waiting for an Event; seen:\n{}", seen.join("\n"));
+                panic!(
+                    "timed out after {timeout:?} waiting for an Event; seen:\n{}",
+                    seen.join("\n")
+                );
             }
         }
     }
@@ -332,7 +353,9 @@ async fn control_loop(
             Control::Restart(done) => {
                 let result = match running {
                     Some(_) => Ok(()),
-                    None => bind(shared.addr).map(|l| running = Some(Running::spawn(l, shared.clone()))),
+                    None => {
+                        bind(shared.addr).map(|l| running = Some(Running::spawn(l, shared.clone())))
+                    }
                 };
                 let _ = done.send(result);
             }

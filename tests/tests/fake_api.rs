@@ -29,11 +29,17 @@ async fn client(api: &FakeApi, dir: &Path) -> Client {
     let path = dir.join("kubeconfig");
     api.write_kubeconfig(&path);
     let kubeconfig = Kubeconfig::read_from(&path).expect("reading the kubeconfig");
-    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+    let mut config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
         .expect("loading the kubeconfig");
+    // kube retries 429/503/504 up to 15 times with exponential back-off (minutes in
+    // all) by default; a blocked eviction must come back at once here.
+    config.default_retry = false;
     assert_eq!(config.default_namespace, "default");
-    assert_eq!(config.cluster_url.to_string().trim_end_matches('/'), api.url());
+    assert_eq!(
+        config.cluster_url.to_string().trim_end_matches('/'),
+        api.url()
+    );
     Client::try_from(config).expect("building the client")
 }
 
@@ -60,7 +66,11 @@ fn api_code<T: std::fmt::Debug>(result: Result<T, kube::Error>) -> (u16, String)
 fn condition_types(node: &Value) -> Vec<String> {
     node["status"]["conditions"]
         .as_array()
-        .map(|cs| cs.iter().map(|c| c["type"].as_str().unwrap_or_default().to_owned()).collect())
+        .map(|cs| {
+            cs.iter()
+                .map(|c| c["type"].as_str().unwrap_or_default().to_owned())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -70,11 +80,23 @@ async fn nodes_get_create_and_every_patch_type() {
     let dir = tempfile::tempdir().unwrap();
     let nodes: Api<Node> = Api::all(client(&api, dir.path()).await);
 
-    let created = nodes.create(&PostParams::default(), &node("n1")).await.unwrap();
+    let created = nodes
+        .create(&PostParams::default(), &node("n1"))
+        .await
+        .unwrap();
     let uid = created.metadata.uid.clone().expect("uid set on create");
     assert!(created.metadata.creation_timestamp.is_some());
-    let rv1: u64 = created.metadata.resource_version.clone().unwrap().parse().unwrap();
-    assert_eq!(api_code(nodes.create(&PostParams::default(), &node("n1")).await), (409, "AlreadyExists".into()));
+    let rv1: u64 = created
+        .metadata
+        .resource_version
+        .clone()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        api_code(nodes.create(&PostParams::default(), &node("n1")).await),
+        (409, "AlreadyExists".into())
+    );
     assert_eq!(api_code(nodes.get("nope").await), (404, "NotFound".into()));
     assert!(nodes.get_opt("nope").await.unwrap().is_none());
     let got = nodes.get("n1").await.unwrap();
@@ -82,29 +104,51 @@ async fn nodes_get_create_and_every_patch_type() {
 
     // Merge patch on the status subresource; the quantity is stored canonically.
     let patched = nodes
-        .patch_status("n1", &PatchParams::default(), &Patch::Merge(json!({"status": {"capacity": {"memory": "8388608Ki"}}})))
+        .patch_status(
+            "n1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"capacity": {"memory": "8388608Ki"}}})),
+        )
         .await
         .unwrap();
     let memory = &patched.status.as_ref().unwrap().capacity.as_ref().unwrap()["memory"];
     assert_eq!(memory.0, "8Gi");
-    let rv2: u64 = patched.metadata.resource_version.clone().unwrap().parse().unwrap();
+    let rv2: u64 = patched
+        .metadata
+        .resource_version
+        .clone()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(rv2 > rv1);
 
     // Strategic merge: conditions merge by type.
     let pp = PatchParams::default();
     let add = json!({"status": {"conditions": [{"type": "HotplugCapacityStale", "status": "True", "reason": "Stale"}]}});
-    nodes.patch_status("n1", &pp, &Patch::Strategic(add)).await.unwrap();
+    nodes
+        .patch_status("n1", &pp, &Patch::Strategic(add))
+        .await
+        .unwrap();
     let n = api.node("n1").unwrap();
     assert_eq!(condition_types(&n), ["Ready", "HotplugCapacityStale"]);
     let update = json!({"status": {"conditions": [{"type": "HotplugCapacityStale", "status": "False", "reason": "InSync"}]}});
-    nodes.patch_status("n1", &pp, &Patch::Strategic(update)).await.unwrap();
+    nodes
+        .patch_status("n1", &pp, &Patch::Strategic(update))
+        .await
+        .unwrap();
     let n = api.node("n1").unwrap();
     assert_eq!(condition_types(&n), ["Ready", "HotplugCapacityStale"]);
-    assert_eq!(n["status"]["conditions"][0]["status"], "True", "Ready untouched");
+    assert_eq!(
+        n["status"]["conditions"][0]["status"], "True",
+        "Ready untouched"
+    );
     assert_eq!(n["status"]["conditions"][1]["reason"], "InSync");
     // A merge patch, by contrast, replaces the list.
     let replace = json!({"status": {"conditions": [{"type": "Ready", "status": "True"}]}});
-    nodes.patch_status("n1", &pp, &Patch::Merge(replace)).await.unwrap();
+    nodes
+        .patch_status("n1", &pp, &Patch::Merge(replace))
+        .await
+        .unwrap();
     assert_eq!(condition_types(&api.node("n1").unwrap()), ["Ready"]);
 
     // Server-side apply, as kube sends it.
@@ -113,10 +157,17 @@ async fn nodes_get_create_and_every_patch_type() {
         "apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"},
         "status": {"conditions": [{"type": "HotplugCapacityStale", "status": "False", "reason": "Applied"}]},
     });
-    nodes.patch_status("n1", &apply, &Patch::Apply(body)).await.unwrap();
+    nodes
+        .patch_status("n1", &apply, &Patch::Apply(body))
+        .await
+        .unwrap();
     let n = api.node("n1").unwrap();
     assert_eq!(condition_types(&n), ["Ready", "HotplugCapacityStale"]);
-    assert!(api.requests().iter().any(|(m, p)| m == "PATCH" && p.contains("fieldManager=hotplug-agent")));
+    assert!(
+        api.requests()
+            .iter()
+            .any(|(m, p)| m == "PATCH" && p.contains("fieldManager=hotplug-agent"))
+    );
 
     // The main resource ignores .status; it does take spec and metadata.
     let main = json!({"metadata": {"labels": {"x": "y"}}, "spec": {"unschedulable": true}, "status": {"capacity": {"cpu": "64"}}});
@@ -127,44 +178,80 @@ async fn nodes_get_create_and_every_patch_type() {
 
     // A patch that changes nothing keeps the resourceVersion.
     let before = api.resource_version();
-    nodes.patch("n1", &pp, &Patch::Merge(json!({"spec": {"unschedulable": true}}))).await.unwrap();
+    nodes
+        .patch(
+            "n1",
+            &pp,
+            &Patch::Merge(json!({"spec": {"unschedulable": true}})),
+        )
+        .await
+        .unwrap();
     assert_eq!(api.resource_version(), before);
 
     // A stale resourceVersion in the patch: 409 Conflict.
-    let stale = json!({"metadata": {"resourceVersion": rv1.to_string()}, "spec": {"unschedulable": false}});
-    assert_eq!(api_code(nodes.patch("n1", &pp, &Patch::Merge(stale)).await), (409, "Conflict".into()));
+    let stale =
+        json!({"metadata": {"resourceVersion": rv1.to_string()}, "spec": {"unschedulable": false}});
+    assert_eq!(
+        api_code(nodes.patch("n1", &pp, &Patch::Merge(stale)).await),
+        (409, "Conflict".into())
+    );
 
     // An invalid quantity: 422 Invalid.
     let bad = json!({"status": {"capacity": {"memory": "lots"}}});
-    assert_eq!(api_code(nodes.patch_status("n1", &pp, &Patch::Merge(bad)).await), (422, "Invalid".into()));
+    assert_eq!(
+        api_code(nodes.patch_status("n1", &pp, &Patch::Merge(bad)).await),
+        (422, "Invalid".into())
+    );
 
     // JSON patch and an unsupported content type, through raw requests.
     let kube_client = client(&api, dir.path()).await;
     let json_patch = hyper::http::Request::patch("/api/v1/nodes/n1/status")
         .header("Content-Type", "application/json-patch+json")
-        .body(serde_json::to_vec(&json!([
-            {"op": "test", "path": "/status/capacity/cpu", "value": "2"},
-            {"op": "replace", "path": "/status/capacity/cpu", "value": "3"},
-            {"op": "add", "path": "/status/capacity/pods", "value": "110"},
-        ])).unwrap())
+        .body(
+            serde_json::to_vec(&json!([
+                {"op": "test", "path": "/status/capacity/cpu", "value": "2"},
+                {"op": "replace", "path": "/status/capacity/cpu", "value": "3"},
+                {"op": "add", "path": "/status/capacity/pods", "value": "110"},
+            ]))
+            .unwrap(),
+        )
         .unwrap();
     let n: Node = kube_client.request(json_patch).await.unwrap();
     let cap = n.status.unwrap().capacity.unwrap();
-    assert_eq!((cap["cpu"].0.as_str(), cap["pods"].0.as_str()), ("3", "110"));
+    assert_eq!(
+        (cap["cpu"].0.as_str(), cap["pods"].0.as_str()),
+        ("3", "110")
+    );
     let xml = hyper::http::Request::patch("/api/v1/nodes/n1/status")
         .header("Content-Type", "application/xml")
         .body(b"<node/>".to_vec())
         .unwrap();
-    assert_eq!(api_code(kube_client.request::<Node>(xml).await), (415, "UnsupportedMediaType".into()));
+    assert_eq!(
+        api_code(kube_client.request::<Node>(xml).await),
+        (415, "UnsupportedMediaType".into())
+    );
 
     // List with a field selector.
-    nodes.create(&PostParams::default(), &node("n2")).await.unwrap();
-    let list = nodes.list(&ListParams::default().fields("metadata.name=n2")).await.unwrap();
+    nodes
+        .create(&PostParams::default(), &node("n2"))
+        .await
+        .unwrap();
+    let list = nodes
+        .list(&ListParams::default().fields("metadata.name=n2"))
+        .await
+        .unwrap();
     assert_eq!(list.items.len(), 1);
     assert_eq!(list.items[0].metadata.name.as_deref(), Some("n2"));
-    assert_eq!(list.metadata.resource_version, Some(api.resource_version().to_string()));
+    assert_eq!(
+        list.metadata.resource_version,
+        Some(api.resource_version().to_string())
+    );
 
-    assert!(api.unhandled().is_empty(), "unexpected requests: {:?}", api.unhandled());
+    assert!(
+        api.unhandled().is_empty(),
+        "unexpected requests: {:?}",
+        api.unhandled()
+    );
 }
 
 #[tokio::test]
@@ -172,22 +259,50 @@ async fn watch_from_a_resource_version_and_410_when_too_old() {
     let api = FakeApi::start().await;
     let dir = tempfile::tempdir().unwrap();
     let nodes: Api<Node> = Api::all(client(&api, dir.path()).await);
-    let created = nodes.create(&PostParams::default(), &node("w1")).await.unwrap();
+    let created = nodes
+        .create(&PostParams::default(), &node("w1"))
+        .await
+        .unwrap();
     let rv = created.metadata.resource_version.unwrap();
 
-    let wp = WatchParams::default().fields("metadata.name=w1").timeout(30);
+    let wp = WatchParams::default()
+        .fields("metadata.name=w1")
+        .timeout(30);
     let mut stream = nodes.watch(&wp, &rv).await.unwrap().boxed();
     let patch = json!({"status": {"capacity": {"memory": "16Gi"}}});
-    nodes.patch_status("w1", &PatchParams::default(), &Patch::Merge(patch)).await.unwrap();
+    nodes
+        .patch_status("w1", &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .unwrap();
     // Another node's change must not show up in this watch.
-    nodes.create(&PostParams::default(), &node("other")).await.unwrap();
-    nodes.patch_status("w1", &PatchParams::default(), &Patch::Merge(json!({"status": {"capacity": {"cpu": "4"}}}))).await.unwrap();
-    let first = tokio::time::timeout(WAIT, stream.try_next()).await.unwrap().unwrap().unwrap();
+    nodes
+        .create(&PostParams::default(), &node("other"))
+        .await
+        .unwrap();
+    nodes
+        .patch_status(
+            "w1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"capacity": {"cpu": "4"}}})),
+        )
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(WAIT, stream.try_next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     match first {
-        WatchEvent::Modified(n) => assert_eq!(n.status.unwrap().capacity.unwrap()["memory"].0, "16Gi"),
+        WatchEvent::Modified(n) => {
+            assert_eq!(n.status.unwrap().capacity.unwrap()["memory"].0, "16Gi")
+        }
         other => panic!("expected MODIFIED, got {other:?}"),
     }
-    let second = tokio::time::timeout(WAIT, stream.try_next()).await.unwrap().unwrap().unwrap();
+    let second = tokio::time::timeout(WAIT, stream.try_next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     match second {
         WatchEvent::Modified(n) => assert_eq!(n.status.unwrap().capacity.unwrap()["cpu"].0, "4"),
         other => panic!("expected MODIFIED for w1 again, got {other:?}"),
@@ -195,7 +310,12 @@ async fn watch_from_a_resource_version_and_410_when_too_old() {
 
     // Without a resourceVersion ("0"): the current state first, as ADDED.
     let mut from_zero = nodes.watch(&wp, "0").await.unwrap().boxed();
-    match tokio::time::timeout(WAIT, from_zero.try_next()).await.unwrap().unwrap().unwrap() {
+    match tokio::time::timeout(WAIT, from_zero.try_next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+    {
         WatchEvent::Added(n) => assert_eq!(n.metadata.name.as_deref(), Some("w1")),
         other => panic!("expected ADDED, got {other:?}"),
     }
@@ -203,19 +323,36 @@ async fn watch_from_a_resource_version_and_410_when_too_old() {
     // After a compaction the old resourceVersion is gone: an ERROR event with 410.
     api.compact();
     let mut too_old = nodes.watch(&wp, &rv).await.unwrap().boxed();
-    match tokio::time::timeout(WAIT, too_old.try_next()).await.unwrap().unwrap().unwrap() {
+    match tokio::time::timeout(WAIT, too_old.try_next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+    {
         WatchEvent::Error(status) => {
             assert_eq!(status.code, 410);
             assert_eq!(status.reason, "Expired");
         }
         other => panic!("expected a 410 ERROR event, got {other:?}"),
     }
-    assert!(tokio::time::timeout(WAIT, too_old.try_next()).await.unwrap().unwrap().is_none(), "the stream ends");
+    assert!(
+        tokio::time::timeout(WAIT, too_old.try_next())
+            .await
+            .unwrap()
+            .unwrap()
+            .is_none(),
+        "the stream ends"
+    );
 
     // stop() cuts open watches.
     api.stop().await;
-    let end = tokio::time::timeout(WAIT, stream.next()).await.expect("the watch ends when the API stops");
-    assert!(!matches!(end, Some(Ok(_))), "no more events after stop: {end:?}");
+    let end = tokio::time::timeout(WAIT, stream.next())
+        .await
+        .expect("the watch ends when the API stops");
+    assert!(
+        !matches!(end, Some(Ok(_))),
+        "no more events after stop: {end:?}"
+    );
 }
 
 #[tokio::test]
@@ -224,7 +361,10 @@ async fn events_through_both_api_groups() {
     let dir = tempfile::tempdir().unwrap();
     let client = client(&api, dir.path()).await;
     let nodes: Api<Node> = Api::all(client.clone());
-    nodes.create(&PostParams::default(), &node("e1")).await.unwrap();
+    nodes
+        .create(&PostParams::default(), &node("e1"))
+        .await
+        .unwrap();
 
     // core/v1, as a classic event recorder writes it.
     let events: Api<Event> = Api::namespaced(client.clone(), "default");
@@ -243,12 +383,18 @@ async fn events_through_both_api_groups() {
 
     // An Event about a Node outside `default` is rejected, as by the real validation.
     let elsewhere: Api<Event> = Api::namespaced(client.clone(), "kube-system");
-    assert_eq!(api_code(elsewhere.create(&PostParams::default(), &core).await), (422, "Invalid".into()));
+    assert_eq!(
+        api_code(elsewhere.create(&PostParams::default(), &core).await),
+        (422, "Invalid".into())
+    );
 
     // events.k8s.io/v1 through kube's Recorder; the second publish patches a series.
     let recorder = Recorder::new(
         client.clone(),
-        Reporter { controller: "hotplug-agent".into(), instance: Some("e1".into()) },
+        Reporter {
+            controller: "hotplug-agent".into(),
+            instance: Some("e1".into()),
+        },
     );
     let reference = ObjectReference {
         api_version: Some("v1".into()),
@@ -272,15 +418,27 @@ async fn events_through_both_api_groups() {
     assert_eq!(all[0]["apiVersion"], "v1");
     let refreshed = &all[1];
     assert_eq!(refreshed["reason"], "KubeletRefreshFailed");
-    assert_eq!(refreshed["message"], "exit status 1", "note is core/v1 message");
+    assert_eq!(
+        refreshed["message"], "exit status 1",
+        "note is core/v1 message"
+    );
     assert_eq!(refreshed["involvedObject"]["name"], "e1");
     assert_eq!(refreshed["reportingComponent"], "hotplug-agent");
     assert_eq!(refreshed["series"]["count"], 2);
-    let found = api.wait_event(WAIT, |e| e["reason"] == "CapacityChanged").await;
+    let found = api
+        .wait_event(WAIT, |e| e["reason"] == "CapacityChanged")
+        .await;
     assert_eq!(found["message"], "memory 4Gi -> 8Gi");
-    let listed = events.list(&ListParams::default().fields("involvedObject.name=e1")).await.unwrap();
+    let listed = events
+        .list(&ListParams::default().fields("involvedObject.name=e1"))
+        .await
+        .unwrap();
     assert_eq!(listed.items.len(), 2);
-    assert!(api.unhandled().is_empty(), "unexpected requests: {:?}", api.unhandled());
+    assert!(
+        api.unhandled().is_empty(),
+        "unexpected requests: {:?}",
+        api.unhandled()
+    );
 }
 
 #[tokio::test]
@@ -296,8 +454,15 @@ async fn pods_by_node_and_evictions_honour_disruption_budgets() {
         }));
     }
     let all_pods: Api<Pod> = Api::all(client.clone());
-    let on_node = all_pods.list(&ListParams::default().fields("spec.nodeName=p1")).await.unwrap();
-    let mut names: Vec<String> = on_node.items.iter().filter_map(|p| p.metadata.name.clone()).collect();
+    let on_node = all_pods
+        .list(&ListParams::default().fields("spec.nodeName=p1"))
+        .await
+        .unwrap();
+    let mut names: Vec<String> = on_node
+        .items
+        .iter()
+        .filter_map(|p| p.metadata.name.clone())
+        .collect();
     names.sort();
     assert_eq!(names, ["a", "b"]);
 
@@ -305,11 +470,17 @@ async fn pods_by_node_and_evictions_honour_disruption_budgets() {
     api.block_evictions("work", "b");
     pods.evict("a", &EvictParams::default()).await.unwrap();
     assert!(api.pod("work", "a").is_none(), "evicted pods are deleted");
-    assert_eq!(api_code(pods.evict("b", &EvictParams::default()).await), (429, "TooManyRequests".into()));
+    assert_eq!(
+        api_code(pods.evict("b", &EvictParams::default()).await),
+        (429, "TooManyRequests".into())
+    );
     assert!(api.pod("work", "b").is_some());
     api.unblock_evictions("work", "b");
     pods.evict("b", &EvictParams::default()).await.unwrap();
-    assert_eq!(api_code(pods.evict("zz", &EvictParams::default()).await), (404, "NotFound".into()));
+    assert_eq!(
+        api_code(pods.evict("zz", &EvictParams::default()).await),
+        (404, "NotFound".into())
+    );
 }
 
 #[tokio::test]
@@ -317,7 +488,10 @@ async fn stop_fails_requests_and_restart_serves_the_same_state_on_the_same_port(
     let api = FakeApi::start().await;
     let dir = tempfile::tempdir().unwrap();
     let nodes: Api<Node> = Api::all(client(&api, dir.path()).await);
-    nodes.create(&PostParams::default(), &node("s1")).await.unwrap();
+    nodes
+        .create(&PostParams::default(), &node("s1"))
+        .await
+        .unwrap();
     let url = api.url();
 
     api.stop().await;
@@ -328,22 +502,37 @@ async fn stop_fails_requests_and_restart_serves_the_same_state_on_the_same_port(
     }
     api.restart().await;
     assert_eq!(api.url(), url);
-    let n = nodes.get("s1").await.expect("the same client reconnects after restart");
+    let n = nodes
+        .get("s1")
+        .await
+        .expect("the same client reconnects after restart");
     assert_eq!(n.metadata.name.as_deref(), Some("s1"));
     // Unknown paths are answered 404 and recorded.
-    let raw = hyper::http::Request::get("/apis/coordination.k8s.io/v1/leases").body(Vec::new()).unwrap();
+    let raw = hyper::http::Request::get("/apis/coordination.k8s.io/v1/leases")
+        .body(Vec::new())
+        .unwrap();
     assert!(nodes.clone().into_client().request_text(raw).await.is_err());
-    assert_eq!(api.unhandled(), [("GET".to_owned(), "/apis/coordination.k8s.io/v1/leases".to_owned())]);
+    assert_eq!(
+        api.unhandled(),
+        [(
+            "GET".to_owned(),
+            "/apis/coordination.k8s.io/v1/leases".to_owned()
+        )]
+    );
 }
 
 /// Alive and not a zombie.
 fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+    })
 }
 
 fn memory_of(node: &Value) -> &str {
-    node["status"]["capacity"]["memory"].as_str().unwrap_or_default()
+    node["status"]["capacity"]["memory"]
+        .as_str()
+        .unwrap_or_default()
 }
 
 #[tokio::test]
@@ -354,24 +543,51 @@ async fn kubelet_standin_reposts_its_cached_capacity_and_restarts() {
     let kubeconfig = dir.path().join("kubeconfig");
     let (memory, cpus) = machine();
     let memory_q = binary_quantity(memory);
-    assert_eq!(memory_q, format!("{}Ki", memory / 1024), "MemTotal here is not MiB-aligned, so the kubelet writes Ki");
-    let matches_machine =
-        |n: &Value| memory_of(n) == memory_q && n["status"]["capacity"]["cpu"] == cpus.to_string();
+    let cpus_q = cpus.to_string();
+    assert_eq!(
+        memory_q,
+        format!("{}Ki", memory / 1024),
+        "MemTotal here is not MiB-aligned, so the kubelet writes Ki"
+    );
+    let matches_machine = |n: &Value| {
+        memory_of(n) == memory_q && n["status"]["capacity"]["cpu"].as_str() == Some(cpus_q.as_str())
+    };
     let cgroup_file: PathBuf = dir.path().join("memory.max");
 
     let kubelet = Kubelet::start(
         &kubeconfig,
         "standin",
         &dir.path().join("kubelet"),
-        &["--repost-ms", "200", "--cgroup-file", cgroup_file.to_str().unwrap()],
+        &[
+            "--repost-ms",
+            "200",
+            "--cgroup-file",
+            cgroup_file.to_str().unwrap(),
+        ],
     );
     assert_eq!(kubelet.restarts(), 1, "the initial start counts as one");
     let n = api.wait_node("standin", WAIT, matches_machine).await;
     assert_eq!(n["metadata"]["labels"]["kubernetes.io/hostname"], "standin");
-    let ready = n["status"]["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Ready").unwrap();
-    assert_eq!((ready["status"].as_str(), ready["reason"].as_str()), (Some("True"), Some("KubeletReady")));
-    let limit: u64 = std::fs::read_to_string(&cgroup_file).unwrap().trim().parse().unwrap();
-    assert_eq!(limit, memory - (100 << 20), "kubepods limit = capacity - reserved");
+    let ready = n["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .unwrap();
+    assert_eq!(
+        (ready["status"].as_str(), ready["reason"].as_str()),
+        (Some("True"), Some("KubeletReady"))
+    );
+    let limit: u64 = std::fs::read_to_string(&cgroup_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        limit,
+        memory - (100 << 20),
+        "kubepods limit = capacity - reserved"
+    );
     let first_pid = kubelet.pid().expect("an instance is running");
 
     // Someone else patches the capacity (and adds a condition): the stand-in puts its
@@ -381,7 +597,10 @@ async fn kubelet_standin_reposts_its_cached_capacity_and_restarts() {
         "capacity": {"memory": "1Ki"},
         "conditions": [{"type": "HotplugCapacityStale", "status": "True", "reason": "Stale"}],
     }});
-    let patched = nodes.patch_status("standin", &PatchParams::default(), &Patch::Strategic(patch)).await.unwrap();
+    let patched = nodes
+        .patch_status("standin", &PatchParams::default(), &Patch::Strategic(patch))
+        .await
+        .unwrap();
     assert_eq!(patched.status.unwrap().capacity.unwrap()["memory"].0, "1Ki");
     let n = api
         .wait_node("standin", Duration::from_secs(3), |n| {
@@ -391,14 +610,28 @@ async fn kubelet_standin_reposts_its_cached_capacity_and_restarts() {
     assert!(condition_types(&n).contains(&"Ready".to_owned()));
 
     // The agent's refresh command, run through a shell as words.
-    let out = Command::new("sh").arg("-c").arg(kubelet.restart_command()).output().unwrap();
-    assert!(out.status.success(), "restart failed: {}\n{}", String::from_utf8_lossy(&out.stderr), kubelet.log());
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(kubelet.restart_command())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "restart failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        kubelet.log()
+    );
     assert_eq!(kubelet.restarts(), 2, "{}", kubelet.restarts_log());
     let second_pid = kubelet.pid().expect("the new instance is running");
     assert_ne!(first_pid, second_pid);
     assert!(!alive(first_pid), "the old instance exited");
     let n = api.wait_node("standin", WAIT, matches_machine).await;
-    assert!(std::fs::read_to_string(kubelet::ready_path(kubelet.pidfile())).unwrap().trim() == second_pid.to_string());
+    assert!(
+        std::fs::read_to_string(kubelet::ready_path(kubelet.pidfile()))
+            .unwrap()
+            .trim()
+            == second_pid.to_string()
+    );
     assert_eq!(memory_of(&n), memory_q);
 
     // SIGTERM: it exits promptly (no SIGKILL needed) and cleans up its pidfile.
@@ -408,7 +641,11 @@ async fn kubelet_standin_reposts_its_cached_capacity_and_restarts() {
     assert!(!pidfile.exists(), "the pidfile is removed on exit");
     assert!(kubelet.log().contains("stopping"));
     drop(kubelet);
-    assert!(api.unhandled().is_empty(), "unexpected requests: {:?}", api.unhandled());
+    assert!(
+        api.unhandled().is_empty(),
+        "unexpected requests: {:?}",
+        api.unhandled()
+    );
 }
 
 #[tokio::test]
@@ -418,16 +655,35 @@ async fn kubelet_standin_exits_zero_on_sigterm() {
     let kubeconfig = dir.path().join("kubeconfig");
     api.write_kubeconfig(&kubeconfig);
     let pidfile = dir.path().join("k.pid");
-    let mut child = Command::new(kubelet::standin_bin())
-        .args(["--kubeconfig", kubeconfig.to_str().unwrap(), "--node-name", "direct"])
+    let child = Command::new(kubelet::standin_bin())
+        .args([
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+            "--node-name",
+            "direct",
+        ])
         .args(["--pidfile", pidfile.to_str().unwrap(), "--repost-ms", "100"])
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    api.wait_node("direct", WAIT, |n| n["status"]["capacity"]["cpu"].is_string()).await;
+    api.wait_node("direct", WAIT, |n| {
+        n["status"]["capacity"]["cpu"].is_string()
+    })
+    .await;
     // SAFETY: signalling our own child by its PID.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
     let started = std::time::Instant::now();
-    let status = child.wait().unwrap();
-    assert!(status.success(), "exit status on SIGTERM: {status}");
-    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "exit status on SIGTERM: {}\n{log}",
+        out.status
+    );
+    assert!(log.contains("stopping"), "{log}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
 }

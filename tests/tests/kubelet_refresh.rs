@@ -7,10 +7,8 @@
 use std::{path::Path, time::Duration};
 
 use hotplug_tests::{
-    Agent, BlocksOffline, CpuOffline, MachineLock, can_change_machine,
-    fake_api::FakeApi,
-    kubelet::Kubelet,
-    machine,
+    Agent, BlocksOffline, CpuOffline, MachineLock, can_change_machine, fake_api::FakeApi,
+    kubelet::Kubelet, machine,
 };
 use serde_json::Value;
 
@@ -27,7 +25,11 @@ struct Cluster {
 
 impl Cluster {
     fn start() -> Self {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
         let api = rt.block_on(FakeApi::start());
         let dir = tempfile::tempdir().unwrap();
         api.write_kubeconfig(&dir.path().join("kubeconfig"));
@@ -40,7 +42,12 @@ impl Cluster {
             dir.path(),
             &["--cgroup-file", cgroup_file.to_str().unwrap()],
         );
-        let cluster = Self { rt, api, kubelet, dir };
+        let cluster = Self {
+            rt,
+            api,
+            kubelet,
+            dir,
+        };
         cluster.wait_node_matches_machine("the stand-in registered the Node");
         cluster
     }
@@ -85,12 +92,16 @@ impl Cluster {
         let args = self.agent_args(refresh_command);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let (mut agent, _ready) = Agent::start(&args);
-        agent.wait_for("the start-up reconcile", WAIT, |v| v["kind"] == "reconcile" && v["episode"] == 0);
+        agent.wait_for("the start-up reconcile", WAIT, |v| {
+            v["kind"] == "reconcile" && v["episode"] == 0
+        });
         agent
     }
 
     fn wait_node_matches_machine(&self, what: &str) -> Value {
-        let node = self.rt.block_on(self.api.wait_node(NODE, WAIT, node_matches_machine));
+        let node = self
+            .rt
+            .block_on(self.api.wait_node(NODE, WAIT, node_matches_machine));
         eprintln!("ok: {what}");
         node
     }
@@ -112,17 +123,27 @@ fn quantity_bytes(s: &str) -> Option<u64> {
 }
 
 fn condition(node: &Value) -> Option<Value> {
-    node["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == "HotplugCapacityStale").cloned()
+    node["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "HotplugCapacityStale")
+        .cloned()
 }
 
 fn converged(agent: &mut Agent, episode: u64) -> Value {
-    agent.wait_for(&format!("verify converged for episode {episode}"), WAIT, |v| {
-        v["kind"] == "verify" && v["action"] == "converged" && v["episode"] == episode
-    })
+    agent.wait_for(
+        &format!("verify converged for episode {episode}"),
+        WAIT,
+        |v| v["kind"] == "verify" && v["action"] == "converged" && v["episode"] == episode,
+    )
 }
 
 fn count(agent: &Agent, kind: &str, action: &str) -> usize {
-    agent.seen.iter().filter(|v| v["kind"] == kind && v["action"] == action).count()
+    agent
+        .seen
+        .iter()
+        .filter(|v| v["kind"] == kind && v["action"] == action)
+        .count()
 }
 
 #[test]
@@ -137,13 +158,25 @@ fn cpu_and_memory_hotplug_converge_with_one_restart_per_episode() {
     };
     let cluster = Cluster::start();
     let mut agent = cluster.start_agent(&cluster.kubelet.restart_command());
-    let startup = agent.wait_for("start-up reconcile", WAIT, |v| v["kind"] == "reconcile" && v["episode"] == 0);
+    let startup = agent.wait_for("start-up reconcile", WAIT, |v| {
+        v["kind"] == "reconcile" && v["episode"] == 0
+    });
     assert_eq!(startup["action"], "in_sync", "{startup}");
-    assert_eq!(cluster.kubelet.restarts(), 1, "in sync at start-up: no restart");
+    assert_eq!(
+        cluster.kubelet.restarts(),
+        1,
+        "in sync at start-up: no restart"
+    );
 
     let mut cpu_guard = CpuOffline::new(cpu);
     let v = converged(&mut agent, 1);
-    assert_eq!(v["advertised"]["cpu_millis"].as_u64(), v["advertised_after"]["cpu_millis"].as_u64().map(|m| m + 1000), "{v}");
+    assert_eq!(
+        v["advertised"]["cpu_millis"].as_u64(),
+        v["advertised_after"]["cpu_millis"]
+            .as_u64()
+            .map(|m| m + 1000),
+        "{v}"
+    );
     cluster.wait_node_matches_machine("cpu offline converged");
     assert_eq!(cluster.kubelet.restarts(), 2);
 
@@ -159,30 +192,58 @@ fn cpu_and_memory_hotplug_converge_with_one_restart_per_episode() {
     }
     let v = converged(&mut agent, 3);
     let cgroup = &v["cgroup"];
-    assert_eq!(cgroup["ok"], true, "the pods' cgroup limit moved with allocatable: {v}");
-    assert_eq!(cgroup["after"].as_u64().unwrap() + hotplug_tests::block_size(), cgroup["before"].as_u64().unwrap(), "{v}");
+    assert_eq!(
+        cgroup["ok"], true,
+        "the pods' cgroup limit moved with allocatable: {v}"
+    );
+    assert_eq!(
+        cgroup["after"].as_u64().unwrap() + hotplug_tests::block_size(),
+        cgroup["before"].as_u64().unwrap(),
+        "{v}"
+    );
     cluster.wait_node_matches_machine("block offline converged");
     assert_eq!(cluster.kubelet.restarts(), 4);
     blocks.restore();
     converged(&mut agent, 4);
     cluster.wait_node_matches_machine("block online converged");
-    assert_eq!(cluster.kubelet.restarts(), 5, "exactly one restart per episode");
+    assert_eq!(
+        cluster.kubelet.restarts(),
+        5,
+        "exactly one restart per episode"
+    );
     assert_eq!(count(&agent, "refresh", "started"), 4);
 
     // On the Node: Events for each step, and the condition back to False.
     let events = cluster.api.events();
     let reasons: Vec<&str> = events.iter().filter_map(|e| e["reason"].as_str()).collect();
     for reason in ["CapacityChanged", "KubeletRefreshed", "CapacityConverged"] {
-        assert_eq!(reasons.iter().filter(|r| **r == reason).count(), 4, "{reason} once per episode: {reasons:?}");
+        assert_eq!(
+            reasons.iter().filter(|r| **r == reason).count(),
+            4,
+            "{reason} once per episode: {reasons:?}"
+        );
     }
-    let changed = events.iter().find(|e| e["reason"] == "CapacityChanged").unwrap();
+    let changed = events
+        .iter()
+        .find(|e| e["reason"] == "CapacityChanged")
+        .unwrap();
     assert_eq!(changed["involvedObject"]["kind"], "Node");
-    assert!(changed["message"].as_str().unwrap().contains("cpu_millis"), "before/after in the message: {changed}");
+    assert!(
+        changed["message"].as_str().unwrap().contains("cpu_millis"),
+        "before/after in the message: {changed}"
+    );
     let node = cluster.api.node(NODE).unwrap();
     let cond = condition(&node).expect("the agent's condition");
     assert_eq!(cond["status"], "False", "{cond}");
     // The stand-in's own Ready condition survived our strategic merge patches.
-    assert!(node["status"]["conditions"].as_array().unwrap().iter().any(|c| c["type"] == "Ready"), "{node}");
+    assert!(
+        node["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["type"] == "Ready"),
+        "{node}"
+    );
 }
 
 #[test]
@@ -195,18 +256,34 @@ fn a_burst_of_blocks_is_one_episode_and_one_restart() {
     let mut agent = cluster.start_agent(&cluster.kubelet.restart_command());
     let mut blocks = BlocksOffline::take(16);
     if blocks.blocks.len() < 4 {
-        eprintln!("\n*** SKIP: only {} blocks could go offline ***\n", blocks.blocks.len());
+        eprintln!(
+            "\n*** SKIP: only {} blocks could go offline ***\n",
+            blocks.blocks.len()
+        );
         return;
     }
     let n = blocks.blocks.len() as u64;
     converged(&mut agent, 1);
-    let episode = agent.wait_for("episode 1", WAIT, |v| v["kind"] == "episode" && v["episode"] == 1);
-    assert!(episode["events"].as_u64().unwrap() >= 2 * n, "{n} blocks, each seen by uevent and eBPF: {episode}");
+    let episode = agent.wait_for("episode 1", WAIT, |v| {
+        v["kind"] == "episode" && v["episode"] == 1
+    });
+    assert!(
+        episode["events"].as_u64().unwrap() >= 2 * n,
+        "{n} blocks, each seen by uevent and eBPF: {episode}"
+    );
     assert_eq!(cluster.kubelet.restarts(), 2, "one restart for {n} blocks");
     blocks.restore();
     converged(&mut agent, 2);
-    assert_eq!(cluster.kubelet.restarts(), 3, "one restart for putting {n} blocks back");
-    assert_eq!(count(&agent, "episode", "settled"), 3, "start-up + two bursts");
+    assert_eq!(
+        cluster.kubelet.restarts(),
+        3,
+        "one restart for putting {n} blocks back"
+    );
+    assert_eq!(
+        count(&agent, "episode", "settled"),
+        3,
+        "start-up + two bursts"
+    );
 }
 
 #[test]
@@ -215,17 +292,27 @@ fn an_api_outage_during_an_episode_converges_when_it_returns() {
         return;
     }
     let _lock = MachineLock::take();
-    let Some(cpu) = CpuOffline::pick().filter(|&c| c != 0) else { return };
+    let Some(cpu) = CpuOffline::pick().filter(|&c| c != 0) else {
+        return;
+    };
     let cluster = Cluster::start();
     let mut agent = cluster.start_agent(&cluster.kubelet.restart_command());
     cluster.rt.block_on(cluster.api.stop());
     let _cpu = CpuOffline::new(cpu);
-    agent.wait_for("api_unreachable", WAIT, |v| v["kind"] == "reconcile" && v["action"] == "api_unreachable");
+    agent.wait_for("api_unreachable", WAIT, |v| {
+        v["kind"] == "reconcile" && v["action"] == "api_unreachable"
+    });
     cluster.rt.block_on(cluster.api.restart());
-    agent.wait_for("api_reachable", WAIT, |v| v["kind"] == "reconcile" && v["action"] == "api_reachable");
+    agent.wait_for("api_reachable", WAIT, |v| {
+        v["kind"] == "reconcile" && v["action"] == "api_reachable"
+    });
     converged(&mut agent, 1);
     cluster.wait_node_matches_machine("converged after the outage");
-    assert_eq!(count(&agent, "reconcile", "api_unreachable"), 1, "said once, not once per retry");
+    assert_eq!(
+        count(&agent, "reconcile", "api_unreachable"),
+        1,
+        "said once, not once per retry"
+    );
     assert_eq!(cluster.kubelet.restarts(), 2);
 }
 
@@ -235,21 +322,36 @@ fn a_failing_refresh_backs_off_and_warns_without_a_storm() {
         return;
     }
     let _lock = MachineLock::take();
-    let Some(cpu) = CpuOffline::pick().filter(|&c| c != 0) else { return };
+    let Some(cpu) = CpuOffline::pick().filter(|&c| c != 0) else {
+        return;
+    };
     let cluster = Cluster::start();
     let mut agent = cluster.start_agent("sh -c 'echo kubelet unit is masked >&2; exit 3'");
     let _cpu = CpuOffline::new(cpu);
-    let failed = agent.wait_for("refresh failed", WAIT, |v| v["kind"] == "refresh" && v["action"] == "failed");
-    assert!(failed["message"].as_str().unwrap().contains("masked"), "stderr of the command is reported: {failed}");
+    let failed = agent.wait_for("refresh failed", WAIT, |v| {
+        v["kind"] == "refresh" && v["action"] == "failed"
+    });
+    assert!(
+        failed["message"].as_str().unwrap().contains("masked"),
+        "stderr of the command is reported: {failed}"
+    );
     cluster.rt.block_on(cluster.api.wait_node(NODE, WAIT, |n| {
         condition(n).is_some_and(|c| c["status"] == "True" && c["reason"] == "RefreshFailed")
     }));
-    assert!(cluster.api.events().iter().any(|e| e["reason"] == "KubeletRefreshFailed" && e["type"] == "Warning"));
+    assert!(
+        cluster
+            .api
+            .events()
+            .iter()
+            .any(|e| e["reason"] == "KubeletRefreshFailed" && e["type"] == "Warning")
+    );
     // A new, still stale episode right away is held back by the back-off instead of
     // restarting again.
     let blocks = BlocksOffline::take(1);
     if !blocks.blocks.is_empty() {
-        let deferred = agent.wait_for("refresh deferred", WAIT, |v| v["kind"] == "refresh" && v["action"] == "deferred");
+        let deferred = agent.wait_for("refresh deferred", WAIT, |v| {
+            v["kind"] == "refresh" && v["action"] == "deferred"
+        });
         assert_eq!(deferred["reason"], "backoff", "{deferred}");
     }
     assert_eq!(count(&agent, "refresh", "started"), 1, "no storm");
@@ -262,7 +364,9 @@ fn a_change_while_the_agent_was_down_is_fixed_at_start_up() {
         return;
     }
     let _lock = MachineLock::take();
-    let Some(cpu) = CpuOffline::pick().filter(|&c| c != 0) else { return };
+    let Some(cpu) = CpuOffline::pick().filter(|&c| c != 0) else {
+        return;
+    };
     let cluster = Cluster::start();
     let agent = cluster.start_agent(&cluster.kubelet.restart_command());
     drop(agent); // killed (SIGKILL) by its guard
@@ -270,7 +374,9 @@ fn a_change_while_the_agent_was_down_is_fixed_at_start_up() {
     let args = cluster.agent_args(&cluster.kubelet.restart_command());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (mut agent, _) = Agent::start(&args);
-    let stale = agent.wait_for("start-up reconcile", WAIT, |v| v["kind"] == "reconcile" && v["episode"] == 0);
+    let stale = agent.wait_for("start-up reconcile", WAIT, |v| {
+        v["kind"] == "reconcile" && v["episode"] == 0
+    });
     assert_eq!(stale["action"], "stale", "{stale}");
     converged(&mut agent, 0);
     cluster.wait_node_matches_machine("start-up reconcile fixed it");
@@ -283,21 +389,157 @@ fn a_static_cpu_manager_checkpoint_blocks_the_restart_and_says_why() {
         return;
     }
     let _lock = MachineLock::take();
-    let Some(cpu) = CpuOffline::pick().filter(|&c| c != 0) else { return };
+    let Some(cpu) = CpuOffline::pick().filter(|&c| c != 0) else {
+        return;
+    };
     let cluster = Cluster::start();
     // The kubelet's static CPU manager checkpoint, written for the machine as it is now.
     let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
-    let state = format!(r#"{{"policyName":"static","defaultCpuSet":"{}","entries":{{}},"checksum":1}}"#, online.trim());
-    std::fs::write(Path::new(&cluster.path("kubelet-root")).join("cpu_manager_state"), state).unwrap();
+    let state = format!(
+        r#"{{"policyName":"static","defaultCpuSet":"{}","entries":{{}},"checksum":1}}"#,
+        online.trim()
+    );
+    std::fs::write(
+        Path::new(&cluster.path("kubelet-root")).join("cpu_manager_state"),
+        state,
+    )
+    .unwrap();
     let mut agent = cluster.start_agent(&cluster.kubelet.restart_command());
     let _cpu = CpuOffline::new(cpu);
-    let skipped = agent.wait_for("refresh skipped", WAIT, |v| v["kind"] == "refresh" && v["action"] == "skipped");
+    let skipped = agent.wait_for("refresh skipped", WAIT, |v| {
+        v["kind"] == "refresh" && v["action"] == "skipped"
+    });
     assert_eq!(skipped["reason"], "static_policy", "{skipped}");
-    assert!(skipped["message"].as_str().unwrap().contains("cpu_manager_state"), "{skipped}");
+    assert!(
+        skipped["message"]
+            .as_str()
+            .unwrap()
+            .contains("cpu_manager_state"),
+        "{skipped}"
+    );
     cluster.rt.block_on(cluster.api.wait_node(NODE, WAIT, |n| {
-        condition(n).is_some_and(|c| c["status"] == "True" && c["reason"] == "StaticPolicyCheckpoint")
+        condition(n)
+            .is_some_and(|c| c["status"] == "True" && c["reason"] == "StaticPolicyCheckpoint")
     }));
-    assert!(cluster.api.events().iter().any(|e| e["reason"] == "StaticPolicyBlocksRefresh" && e["type"] == "Warning"));
-    assert_eq!(cluster.kubelet.restarts(), 1, "the kubelet was not restarted");
+    assert!(
+        cluster
+            .api
+            .events()
+            .iter()
+            .any(|e| e["reason"] == "StaticPolicyBlocksRefresh" && e["type"] == "Warning")
+    );
+    assert_eq!(
+        cluster.kubelet.restarts(),
+        1,
+        "the kubelet was not restarted"
+    );
     assert_eq!(count(&agent, "refresh", "started"), 0);
+}
+
+#[test]
+fn drain_and_reset_moves_the_stale_checkpoint_aside_and_converges() {
+    if !can_change_machine("drain_and_reset_moves_the_stale_checkpoint_aside_and_converges") {
+        return;
+    }
+    let _lock = MachineLock::take();
+    let Some(cpu) = CpuOffline::pick().filter(|&c| c != 0) else {
+        return;
+    };
+    let cluster = Cluster::start();
+    cluster.api.add_pod(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "pinned", "namespace": "default", "uid": "uid-pinned"},
+        "spec": {"nodeName": NODE, "containers": [{"name": "app", "image": "app"}]},
+    }));
+    cluster.api.add_pod(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "bystander", "namespace": "default", "uid": "uid-other"},
+        "spec": {"nodeName": NODE, "containers": [{"name": "app", "image": "app"}]},
+    }));
+    // A static CPU manager checkpoint in which that pod holds `cpu` exclusively (the API
+    // server assigns pod UIDs, as the real one does).
+    let uid = cluster.api.pod("default", "pinned").unwrap()["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let online = hotplug_agent::capacity::parse_cpu_list(
+        std::fs::read_to_string("/sys/devices/system/cpu/online")
+            .unwrap()
+            .trim(),
+    )
+    .unwrap();
+    let shared: Vec<u32> = online.iter().copied().filter(|&c| c != cpu).collect();
+    let state = format!(
+        r#"{{"policyName":"static","defaultCpuSet":"{}","entries":{{"{uid}":{{"app":"{cpu}"}}}},"checksum":1}}"#,
+        hotplug_agent::capacity::format_cpu_list(&shared)
+    );
+    let checkpoint = Path::new(&cluster.path("kubelet-root")).join("cpu_manager_state");
+    std::fs::write(&checkpoint, state).unwrap();
+    let pidfile = cluster.kubelet.pidfile().display().to_string();
+    let stop = format!("sh -c 'kill $(cat {pidfile})'");
+    let mut args = cluster.agent_args(&cluster.kubelet.restart_command());
+    args.extend(
+        [
+            "--static-policy",
+            "drain-and-reset",
+            "--kubelet-stop-command",
+            &stop,
+            "--kubelet-start-command",
+            &cluster.kubelet.restart_command(),
+        ]
+        .map(String::from),
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (mut agent, _) = Agent::start(&args);
+
+    let _cpu = CpuOffline::new(cpu);
+    converged(&mut agent, 1);
+    let steps: Vec<String> = agent
+        .seen
+        .iter()
+        .filter(|v| v["kind"] == "reset")
+        .map(|v| v["action"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            "started",
+            "cordoned",
+            "evicted",
+            "kubelet_stopped",
+            "checkpoint_moved",
+            "kubelet_started",
+            "node_ready",
+            "uncordoned"
+        ],
+        "{:?}",
+        agent.seen
+    );
+    assert!(!checkpoint.exists(), "the stale checkpoint was moved aside");
+    let backups: Vec<_> = std::fs::read_dir(checkpoint.parent().unwrap())
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("cpu_manager_state.hotplug-agent-") && n.ends_with(".bak"))
+        .collect();
+    assert_eq!(
+        backups.len(),
+        1,
+        "kept as a backup, never deleted: {backups:?}"
+    );
+    assert!(
+        cluster.api.pod("default", "pinned").is_none(),
+        "the pinned pod was evicted"
+    );
+    assert!(
+        cluster.api.pod("default", "bystander").is_some(),
+        "other pods stay"
+    );
+    let node = cluster.wait_node_matches_machine("converged after the reset");
+    assert_ne!(node["spec"]["unschedulable"], true, "uncordoned: {node}");
+    assert_eq!(cluster.kubelet.restarts(), 2, "stopped and started once");
+    assert_eq!(
+        count(&agent, "refresh", "started"),
+        0,
+        "no plain restart on a stale checkpoint"
+    );
 }

@@ -364,6 +364,11 @@ impl Controller {
             return Next::Done;
         }
         let now = Instant::now();
+        // Read before anything restarts the kubelet: verify checks how far it moved.
+        let cgroup_file = verify::pods_limit_file(&self.config.cgroup_root);
+        let cgroup_before = cgroup_file
+            .as_deref()
+            .and_then(|f| verify::read_limit(f).ok().flatten());
         let reset = match self.static_policy_blocks(node, machine).await {
             Blocking::No => false,
             Blocking::Stop(next) => return next,
@@ -385,6 +390,9 @@ impl Controller {
                 true
             }
         };
+        if reset {
+            return self.verify(before, cgroup_file, cgroup_before, now).await;
+        }
         if let Err(deferred) = self.guard.check(now) {
             let wait = deferred.until.saturating_duration_since(now);
             self.decide("refresh", "deferred", |d| {
@@ -394,13 +402,6 @@ impl Controller {
             })
             .await;
             return Next::RetryAt(deferred.until);
-        }
-        let cgroup_file = verify::pods_limit_file(&self.config.cgroup_root);
-        let cgroup_before = cgroup_file
-            .as_deref()
-            .and_then(|f| verify::read_limit(f).ok().flatten());
-        if reset {
-            return self.verify(before, cgroup_file, cgroup_before, now).await;
         }
         self.guard.started(now);
         self.decide("refresh", "started", |d| d.backend = Some(backend.into()))

@@ -83,8 +83,14 @@ impl RunArgs {
             self.reserved_memory_bytes.to_string().into(),
         ];
         let optional = [
-            ("--restarts-log", self.restarts_log.clone().map(OsString::from)),
-            ("--cgroup-file", self.cgroup_file.clone().map(OsString::from)),
+            (
+                "--restarts-log",
+                self.restarts_log.clone().map(OsString::from),
+            ),
+            (
+                "--cgroup-file",
+                self.cgroup_file.clone().map(OsString::from),
+            ),
             ("--owner-pid", self.owner_pid.map(|p| p.to_string().into())),
         ];
         for (flag, value) in optional {
@@ -98,14 +104,20 @@ impl RunArgs {
 }
 
 #[derive(Parser)]
-#[command(name = "kubelet-standin", about = "A kubelet that caches capacity at start-up (`kubelet-standin restart --help` for restarting)")]
+#[command(
+    name = "kubelet-standin",
+    about = "A kubelet that caches capacity at start-up (`kubelet-standin restart --help` for restarting)"
+)]
 struct RunCli {
     #[command(flatten)]
     run: RunArgs,
 }
 
 #[derive(Parser)]
-#[command(name = "kubelet-standin restart", about = "Restart the stand-in owning --pidfile; exit 0 once the new one has posted its status")]
+#[command(
+    name = "kubelet-standin restart",
+    about = "Restart the stand-in owning --pidfile; exit 0 once the new one has posted its status"
+)]
 struct RestartCli {
     #[command(flatten)]
     run: RunArgs,
@@ -161,10 +173,15 @@ fn write_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
 fn restart(run: &RunArgs, timeout: Duration) -> anyhow::Result<()> {
     // One restart at a time per pidfile.
     let lock_path = run.pidfile.with_extension("lock");
-    let lock = fs::File::create(&lock_path).with_context(|| format!("creating {}", lock_path.display()))?;
+    let lock = fs::File::create(&lock_path)
+        .with_context(|| format!("creating {}", lock_path.display()))?;
     // SAFETY: flock on a descriptor we own, released when it closes.
     if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
-        bail!("locking {}: {}", lock_path.display(), std::io::Error::last_os_error());
+        bail!(
+            "locking {}: {}",
+            lock_path.display(),
+            std::io::Error::last_os_error()
+        );
     }
     let deadline = Instant::now() + timeout;
     match process::stop_instance(&run.pidfile, timeout).context("stopping the running instance")? {
@@ -307,7 +324,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
             Err(e) => {
                 if !failing {
-                    log(&format!("posting the node status failed (retrying every {} ms): {e}", args.repost_ms));
+                    log(&format!(
+                        "posting the node status failed (retrying every {} ms): {e}",
+                        args.repost_ms
+                    ));
                     failing = true;
                 }
             }
@@ -318,7 +338,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 async fn client(kubeconfig: &Path) -> anyhow::Result<Client> {
-    let kc = Kubeconfig::read_from(kubeconfig).with_context(|| format!("reading {}", kubeconfig.display()))?;
+    let kc = Kubeconfig::read_from(kubeconfig)
+        .with_context(|| format!("reading {}", kubeconfig.display()))?;
     let mut config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
         .await
         .context("loading the kubeconfig")?;
@@ -335,7 +356,8 @@ async fn owner_exit(owner: Option<i32>) {
     };
     let registered = process::pidfd_open(pid).and_then(|fd| {
         // SAFETY: an OwnedFd keeps the same open descriptor until the AsyncFd drops it.
-        unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(std::io::Error::from)
+        unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
+            .map_err(std::io::Error::from)
     });
     match registered {
         Ok(fd) => {
@@ -358,10 +380,30 @@ fn conditions(started: &str) -> Value {
         })
     };
     json!([
-        condition("MemoryPressure", "False", "KubeletHasSufficientMemory", "kubelet has sufficient memory available"),
-        condition("DiskPressure", "False", "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
-        condition("PIDPressure", "False", "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
-        condition("Ready", "True", "KubeletReady", "kubelet is posting ready status"),
+        condition(
+            "MemoryPressure",
+            "False",
+            "KubeletHasSufficientMemory",
+            "kubelet has sufficient memory available"
+        ),
+        condition(
+            "DiskPressure",
+            "False",
+            "KubeletHasNoDiskPressure",
+            "kubelet has no disk pressure"
+        ),
+        condition(
+            "PIDPressure",
+            "False",
+            "KubeletHasSufficientPID",
+            "kubelet has sufficient PID available"
+        ),
+        condition(
+            "Ready",
+            "True",
+            "KubeletReady",
+            "kubelet is posting ready status"
+        ),
     ])
 }
 

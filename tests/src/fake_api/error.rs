@@ -57,19 +57,31 @@ impl ApiError {
     pub(crate) fn not_found(kind: Kind, name: &str) -> ApiError {
         ApiError {
             details: Some(json!({"name": name, "kind": kind.plural()})),
-            ..Self::new(404, "NotFound", format!("{} {name:?} not found", kind.plural()))
+            ..Self::new(
+                404,
+                "NotFound",
+                format!("{} {name:?} not found", kind.plural()),
+            )
         }
     }
 
     /// A path no handler serves (the real server answers a bare 404 "page not found").
     pub(crate) fn no_route(path: &str) -> ApiError {
-        Self::new(404, "NotFound", format!("the server could not find the requested resource ({path})"))
+        Self::new(
+            404,
+            "NotFound",
+            format!("the server could not find the requested resource ({path})"),
+        )
     }
 
     pub(crate) fn already_exists(kind: Kind, name: &str) -> ApiError {
         ApiError {
             details: Some(json!({"name": name, "kind": kind.plural()})),
-            ..Self::new(409, "AlreadyExists", format!("{} {name:?} already exists", kind.plural()))
+            ..Self::new(
+                409,
+                "AlreadyExists",
+                format!("{} {name:?} already exists", kind.plural()),
+            )
         }
     }
 
@@ -88,7 +100,10 @@ impl ApiError {
     }
 
     pub(crate) fn invalid(kind: Kind, name: &str, causes: Vec<Cause>) -> ApiError {
-        let list: Vec<String> = causes.iter().map(|c| format!("{}: {}", c.field, c.message)).collect();
+        let list: Vec<String> = causes
+            .iter()
+            .map(|c| format!("{}: {}", c.field, c.message))
+            .collect();
         let joined = if list.len() == 1 {
             list[0].clone()
         } else {
@@ -100,7 +115,11 @@ impl ApiError {
             .collect();
         ApiError {
             details: Some(json!({"name": name, "kind": kind.name(), "causes": causes})),
-            ..Self::new(422, "Invalid", format!("{} {name:?} is invalid: {joined}", kind.name()))
+            ..Self::new(
+                422,
+                "Invalid",
+                format!("{} {name:?} is invalid: {joined}", kind.name()),
+            )
         }
     }
 
@@ -115,7 +134,11 @@ impl ApiError {
     }
 
     pub(crate) fn method_not_allowed(method: &str) -> ApiError {
-        Self::new(405, "MethodNotAllowed", format!("{method} is not supported on this resource"))
+        Self::new(
+            405,
+            "MethodNotAllowed",
+            format!("{method} is not supported on this resource"),
+        )
     }
 
     pub(crate) fn unsupported_media_type(content_type: &str) -> ApiError {
@@ -146,7 +169,11 @@ impl ApiError {
     /// A watch from a resourceVersion the history no longer holds (the etcd compaction
     /// case); sent as an `ERROR` watch event, which makes kube's watcher re-list.
     pub(crate) fn expired(requested: u64, oldest: u64) -> ApiError {
-        Self::new(410, "Expired", format!("too old resource version: {requested} ({oldest})"))
+        Self::new(
+            410,
+            "Expired",
+            format!("too old resource version: {requested} ({oldest})"),
+        )
     }
 
     /// An error injected by a test.

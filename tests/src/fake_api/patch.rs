@@ -140,7 +140,12 @@ fn merge_map(
     Ok(())
 }
 
-fn merge_list(target: &mut Value, patch: &[Value], path: &str, s: Strategies) -> Result<(), String> {
+fn merge_list(
+    target: &mut Value,
+    patch: &[Value],
+    path: &str,
+    s: Strategies,
+) -> Result<(), String> {
     let replace = patch
         .iter()
         .any(|i| i.get("$patch").and_then(Value::as_str) == Some("replace"));
@@ -257,9 +262,9 @@ pub(crate) fn json_patch(doc: &mut Value, ops: &Value) -> Result<(), String> {
                 remove(&mut work, path)?;
             }
             "replace" => {
-                let slot = work
-                    .pointer_mut(path)
-                    .ok_or_else(|| format!("replace operation does not apply: doc is missing path: {path}"))?;
+                let slot = work.pointer_mut(path).ok_or_else(|| {
+                    format!("replace operation does not apply: doc is missing path: {path}")
+                })?;
                 *slot = value()?;
             }
             "move" => {
@@ -268,10 +273,9 @@ pub(crate) fn json_patch(doc: &mut Value, ops: &Value) -> Result<(), String> {
             }
             "copy" => {
                 let from = from()?;
-                let copied = work
-                    .pointer(from)
-                    .cloned()
-                    .ok_or_else(|| format!("copy operation does not apply: doc is missing from path: {from}"))?;
+                let copied = work.pointer(from).cloned().ok_or_else(|| {
+                    format!("copy operation does not apply: doc is missing from path: {from}")
+                })?;
                 add(&mut work, path, copied)?;
             }
             "test" => {
@@ -314,7 +318,11 @@ fn add(doc: &mut Value, path: &str, value: Value) -> Result<(), String> {
                     .parse::<usize>()
                     .ok()
                     .filter(|&i| i <= items.len())
-                    .ok_or_else(|| format!("add operation does not apply: index {token} out of bounds in {path}"))?
+                    .ok_or_else(|| {
+                        format!(
+                            "add operation does not apply: index {token} out of bounds in {path}"
+                        )
+                    })?
             };
             items.insert(index, value);
             Ok(())
@@ -389,8 +397,10 @@ mod tests {
 
     #[test]
     fn strategic_replaces_atomic_lists_and_unions_sets() {
-        let mut node = json!({"metadata": {"finalizers": ["a"]}, "spec": {"taints": [{"key": "x"}]}});
-        let patch = json!({"metadata": {"finalizers": ["b", "a"]}, "spec": {"taints": [{"key": "y"}]}});
+        let mut node =
+            json!({"metadata": {"finalizers": ["a"]}, "spec": {"taints": [{"key": "x"}]}});
+        let patch =
+            json!({"metadata": {"finalizers": ["b", "a"]}, "spec": {"taints": [{"key": "y"}]}});
         strategic_merge(&mut node, &patch, node_lists).unwrap();
         assert_eq!(node["metadata"]["finalizers"], json!(["a", "b"]));
         assert_eq!(node["spec"]["taints"], json!([{"key": "y"}]));

@@ -30,7 +30,10 @@ pub(crate) fn canonical(s: &str) -> Option<String> {
         return None;
     }
     let (format, scale) = parse_suffix(suffix)?;
-    Some(to_nanos(int, frac, scale).map_or_else(|| s.to_owned(), |v| format_nanos(v, negative, format)))
+    Some(
+        to_nanos(int, frac, scale)
+            .map_or_else(|| s.to_owned(), |v| format_nanos(v, negative, format)),
+    )
 }
 
 enum Scale {
@@ -43,7 +46,18 @@ fn parse_suffix(suffix: &str) -> Option<(Format, Scale)> {
     if let Some(k) = binary.iter().skip(1).position(|b| *b == suffix) {
         return Some((Format::BinarySi, Scale::Binary(k as u32 + 1)));
     }
-    let decimal = [("n", -9), ("u", -6), ("m", -3), ("", 0), ("k", 3), ("M", 6), ("G", 9), ("T", 12), ("P", 15), ("E", 18)];
+    let decimal = [
+        ("n", -9),
+        ("u", -6),
+        ("m", -3),
+        ("", 0),
+        ("k", 3),
+        ("M", 6),
+        ("G", 9),
+        ("T", 12),
+        ("P", 15),
+        ("E", 18),
+    ];
     if let Some((_, e)) = decimal.iter().find(|(d, _)| *d == suffix) {
         return Some((Format::DecimalSi, Scale::Decimal(*e)));
     }
@@ -59,7 +73,11 @@ fn parse_suffix(suffix: &str) -> Option<(Format, Scale)> {
 
 fn to_nanos(int: &str, frac: &str, scale: Scale) -> Option<i128> {
     let digits = format!("{int}{frac}");
-    let mut value: i128 = if digits.is_empty() { 0 } else { digits.parse().ok()? };
+    let mut value: i128 = if digits.is_empty() {
+        0
+    } else {
+        digits.parse().ok()?
+    };
     // value * 10^-len(frac) * scale, in units of 10^-9.
     let mut exp10: i64 = 9 - frac.len() as i64;
     match scale {
@@ -97,7 +115,11 @@ fn format_nanos(v: i128, negative: bool, format: Format) -> String {
         e += 3;
     }
     if format == Format::DecimalExponent {
-        return if e == 0 { format!("{sign}{m}") } else { format!("{sign}{m}e{e}") };
+        return if e == 0 {
+            format!("{sign}{m}")
+        } else {
+            format!("{sign}{m}e{e}")
+        };
     }
     let suffix = match e {
         -9 => "n",

@@ -78,8 +78,12 @@ impl Kind {
         }
         fn pod(path: &str) -> Option<ListStrategy> {
             match path {
-                "spec.containers" | "spec.initContainers" | "spec.ephemeralContainers"
-                | "spec.volumes" | "spec.imagePullSecrets" | "spec.containers.env"
+                "spec.containers"
+                | "spec.initContainers"
+                | "spec.ephemeralContainers"
+                | "spec.volumes"
+                | "spec.imagePullSecrets"
+                | "spec.containers.env"
                 | "spec.initContainers.env" => Some(ListStrategy::MergeKey("name")),
                 "spec.containers.ports" | "spec.initContainers.ports" => {
                     Some(ListStrategy::MergeKey("containerPort"))
@@ -169,7 +173,9 @@ pub(crate) fn check_type_meta(obj: &Value, kind: Kind, group: Group) -> Result<(
 }
 
 fn str_at<'a>(obj: &'a Value, pointer: &str) -> &'a str {
-    obj.pointer(pointer).and_then(Value::as_str).unwrap_or_default()
+    obj.pointer(pointer)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
 }
 
 /// Normalises `obj` as decoding into the Go types would (quantities canonicalised), then
@@ -189,7 +195,10 @@ pub(crate) fn normalize_and_validate(
     }
     let name = str_at(obj, "/metadata/name").to_owned();
     if name.is_empty() {
-        causes.push(Cause::required("metadata.name", "name or generateName is required"));
+        causes.push(Cause::required(
+            "metadata.name",
+            "name or generateName is required",
+        ));
     } else if !is_dns_subdomain(&name) {
         causes.push(Cause::invalid(
             "metadata.name",
@@ -245,7 +254,13 @@ fn validate_event(ev: &Value, group: Group, old: Option<&Value>, causes: &mut Ve
     } else {
         "reportingController"
     };
-    let mismatch = || Cause::invalid("involvedObject.namespace", involved_ns, "does not match event.namespace");
+    let mismatch = || {
+        Cause::invalid(
+            "involvedObject.namespace",
+            involved_ns,
+            "does not match event.namespace",
+        )
+    };
     if !event_time {
         if involved_ns.is_empty() {
             if !ns.is_empty() && ns != "default" {
@@ -268,11 +283,19 @@ fn validate_event(ev: &Value, group: Group, old: Option<&Value>, causes: &mut Ve
             if value.is_empty() {
                 causes.push(Cause::required(field, ""));
             } else if value.len() > limit {
-                causes.push(Cause::invalid(field, "", &format!("can have at most {limit} characters")));
+                causes.push(Cause::invalid(
+                    field,
+                    "",
+                    &format!("can have at most {limit} characters"),
+                ));
             }
         }
         if str_at(ev, "/message").len() > 1024 {
-            causes.push(Cause::invalid("message", "", "can have at most 1024 characters"));
+            causes.push(Cause::invalid(
+                "message",
+                "",
+                "can have at most 1024 characters",
+            ));
         }
     }
     if group == Group::Core {
@@ -285,7 +308,11 @@ fn validate_event(ev: &Value, group: Group, old: Option<&Value>, causes: &mut Ve
             }
             let ty = str_at(ev, "/type");
             if ty != "Normal" && ty != "Warning" {
-                causes.push(Cause::invalid("type", "", &format!("has invalid value: {ty}")));
+                causes.push(Cause::invalid(
+                    "type",
+                    "",
+                    &format!("has invalid value: {ty}"),
+                ));
             }
             for (field, pointer) in [
                 ("deprecatedFirstTimestamp", "/firstTimestamp"),
@@ -330,7 +357,8 @@ pub(crate) fn is_dns_subdomain(s: &str) -> bool {
         && s.split('.').all(|label| {
             let b = label.as_bytes();
             !b.is_empty()
-                && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+                && b.iter()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
                 && b[0] != b'-'
                 && b[b.len() - 1] != b'-'
         })
@@ -365,7 +393,10 @@ mod tests {
     fn node_quantities_are_canonicalised_or_rejected() {
         let mut node = json!({"metadata": {"name": "n"}, "status": {"capacity": {"memory": "1048576Ki", "cpu": 2}}});
         normalize_and_validate(Kind::Node, Group::Core, &mut node, None).unwrap();
-        assert_eq!(node["status"]["capacity"], json!({"memory": "1Gi", "cpu": "2"}));
+        assert_eq!(
+            node["status"]["capacity"],
+            json!({"memory": "1Gi", "cpu": "2"})
+        );
         node["status"]["capacity"]["memory"] = json!("lots");
         let err = normalize_and_validate(Kind::Node, Group::Core, &mut node, None).unwrap_err();
         assert_eq!(err.code, 422);

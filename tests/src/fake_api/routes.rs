@@ -41,7 +41,10 @@ enum PatchType {
     Json,
 }
 
-pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
     let method = req.method().as_str().to_owned();
     let target = req
         .uri()
@@ -81,7 +84,9 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Resul
 }
 
 fn full(text: String) -> Body {
-    Full::new(Bytes::from(text)).map_err(|never| match never {}).boxed_unsync()
+    Full::new(Bytes::from(text))
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 fn json_response(code: u16, v: &Value) -> Response<Body> {
@@ -105,7 +110,10 @@ fn percent_decode(s: &str) -> String {
         match bytes[i] {
             b'+' => out.push(b' '),
             b'%' => {
-                match (bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
+                match (
+                    bytes.get(i + 1).copied().and_then(hex),
+                    bytes.get(i + 2).copied().and_then(hex),
+                ) {
                     (Some(hi), Some(lo)) => {
                         out.push((hi * 16 + lo) as u8);
                         i += 2;
@@ -132,7 +140,10 @@ fn parse_query(q: &str) -> Vec<(String, String)> {
 
 impl Ctx {
     fn param(&self, name: &str) -> Option<&str> {
-        self.query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.query
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     fn flag(&self, name: &str) -> bool {
@@ -141,8 +152,10 @@ impl Ctx {
 
     /// Records a request no handler serves and answers 404.
     fn unhandled(&self) -> ApiError {
-        self.shared
-            .write(|st| st.unhandled.push((self.method.clone(), self.target.clone())));
+        self.shared.write(|st| {
+            st.unhandled
+                .push((self.method.clone(), self.target.clone()))
+        });
         ApiError::no_route(&self.path)
     }
 
@@ -156,30 +169,41 @@ impl Ctx {
 fn route(ctx: &Ctx) -> Result<Response<Body>, ApiError> {
     let segments: Vec<&str> = ctx.path.split('/').filter(|s| !s.is_empty()).collect();
     match (ctx.method.as_str(), segments.as_slice()) {
-        ("GET", ["version"]) => Ok(json_response(200, &json!({
-            "major": "1", "minor": "34", "gitVersion": "v1.34.0-fake", "gitCommit": "",
-            "gitTreeState": "clean", "buildDate": "2025-08-27T00:00:00Z", "goVersion": "go1.24.6",
-            "compiler": "gc", "platform": "linux/amd64",
-        }))),
+        ("GET", ["version"]) => Ok(json_response(
+            200,
+            &json!({
+                "major": "1", "minor": "34", "gitVersion": "v1.34.0-fake", "gitCommit": "",
+                "gitTreeState": "clean", "buildDate": "2025-08-27T00:00:00Z", "goVersion": "go1.24.6",
+                "compiler": "gc", "platform": "linux/amd64",
+            }),
+        )),
         ("GET", ["healthz" | "livez" | "readyz"]) => Ok(Response::builder()
             .status(200)
             .header(CONTENT_TYPE, "text/plain")
             .body(full("ok".into()))
             .expect("a valid response")),
-        ("GET", ["api"]) => Ok(json_response(200, &json!({
-            "kind": "APIVersions", "versions": ["v1"],
-            "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": ctx.shared.addr.to_string()}],
-        }))),
-        ("GET", ["apis"]) => Ok(json_response(200, &json!({
-            "kind": "APIGroupList", "apiVersion": "v1",
-            "groups": [{
-                "name": "events.k8s.io",
-                "versions": [{"groupVersion": "events.k8s.io/v1", "version": "v1"}],
-                "preferredVersion": {"groupVersion": "events.k8s.io/v1", "version": "v1"},
-            }],
-        }))),
+        ("GET", ["api"]) => Ok(json_response(
+            200,
+            &json!({
+                "kind": "APIVersions", "versions": ["v1"],
+                "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": ctx.shared.addr.to_string()}],
+            }),
+        )),
+        ("GET", ["apis"]) => Ok(json_response(
+            200,
+            &json!({
+                "kind": "APIGroupList", "apiVersion": "v1",
+                "groups": [{
+                    "name": "events.k8s.io",
+                    "versions": [{"groupVersion": "events.k8s.io/v1", "version": "v1"}],
+                    "preferredVersion": {"groupVersion": "events.k8s.io/v1", "version": "v1"},
+                }],
+            }),
+        )),
         ("GET", ["api", "v1"]) => Ok(json_response(200, &resource_list(Group::Core))),
-        ("GET", ["apis", "events.k8s.io", "v1"]) => Ok(json_response(200, &resource_list(Group::Events))),
+        ("GET", ["apis", "events.k8s.io", "v1"]) => {
+            Ok(json_response(200, &resource_list(Group::Events)))
+        }
         (_, ["api", "v1", rest @ ..]) => resource(ctx, Group::Core, rest),
         (_, ["apis", "events.k8s.io", "v1", rest @ ..]) => resource(ctx, Group::Events, rest),
         _ => Err(ctx.unhandled()),
@@ -187,7 +211,9 @@ fn route(ctx: &Ctx) -> Result<Response<Body>, ApiError> {
 }
 
 fn resource_list(group: Group) -> Value {
-    let verbs = json!(["create", "delete", "get", "list", "patch", "update", "watch"]);
+    let verbs = json!([
+        "create", "delete", "get", "list", "patch", "update", "watch"
+    ]);
     let sub_verbs = json!(["get", "patch", "update"]);
     let resources = match group {
         Group::Core => json!([
@@ -202,7 +228,11 @@ fn resource_list(group: Group) -> Value {
             {"name": "events", "singularName": "event", "namespaced": true, "kind": "Event", "verbs": verbs},
         ]),
     };
-    let group_version = if group == Group::Core { "v1" } else { "events.k8s.io/v1" };
+    let group_version = if group == Group::Core {
+        "v1"
+    } else {
+        "events.k8s.io/v1"
+    };
     json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version, "resources": resources})
 }
 
@@ -238,10 +268,15 @@ fn resource(ctx: &Ctx, group: Group, rest: &[&str]) -> Result<Response<Body>, Ap
     match (ctx.method.as_str(), name) {
         ("GET", None) if ctx.flag("watch") => watch(ctx, kind, group, ns),
         ("GET", None) => list(ctx, kind, group, ns),
-        ("POST", None) if ns.is_some() || !kind.namespaced() => create(ctx, kind, group, ns.unwrap_or_default()),
+        ("POST", None) if ns.is_some() || !kind.namespaced() => {
+            create(ctx, kind, group, ns.unwrap_or_default())
+        }
         ("GET", Some(name)) => {
             let key = key(kind, ns, name);
-            let obj = ctx.shared.read(|st| st.get(&key)).ok_or_else(|| ApiError::not_found(kind, name))?;
+            let obj = ctx
+                .shared
+                .read(|st| st.get(&key))
+                .ok_or_else(|| ApiError::not_found(kind, name))?;
             Ok(json_response(200, &view(kind, group, &obj)))
         }
         ("PUT", Some(name)) => put(ctx, &key(kind, ns, name), group, sub),
@@ -278,15 +313,23 @@ fn list(ctx: &Ctx, kind: Kind, group: Group, ns: Option<&str>) -> Result<Respons
             v
         })
         .collect();
-    Ok(json_response(200, &json!({
-        "kind": format!("{}List", kind.name()),
-        "apiVersion": api_version(kind, group),
-        "metadata": {"resourceVersion": rv.to_string()},
-        "items": items,
-    })))
+    Ok(json_response(
+        200,
+        &json!({
+            "kind": format!("{}List", kind.name()),
+            "apiVersion": api_version(kind, group),
+            "metadata": {"resourceVersion": rv.to_string()},
+            "items": items,
+        }),
+    ))
 }
 
-fn watch(ctx: &Ctx, kind: Kind, group: Group, ns: Option<&str>) -> Result<Response<Body>, ApiError> {
+fn watch(
+    ctx: &Ctx,
+    kind: Kind,
+    group: Group,
+    ns: Option<&str>,
+) -> Result<Response<Body>, ApiError> {
     let selector = Selector::parse(ctx.param("fieldSelector"), ctx.param("labelSelector"))?;
     let since = match ctx.param("resourceVersion") {
         None | Some("" | "0") => Since::Now,
@@ -322,14 +365,19 @@ fn create(ctx: &Ctx, kind: Kind, group: Group, ns: &str) -> Result<Response<Body
     let body = ctx.json_body()?;
     check_type_meta(&body, kind, group)?;
     let obj = from_view(kind, group, body);
-    let created = ctx.shared.write(|st| st.create(kind, group, ns, obj, true))?;
+    let created = ctx
+        .shared
+        .write(|st| st.create(kind, group, ns, obj, true))?;
     Ok(json_response(201, &view(kind, group, &created)))
 }
 
 fn put(ctx: &Ctx, key: &Key, group: Group, sub: Sub) -> Result<Response<Body>, ApiError> {
     let body = ctx.json_body()?;
     check_type_meta(&body, key.kind, group)?;
-    let body_name = body.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default();
+    let body_name = body
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     if body_name != key.name {
         return Err(ApiError::bad_request(format!(
             "the name of the object ({body_name}) does not match the name on the URL ({})",
@@ -366,7 +414,9 @@ fn patch(ctx: &Ctx, key: &Key, group: Group, sub: Sub) -> Result<Response<Body>,
             ));
         }
         if body.get("apiVersion").is_none() || body.get("kind").is_none() {
-            return Err(ApiError::bad_request("apiVersion and kind must be set in an apply patch".into()));
+            return Err(ApiError::bad_request(
+                "apiVersion and kind must be set in an apply patch".into(),
+            ));
         }
         check_type_meta(&body, kind, group)?;
         let name = body.pointer("/metadata/name").and_then(Value::as_str);
@@ -393,9 +443,12 @@ fn patch(ctx: &Ctx, key: &Key, group: Group, sub: Sub) -> Result<Response<Body>,
         match ptype {
             PatchType::Merge => patch::merge_patch(&mut doc, &body),
             PatchType::Strategic | PatchType::Apply => {
-                patch::strategic_merge(&mut doc, &body, kind.strategies()).map_err(ApiError::unprocessable)?;
+                patch::strategic_merge(&mut doc, &body, kind.strategies())
+                    .map_err(ApiError::unprocessable)?;
             }
-            PatchType::Json => patch::json_patch(&mut doc, &body).map_err(ApiError::unprocessable)?,
+            PatchType::Json => {
+                patch::json_patch(&mut doc, &body).map_err(ApiError::unprocessable)?
+            }
         }
         st.update(key, group, from_view(kind, group, doc), sub)
     })?;
@@ -407,22 +460,33 @@ fn patch(ctx: &Ctx, key: &Key, group: Group, sub: Sub) -> Result<Response<Body>,
 /// PodDisruptionBudget (here: `FakeApi::block_evictions`) forbids it.
 fn evict(ctx: &Ctx, key: &Key) -> Result<Response<Body>, ApiError> {
     let body = ctx.json_body()?;
-    let name = body.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default();
+    let name = body
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     if !name.is_empty() && name != key.name {
-        return Err(ApiError::bad_request("name in URL does not match name in Eviction object".into()));
+        return Err(ApiError::bad_request(
+            "name in URL does not match name in Eviction object".into(),
+        ));
     }
     ctx.shared.write(|st| {
         if st.get(key).is_none() {
             return Err(ApiError::not_found(Kind::Pod, &key.name));
         }
-        if st.blocked_evictions.contains(&(key.ns.clone(), key.name.clone())) {
+        if st
+            .blocked_evictions
+            .contains(&(key.ns.clone(), key.name.clone()))
+        {
             return Err(ApiError::disruption_budget(&key.name));
         }
         st.delete(key)
     })?;
-    Ok(json_response(201, &json!({
-        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201,
-    })))
+    Ok(json_response(
+        201,
+        &json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201,
+        }),
+    ))
 }
 
 #[cfg(test)]
@@ -433,7 +497,10 @@ mod tests {
     fn query_strings_are_decoded() {
         let q = parse_query("watch=1&fieldSelector=metadata.name%3Dnode-1&x=a+b&bad=%zz&end=%4");
         assert_eq!(q[0], ("watch".into(), "1".into()));
-        assert_eq!(q[1], ("fieldSelector".into(), "metadata.name=node-1".into()));
+        assert_eq!(
+            q[1],
+            ("fieldSelector".into(), "metadata.name=node-1".into())
+        );
         assert_eq!(q[2].1, "a b");
         assert_eq!(q[3].1, "%zz");
         assert_eq!(q[4].1, "%4");

@@ -59,7 +59,8 @@ impl Selector {
                     "unable to parse requirement: invalid field selector {term:?}"
                 )));
             };
-            sel.fields.push((path.trim().to_owned(), eq, value.trim().to_owned()));
+            sel.fields
+                .push((path.trim().to_owned(), eq, value.trim().to_owned()));
         }
         for term in terms(labels.unwrap_or_default()) {
             if term.contains('(') {
@@ -88,8 +89,14 @@ impl Selector {
                 Some(other) => other.to_string(),
             }
         };
-        let label = |k: &str| obj.pointer("/metadata/labels").and_then(|l| l.get(k)).and_then(Value::as_str);
-        self.fields.iter().all(|(path, eq, value)| (field(path) == *value) == *eq)
+        let label = |k: &str| {
+            obj.pointer("/metadata/labels")
+                .and_then(|l| l.get(k))
+                .and_then(Value::as_str)
+        };
+        self.fields
+            .iter()
+            .all(|(path, eq, value)| (field(path) == *value) == *eq)
             && self.labels.iter().all(|l| match l {
                 Label::Eq(k, v) => label(k) == Some(v.as_str()),
                 Label::Ne(k, v) => label(k) != Some(v.as_str()),

@@ -172,7 +172,9 @@ fn meta(obj: &mut Value) -> &mut Map<String, Value> {
     if !obj["metadata"].is_object() {
         obj["metadata"] = json!({});
     }
-    obj["metadata"].as_object_mut().expect("metadata is an object")
+    obj["metadata"]
+        .as_object_mut()
+        .expect("metadata is an object")
 }
 
 pub(crate) fn rv_of(obj: &Value) -> &str {
@@ -186,7 +188,12 @@ impl State {
         self.objects.get(key).map(|s| s.obj.clone())
     }
 
-    pub(crate) fn list(&self, kind: Kind, ns: Option<&str>, selector: &super::Selector) -> Vec<Value> {
+    pub(crate) fn list(
+        &self,
+        kind: Kind,
+        ns: Option<&str>,
+        selector: &super::Selector,
+    ) -> Vec<Value> {
         self.objects
             .iter()
             .filter(|(k, s)| {
@@ -233,7 +240,9 @@ impl State {
         reset_status: bool,
     ) -> Result<Value, ApiError> {
         if !obj.is_object() {
-            return Err(ApiError::bad_request("the body of the request is not a JSON object".into()));
+            return Err(ApiError::bad_request(
+                "the body of the request is not a JSON object".into(),
+            ));
         }
         let m = meta(&mut obj);
         if kind.namespaced() {
@@ -251,7 +260,10 @@ impl State {
             m.remove("namespace");
         }
         let name = m.get("name").and_then(Value::as_str).unwrap_or_default();
-        let generate = m.get("generateName").and_then(Value::as_str).unwrap_or_default();
+        let generate = m
+            .get("generateName")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
         if name.is_empty() && !generate.is_empty() {
             let generated = generate_name(generate);
             m.insert("name".into(), json!(generated));
@@ -265,8 +277,15 @@ impl State {
         resources::normalize_and_validate(kind, group, &mut obj, None)?;
         let key = Key {
             kind,
-            ns: if kind.namespaced() { ns.to_owned() } else { String::new() },
-            name: obj["metadata"]["name"].as_str().unwrap_or_default().to_owned(),
+            ns: if kind.namespaced() {
+                ns.to_owned()
+            } else {
+                String::new()
+            },
+            name: obj["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
         };
         if self.objects.contains_key(&key) {
             return Err(ApiError::already_exists(kind, &key.name));
@@ -292,12 +311,20 @@ impl State {
     }
 
     /// PUT and PATCH: `new` is the whole intended object in core/v1 form.
-    pub(crate) fn update(&mut self, key: &Key, group: Group, mut new: Value, sub: Sub) -> Result<Value, ApiError> {
+    pub(crate) fn update(
+        &mut self,
+        key: &Key,
+        group: Group,
+        mut new: Value,
+        sub: Sub,
+    ) -> Result<Value, ApiError> {
         let old = self
             .get(key)
             .ok_or_else(|| ApiError::not_found(key.kind, &key.name))?;
         if !new.is_object() {
-            return Err(ApiError::unprocessable("the patched object is not a JSON object".into()));
+            return Err(ApiError::unprocessable(
+                "the patched object is not a JSON object".into(),
+            ));
         }
         let wanted_rv = rv_of(&new);
         if !wanted_rv.is_empty() && wanted_rv != rv_of(&old) {
@@ -308,7 +335,11 @@ impl State {
             return Err(ApiError::invalid(
                 key.kind,
                 &key.name,
-                vec![super::error::Cause::invalid("metadata.name", new_name.unwrap_or_default(), "field is immutable")],
+                vec![super::error::Cause::invalid(
+                    "metadata.name",
+                    new_name.unwrap_or_default(),
+                    "field is immutable",
+                )],
             ));
         }
         if key.kind.has_status() {
@@ -328,7 +359,13 @@ impl State {
         }
         let old_meta = old["metadata"].as_object().cloned().unwrap_or_default();
         let m = meta(&mut new);
-        for field in ["name", "namespace", "uid", "creationTimestamp", "resourceVersion"] {
+        for field in [
+            "name",
+            "namespace",
+            "uid",
+            "creationTimestamp",
+            "resourceVersion",
+        ] {
             match old_meta.get(field) {
                 Some(v) => m.insert(field.into(), v.clone()),
                 None => m.remove(field),
@@ -375,10 +412,9 @@ impl State {
 
     /// The first injected failure matching this request, used up by one.
     pub(crate) fn take_failure(&mut self, method: &str, path: &str) -> Option<u16> {
-        let f = self
-            .failures
-            .iter_mut()
-            .find(|f| f.remaining > 0 && f.method.eq_ignore_ascii_case(method) && path.starts_with(&f.prefix))?;
+        let f = self.failures.iter_mut().find(|f| {
+            f.remaining > 0 && f.method.eq_ignore_ascii_case(method) && path.starts_with(&f.prefix)
+        })?;
         f.remaining -= 1;
         let code = f.code;
         self.failures.retain(|f| f.remaining > 0);
@@ -397,35 +433,70 @@ mod tests {
 
     #[test]
     fn writes_bump_the_revision_and_noops_do_not() {
-        let mut st = State { rv: 1, compacted: 1, ..State::default() };
-        let created = st.create(Kind::Node, Group::Core, "", node("a"), false).unwrap();
+        let mut st = State {
+            rv: 1,
+            compacted: 1,
+            ..State::default()
+        };
+        let created = st
+            .create(Kind::Node, Group::Core, "", node("a"), false)
+            .unwrap();
         assert_eq!(rv_of(&created), "2");
-        let key = Key { kind: Kind::Node, ns: String::new(), name: "a".into() };
-        let same = st.update(&key, Group::Core, created.clone(), Sub::Status).unwrap();
+        let key = Key {
+            kind: Kind::Node,
+            ns: String::new(),
+            name: "a".into(),
+        };
+        let same = st
+            .update(&key, Group::Core, created.clone(), Sub::Status)
+            .unwrap();
         assert_eq!(rv_of(&same), "2");
         let mut changed = created.clone();
         changed["status"]["capacity"]["cpu"] = json!("4");
         changed["spec"] = json!({"unschedulable": true});
-        let after = st.update(&key, Group::Core, changed.clone(), Sub::Status).unwrap();
+        let after = st
+            .update(&key, Group::Core, changed.clone(), Sub::Status)
+            .unwrap();
         assert_eq!(after["status"]["capacity"]["cpu"], "4");
-        assert!(after.get("spec").is_none(), "the status subresource must not change spec");
+        assert!(
+            after.get("spec").is_none(),
+            "the status subresource must not change spec"
+        );
         changed["metadata"]["resourceVersion"] = json!("3");
         changed["status"]["capacity"]["cpu"] = json!("8");
         let main = st.update(&key, Group::Core, changed, Sub::Main).unwrap();
-        assert_eq!(main["status"]["capacity"]["cpu"], "4", "the main resource must not change status");
+        assert_eq!(
+            main["status"]["capacity"]["cpu"], "4",
+            "the main resource must not change status"
+        );
         assert_eq!(main["spec"]["unschedulable"], true);
         let mut stale = main.clone();
         stale["metadata"]["resourceVersion"] = json!("2");
-        assert_eq!(st.update(&key, Group::Core, stale, Sub::Main).unwrap_err().code, 409);
-        assert_eq!(st.create(Kind::Node, Group::Core, "", node("a"), false).unwrap_err().code, 409);
+        assert_eq!(
+            st.update(&key, Group::Core, stale, Sub::Main)
+                .unwrap_err()
+                .code,
+            409
+        );
+        assert_eq!(
+            st.create(Kind::Node, Group::Core, "", node("a"), false)
+                .unwrap_err()
+                .code,
+            409
+        );
         assert_eq!(st.list(Kind::Node, None, &Selector::default()).len(), 1);
     }
 
     #[test]
     fn history_is_bounded() {
-        let mut st = State { rv: 1, compacted: 1, ..State::default() };
+        let mut st = State {
+            rv: 1,
+            compacted: 1,
+            ..State::default()
+        };
         for i in 0..HISTORY_LIMIT + 10 {
-            st.create(Kind::Node, Group::Core, "", node(&format!("n{i}")), false).unwrap();
+            st.create(Kind::Node, Group::Core, "", node(&format!("n{i}")), false)
+                .unwrap();
         }
         assert_eq!(st.history.len(), HISTORY_LIMIT);
         assert_eq!(st.compacted, 11);

@@ -88,7 +88,8 @@ impl Watcher {
             Since::Now => {
                 let ns = self.req.ns.as_deref();
                 for obj in st.list(self.req.kind, ns, &self.req.selector) {
-                    self.pending.push_back(line("ADDED", view(self.req.kind, self.req.group, &obj)));
+                    self.pending
+                        .push_back(line("ADDED", view(self.req.kind, self.req.group, &obj)));
                 }
                 if self.req.initial_events_end {
                     let bookmark = json!({
@@ -130,7 +131,10 @@ impl Watcher {
             return None;
         }
         let matches = |obj: &Value| {
-            let ns = obj.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or_default();
+            let ns = obj
+                .pointer("/metadata/namespace")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
             req.ns.as_deref().is_none_or(|want| want == ns) && req.selector.matches(obj)
         };
         let now = matches(&c.obj);

@@ -93,8 +93,16 @@ mod tests {
             memory_block_size: None,
             memory_blocks: Vec::new(),
             hugepages: vec![
-                Hugepages { size_bytes: 2 << 20, total: 512, free: 512 },
-                Hugepages { size_bytes: 1 << 30, total: 0, free: 0 },
+                Hugepages {
+                    size_bytes: 2 << 20,
+                    total: 512,
+                    free: 512,
+                },
+                Hugepages {
+                    size_bytes: 1 << 30,
+                    total: 0,
+                    free: 0,
+                },
             ],
             numa_nodes: Vec::new(),
         };
@@ -103,7 +111,10 @@ mod tests {
         assert_eq!(c.capacity["memory"], "4Gi");
         assert_eq!(c.capacity["hugepages-2Mi"], "1Gi");
         assert_eq!(c.capacity["hugepages-1Gi"], "0");
-        assert_eq!(c.allocatable["memory"], binary_quantity((4 << 30) - (100 << 20) - (1 << 30)));
+        assert_eq!(
+            c.allocatable["memory"],
+            binary_quantity((4 << 30) - (100 << 20) - (1 << 30))
+        );
         assert_eq!(c.kubepods_memory_limit, (4 << 30) - (100 << 20));
     }
 }
