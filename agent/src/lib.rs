@@ -20,11 +20,13 @@
 //! - [`node`]: this node's object: get, watch, Events, the agent's condition.
 //! - [`verify`]: the pods' cgroup memory limit check.
 //! - [`run`]: the controller; `hotplug-agent run`.
+//! - [`events`]: the client of the live stream; `hotplug-agent events`.
 //! - [`status`]: the snapshot and which probes can attach; `hotplug-agent status`.
 //! - [`telemetry`]: diagnostics (tracing) on stderr, never mixed with the event log.
 pub mod capacity;
 pub mod checkpoint;
 pub mod episode;
+pub mod events;
 pub mod node;
 pub mod pipeline;
 pub mod reconcile;

@@ -3,11 +3,18 @@ use std::{io::IsTerminal, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use std::sync::Arc;
+
 use hotplug_agent::{
-    episode,
+    episode, events,
     pipeline::{self, Rescan},
     refresh,
     report::Format,
+    report::{
+        metrics::{self, Metrics},
+        sinks::{FileSink, Sinks},
+        stream::{self, Hub},
+    },
     run, status, telemetry, watch,
 };
 
@@ -26,6 +33,8 @@ enum Command {
     /// Watch, and make this node's kubelet advertise the real capacity (episodes,
     /// reconcile against the Node, refresh, verify).
     Run(Box<RunArgs>),
+    /// Read the live event stream of a running `hotplug-agent run`.
+    Events(EventsArgs),
     /// Print the machine's capacity and which probes can attach here.
     Status {
         #[arg(long, value_enum, default_value = "text")]
@@ -43,6 +52,31 @@ struct WatchArgs {
     format: Option<Format>,
     #[command(flatten)]
     sources: SourceArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct EventsArgs {
+    /// Keep streaming new records as they are made.
+    #[arg(short, long)]
+    follow: bool,
+    /// Only records from the last DURATION (e.g. 10m, 1h).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    since: Option<Duration>,
+    /// Only the last N records the agent holds.
+    #[arg(long)]
+    tail: Option<usize>,
+    /// Only these kinds (cpu, memory_block, memory, agent, episode, reconcile, refresh, verify, reset).
+    #[arg(long, value_delimiter = ',')]
+    kind: Vec<String>,
+    /// `text` (default, coloured on a terminal) or `json` for piping.
+    #[arg(long, value_enum, default_value = "text")]
+    format: Format,
+    /// The agent's stream socket.
+    #[arg(long, default_value = stream::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Connect over TCP instead (the agent's --stream-tcp).
+    #[arg(long)]
+    addr: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -117,6 +151,27 @@ struct RunArgs {
     /// cgroup filesystem root, to check the pods' cgroup memory limit.
     #[arg(long, default_value = "/sys/fs/cgroup")]
     cgroup_root: PathBuf,
+    /// `/metrics`, `/healthz`, `/readyz` on this address; `off` to disable.
+    #[arg(long, default_value = "127.0.0.1:9477")]
+    metrics_addr: String,
+    /// The live event stream (`hotplug-agent events`) on this unix socket; `off` to disable.
+    #[arg(long, default_value = stream::DEFAULT_SOCKET)]
+    stream_socket: String,
+    /// The live event stream on a TCP address too (off by default).
+    #[arg(long)]
+    stream_tcp: Option<String>,
+    /// Records kept in memory for clients that ask for a replay.
+    #[arg(long, default_value_t = stream::DEFAULT_REPLAY)]
+    stream_replay: usize,
+    /// Also write the event log to this file, rotated by size.
+    #[arg(long)]
+    log_file: Option<PathBuf>,
+    /// Rotate the log file when it would grow past this many bytes.
+    #[arg(long, default_value_t = 10 << 20)]
+    log_file_max_bytes: u64,
+    /// Rotated log files to keep.
+    #[arg(long, default_value_t = 5)]
+    log_file_keep: usize,
 }
 
 #[derive(Debug, clap::Args)]
@@ -148,6 +203,27 @@ impl SourceArgs {
             uevent_rcvbuf: self.uevent_rcvbuf,
             rescan: self.rescan_interval,
             ..pipeline::Config::default()
+        }
+    }
+}
+
+/// Under systemd (`Type=notify`): READY=1 once ready (sources listening, first reconcile
+/// done), and watchdog pings at half of `WatchdogSec`. Nothing at all elsewhere.
+fn systemd_notify(metrics: Arc<Metrics>) -> impl FnMut() {
+    if let Some(watchdog) = sd_notify::watchdog_enabled() {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(watchdog / 2);
+            loop {
+                tick.tick().await;
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            }
+        });
+    }
+    let mut notified = false;
+    move || {
+        if !notified && metrics.ready().is_ok() {
+            notified = true;
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         }
     }
 }
@@ -235,7 +311,36 @@ async fn run_command(args: RunArgs) -> anyhow::Result<()> {
         cgroup_root: args.cgroup_root,
     };
     let mut out = std::io::stdout().lock();
-    run::run(config, client, args.format, &mut out, shutdown_signal())
+    let mut sinks = Sinks::new(&mut out, args.format);
+    let metrics = Metrics::new();
+    sinks.metrics = Some(metrics.clone());
+    if args.metrics_addr != "off" {
+        metrics::serve(metrics.clone(), &args.metrics_addr)
+            .await
+            .with_context(|| format!("serving metrics on {}", args.metrics_addr))?;
+    }
+    if args.stream_socket != "off" || args.stream_tcp.is_some() {
+        let hub = Hub::new(args.stream_replay, stream::DEFAULT_CLIENT_QUEUE);
+        if args.stream_socket != "off" {
+            stream::serve_unix(hub.clone(), std::path::Path::new(&args.stream_socket))
+                .await
+                .with_context(|| format!("serving the event stream on {}", args.stream_socket))?;
+        }
+        if let Some(addr) = &args.stream_tcp {
+            stream::serve_tcp(hub.clone(), addr)
+                .await
+                .with_context(|| format!("serving the event stream on {addr}"))?;
+        }
+        sinks.hub = Some(hub);
+    }
+    if let Some(path) = &args.log_file {
+        sinks.file = Some(
+            FileSink::open(path.clone(), args.log_file_max_bytes, args.log_file_keep)
+                .with_context(|| format!("opening {}", path.display()))?,
+        );
+    }
+    let notify = systemd_notify(metrics.clone());
+    run::run(config, client, &mut sinks, shutdown_signal(), notify)
         .await
         .context("hotplug-agent run")
 }
@@ -282,11 +387,40 @@ fn main() -> anyhow::Result<()> {
             });
             let config = args.sources.pipeline();
             let mut out = std::io::stdout().lock();
+            let mut sinks = Sinks::new(&mut out, format);
             runtime
-                .block_on(watch::run(config, format, &mut out, shutdown_signal()))
+                .block_on(watch::run(config, &mut sinks, shutdown_signal()))
                 .context("hotplug-agent watch")
         }
         Command::Run(args) => runtime.block_on(run_command(*args)),
+        Command::Events(args) => {
+            let endpoint = match args.addr {
+                Some(addr) => events::Endpoint::Tcp(addr),
+                None => events::Endpoint::Unix(args.socket),
+            };
+            let request = events::StreamRequest {
+                follow: args.follow,
+                since: args.since,
+                tail: args.tail,
+                kinds: args.kind,
+            };
+            let colour = args.format == Format::Text && std::io::stdout().is_terminal();
+            let mut out = std::io::stdout().lock();
+            match runtime.block_on(events::follow(
+                &endpoint,
+                &request,
+                args.format,
+                colour,
+                &mut out,
+            )) {
+                Err(events::EventsError::Write(e))
+                    if e.kind() == std::io::ErrorKind::BrokenPipe =>
+                {
+                    Ok(())
+                }
+                other => other.context("hotplug-agent events"),
+            }
+        }
         Command::Status { format, root } => {
             let status = runtime
                 .block_on(async { status::collect(&root) })

@@ -306,14 +306,32 @@ impl DecisionRecord {
     }
 }
 
-/// Anything the event log carries. (Deserialising: event records first, then the
-/// `agent` and decision shapes, which share their top-level fields.)
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// Anything the event log carries; `kind` tells the shapes apart.
+#[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum Record {
     Event(Box<EventRecord>),
     Agent(Box<AgentRecord>),
     Decision(Box<DecisionRecord>),
+}
+
+impl<'de> Deserialize<'de> for Record {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let v = serde_json::Value::deserialize(d)?;
+        let kind = v
+            .get("kind")
+            .and_then(|k| k.as_str())
+            .ok_or_else(|| D::Error::missing_field("kind"))?;
+        match kind {
+            "cpu" | "memory_block" | "memory" => {
+                serde_json::from_value(v).map(|e| Self::Event(Box::new(e)))
+            }
+            "agent" => serde_json::from_value(v).map(|a| Self::Agent(Box::new(a))),
+            _ => serde_json::from_value(v).map(|d| Self::Decision(Box::new(d))),
+        }
+        .map_err(D::Error::custom)
+    }
 }
 
 pub fn now_rfc3339() -> String {
@@ -376,5 +394,17 @@ mod tests {
         assert!(t.ends_with('Z') && t.len() == 27, "{t}");
         let back: Record = serde_json::from_str(&line).unwrap();
         assert_eq!(back, Record::Event(Box::new(rec)));
+        let decision = DecisionRecord::new("refresh", "failed", Summary::default(), 3);
+        let line = serde_json::to_string(&Record::Decision(Box::new(decision.clone()))).unwrap();
+        assert_eq!(
+            serde_json::from_str::<Record>(&line).unwrap(),
+            Record::Decision(Box::new(decision))
+        );
+        let agent = AgentRecord::new("ready", Summary::default());
+        let line = serde_json::to_string(&Record::Agent(Box::new(agent.clone()))).unwrap();
+        assert_eq!(
+            serde_json::from_str::<Record>(&line).unwrap(),
+            Record::Agent(Box::new(agent))
+        );
     }
 }

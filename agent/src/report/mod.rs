@@ -3,6 +3,9 @@ use std::io::{self, Write};
 
 use crate::record::Record;
 
+pub mod metrics;
+pub mod sinks;
+pub mod stream;
 pub mod text;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]

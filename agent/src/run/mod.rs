@@ -5,7 +5,7 @@
 //! in flight); the pump keeps writing events and counting them meanwhile, so whatever
 //! arrives during a refresh becomes the next episode. Work that cannot be done now (API
 //! down, a guard rail) stays pending and is retried; a new episode joins it.
-use std::{future::Future, io::Write, path::PathBuf, time::Duration};
+use std::{future::Future, path::PathBuf, time::Duration};
 
 use k8s_openapi::api::core::v1::Node;
 use tokio::{sync::mpsc, time::Instant};
@@ -17,9 +17,9 @@ use crate::{
     node::{EventType, NodeApi},
     pipeline::{self, Pipeline},
     reconcile,
-    record::{Advertised, AgentRecord, DecisionRecord, Record},
+    record::{Advertised, DecisionRecord, Record},
     refresh::{self, Backend, guard::Guard},
-    report::{Format, write_record},
+    report::sinks::{Sinks, drain},
     sources::error_chain,
     verify,
 };
@@ -61,17 +61,18 @@ pub enum RunError {
 pub async fn run(
     config: Config,
     client: Option<kube::Client>,
-    format: Format,
-    out: &mut impl Write,
+    sinks: &mut Sinks<'_>,
     shutdown: impl Future<Output = ()>,
+    after_batch: impl FnMut(),
 ) -> Result<(), RunError> {
     let Pipeline {
         ready, mut records, ..
     } = pipeline::start(config.pipeline.clone()).await?;
-    let last = ready.capacity;
-    write_record(out, &Record::Agent(Box::new(ready)), format).map_err(RunError::Write)?;
-    out.flush().map_err(RunError::Write)?;
-
+    if let Some(m) = &sinks.metrics
+        && client.is_some()
+    {
+        m.expect_reconcile();
+    }
     let (tracker, episodes) = Tracker::new();
     let episodes = episodes.with_timing(config.settle, config.max_wait);
     let (log_tx, mut log_rx) = mpsc::channel::<Record>(4096);
@@ -89,39 +90,17 @@ pub async fn run(
     });
     let controller = Controller::new(config, client, decisions);
     let control = tokio::spawn(controller.run(episodes));
-
-    tokio::pin!(shutdown);
-    let result = loop {
-        tokio::select! {
-            rec = log_rx.recv() => {
-                let Some(mut rec) = rec else { break Ok(()) };
-                let wrote = loop {
-                    if let Err(e) = write_record(out, &rec, format) {
-                        break Err(e);
-                    }
-                    match log_rx.try_recv() {
-                        Ok(next) => rec = next,
-                        Err(_) => break out.flush(),
-                    }
-                };
-                if let Err(e) = wrote {
-                    break Err(e);
-                }
-            }
-            () = &mut shutdown => break Ok(()),
-        }
-    };
+    let result = drain(
+        sinks,
+        Record::Agent(Box::new(ready)),
+        &mut log_rx,
+        shutdown,
+        after_batch,
+    )
+    .await;
     pump.abort();
     control.abort();
-    match result {
-        Ok(()) => {
-            let stopped = Record::Agent(Box::new(AgentRecord::new("stopped", last)));
-            let _ = write_record(out, &stopped, format).and_then(|()| out.flush());
-            Ok(())
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        Err(e) => Err(RunError::Write(e)),
-    }
+    result.map_err(RunError::Write)
 }
 
 /// What to do after handling: done, or try again at a time.
