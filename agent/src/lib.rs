@@ -22,9 +22,11 @@
 //! - [`run`]: the controller; `hotplug-agent run`.
 //! - [`events`]: the client of the live stream; `hotplug-agent events`.
 //! - [`status`]: the snapshot and which probes can attach; `hotplug-agent status`.
+//! - [`config`]: TOML file, environment and flags, in that order of precedence.
 //! - [`telemetry`]: diagnostics (tracing) on stderr, never mixed with the event log.
 pub mod capacity;
 pub mod checkpoint;
+pub mod config;
 pub mod episode;
 pub mod events;
 pub mod node;

@@ -2,11 +2,11 @@
 use std::{io::IsTerminal, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::sync::Arc;
 
 use hotplug_agent::{
-    episode, events,
+    config, episode, events,
     pipeline::{self, Rescan},
     refresh,
     report::Format,
@@ -35,6 +35,12 @@ enum Command {
     Run(Box<RunArgs>),
     /// Read the live event stream of a running `hotplug-agent run`.
     Events(EventsArgs),
+    /// Print the effective configuration of `run` (with these run flags), and where each
+    /// value came from: flag, environment, config file or default.
+    Config {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        run_args: Vec<std::ffi::OsString>,
+    },
     /// Print the machine's capacity and which probes can attach here.
     Status {
         #[arg(long, value_enum, default_value = "text")]
@@ -91,6 +97,10 @@ enum RefreshKind {
 
 #[derive(Debug, clap::Args)]
 struct RunArgs {
+    /// A TOML file with any of these settings (keys are the flag names, `settle_ms = 500`).
+    /// Precedence: flags, then HOTPLUG_AGENT_* variables, then this file, then defaults.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// `json` (the event log, default) or `text`.
     #[arg(long, value_enum, default_value = "json")]
     format: Format,
@@ -292,7 +302,15 @@ async fn run_command(args: RunArgs) -> anyhow::Result<()> {
     let client = if args.no_kubernetes {
         None
     } else {
-        Some(kube_client(args.kubeconfig.as_ref()).await?)
+        match kube_client(args.kubeconfig.as_ref()).await {
+            Ok(c) => Some(c),
+            // A host outside any cluster: events, stream, metrics, nothing to reconcile.
+            Err(e) if args.refresh == RefreshKind::None && args.kubeconfig.is_none() => {
+                tracing::info!("no Kubernetes configuration ({e:#}); running standalone");
+                None
+            }
+            Err(e) => return Err(e),
+        }
     };
     let config = run::Config {
         pipeline: args.sources.pipeline(),
@@ -371,8 +389,42 @@ async fn shutdown_signal() {
     }
 }
 
+fn parse() -> Cli {
+    let cmd = config::with_env(Cli::command());
+    let argv = match config::merge(&cmd, std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {}", hotplug_agent::sources::error_chain(&e));
+            std::process::exit(2);
+        }
+    };
+    let matches = cmd.get_matches_from(argv);
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
+fn print_config(run_args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
+    let cmd = config::with_env(Cli::command());
+    let mut argv: Vec<std::ffi::OsString> = vec!["hotplug-agent".into(), "run".into()];
+    argv.extend(run_args);
+    let (file, keys) = config::file_keys(&argv);
+    let argv = config::merge(&cmd, argv)?;
+    let matches = cmd.clone().try_get_matches_from(argv)?;
+    let run = cmd.find_subcommand("run").context("no run subcommand")?;
+    let run_matches = matches
+        .subcommand_matches("run")
+        .context("no run matches")?;
+    print!(
+        "{}",
+        config::describe(run, run_matches, file.as_ref(), &keys)
+    );
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let cli = parse();
+    if let Command::Config { run_args } = cli.command {
+        return print_config(run_args);
+    }
     telemetry::init();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -421,6 +473,7 @@ fn main() -> anyhow::Result<()> {
                 other => other.context("hotplug-agent events"),
             }
         }
+        Command::Config { .. } => unreachable!("handled before the runtime starts"),
         Command::Status { format, root } => {
             let status = runtime
                 .block_on(async { status::collect(&root) })

@@ -1,0 +1,383 @@
+//! Configuration: a TOML file (`--config`), environment variables, and flags, in that
+//! order of precedence (a flag beats a variable beats the file beats the default).
+//!
+//! Every long flag `--settle-ms` of a subcommand is also the variable
+//! `HOTPLUG_AGENT_SETTLE_MS` and the file key `settle_ms` (or `settle-ms`). The file is
+//! applied by turning its keys into flags for the ones neither the command line nor the
+//! environment set, so clap validates every value the same way whatever its origin, and
+//! an unknown key is rejected with the closest valid one as a hint.
+use std::{collections::BTreeMap, ffi::OsString, path::PathBuf};
+
+use clap::{ArgMatches, Command, parser::ValueSource};
+
+pub const ENV_PREFIX: &str = "HOTPLUG_AGENT_";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading the config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not valid TOML: {message}")]
+    Toml { path: PathBuf, message: String },
+    #[error("{path}: unknown key {key:?} for `{subcommand}`{hint}")]
+    UnknownKey {
+        path: PathBuf,
+        key: String,
+        subcommand: String,
+        hint: String,
+    },
+    #[error("{path}: key {key:?}: {message}")]
+    BadValue {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+/// The environment variable of a long flag: `settle-ms` -> `HOTPLUG_AGENT_SETTLE_MS`.
+pub fn env_name(long: &str) -> String {
+    format!(
+        "{ENV_PREFIX}{}",
+        long.replace('-', "_").to_ascii_uppercase()
+    )
+}
+
+/// Gives every long flag of every subcommand its environment variable (where it has none).
+pub fn with_env(cmd: Command) -> Command {
+    let names: Vec<String> = cmd
+        .get_subcommands()
+        .map(|s| s.get_name().to_string())
+        .collect();
+    names.into_iter().fold(cmd, |cmd, name| {
+        cmd.mut_subcommand(name, |sub| {
+            sub.mut_args(
+                |arg| match (arg.get_long().map(str::to_string), arg.get_env()) {
+                    (Some(long), None) if long != "help" && long != "version" => {
+                        arg.env(env_name(&long))
+                    }
+                    _ => arg,
+                },
+            )
+        })
+    })
+}
+
+/// The config file named by `--config` (or `HOTPLUG_AGENT_CONFIG`), if any.
+fn config_path(argv: &[OsString]) -> Option<PathBuf> {
+    let mut it = argv.iter();
+    while let Some(a) = it.next() {
+        let a = a.to_string_lossy();
+        if a == "--config" {
+            return it.next().map(PathBuf::from);
+        }
+        if let Some(p) = a.strip_prefix("--config=") {
+            return Some(PathBuf::from(p));
+        }
+    }
+    std::env::var_os(env_name("config")).map(PathBuf::from)
+}
+
+/// Reads a config file into `key -> [flag values]`; `None` for a `false` switch.
+fn read_file(path: &PathBuf) -> Result<BTreeMap<String, Option<Vec<String>>>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| ConfigError::Toml {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+    let mut out = BTreeMap::new();
+    for (key, value) in table {
+        let bad = |message: &str| ConfigError::BadValue {
+            path: path.clone(),
+            key: key.clone(),
+            message: message.into(),
+        };
+        let scalar = |v: &toml::Value| -> Result<String, ConfigError> {
+            Ok(match v {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                _ => return Err(bad("expected a string, number or boolean")),
+            })
+        };
+        let values = match &value {
+            toml::Value::Boolean(false) => None,
+            toml::Value::Boolean(true) => Some(Vec::new()),
+            toml::Value::Array(items) => Some(items.iter().map(scalar).collect::<Result<_, _>>()?),
+            toml::Value::Table(_) => {
+                return Err(bad("sections are not used; write keys at the top level"));
+            }
+            v => Some(vec![scalar(v)?]),
+        };
+        out.insert(key, values);
+    }
+    Ok(out)
+}
+
+/// Inserts the config file's settings into `argv` (after the subcommand) for every flag
+/// that neither the command line nor the environment set. `cmd` must already have its
+/// environment variables ([`with_env`]).
+pub fn merge(cmd: &Command, argv: Vec<OsString>) -> Result<Vec<OsString>, ConfigError> {
+    let Some(path) = config_path(&argv) else {
+        return Ok(argv);
+    };
+    // Which subcommand: the first argument that names one.
+    let Some((pos, sub)) = argv.iter().enumerate().skip(1).find_map(|(i, a)| {
+        cmd.find_subcommand(a.to_string_lossy().as_ref())
+            .map(|s| (i, s))
+    }) else {
+        return Ok(argv);
+    };
+    // Only subcommands that take `--config` read the file.
+    if !sub.get_arguments().any(|a| a.get_long() == Some("config")) {
+        return Ok(argv);
+    }
+    let file = read_file(&path)?;
+    let longs: Vec<&str> = sub
+        .get_arguments()
+        .filter_map(|a| a.get_long())
+        .filter(|l| *l != "config")
+        .collect();
+    // What the command line and the environment already decided (parse errors are left
+    // for the real parse to report).
+    let given = cmd
+        .clone()
+        .ignore_errors(true)
+        .try_get_matches_from(&argv)
+        .ok();
+    let sub_matches: Option<&ArgMatches> = given
+        .as_ref()
+        .and_then(|m| m.subcommand_matches(sub.get_name()));
+    let mut inserted = Vec::new();
+    for (original, values) in file {
+        let key = original.replace('_', "-");
+        let Some(arg) = sub
+            .get_arguments()
+            .find(|a| a.get_long() == Some(key.as_str()))
+        else {
+            let best = longs
+                .iter()
+                .map(|l| (strsim::jaro_winkler(l, &key), *l))
+                .fold((0.0, ""), |a, b| if b.0 > a.0 { b } else { a });
+            let hint = if best.0 > 0.8 {
+                format!(" (did you mean {:?}?)", best.1.replace('-', "_"))
+            } else {
+                String::new()
+            };
+            return Err(ConfigError::UnknownKey {
+                path: path.clone(),
+                key: original,
+                subcommand: sub.get_name().into(),
+                hint,
+            });
+        };
+        let id = arg.get_id().as_str();
+        let decided = sub_matches
+            .and_then(|m| m.value_source(id))
+            .is_some_and(|s| matches!(s, ValueSource::CommandLine | ValueSource::EnvVariable));
+        if decided {
+            continue;
+        }
+        match values {
+            None => {}
+            Some(v) if v.is_empty() => inserted.push(OsString::from(format!("--{key}"))),
+            Some(v) => inserted.extend(
+                v.into_iter()
+                    .map(|v| OsString::from(format!("--{key}={v}"))),
+            ),
+        }
+    }
+    let mut out = argv;
+    out.splice(pos + 1..pos + 1, inserted);
+    Ok(out)
+}
+
+/// Where each effective value came from, for `hotplug-agent config`.
+pub fn describe(
+    sub: &Command,
+    matches: &ArgMatches,
+    file: Option<&PathBuf>,
+    file_keys: &[String],
+) -> String {
+    let mut out = String::new();
+    if let Some(f) = file {
+        out.push_str(&format!("# config file: {}\n", f.display()));
+    }
+    for arg in sub.get_arguments() {
+        let (Some(long), id) = (arg.get_long(), arg.get_id().as_str()) else {
+            continue;
+        };
+        if matches!(long, "help" | "version") {
+            continue;
+        }
+        let values: Vec<String> = matches
+            .get_raw(id)
+            .map(|v| v.map(|s| s.to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        let source = match matches.value_source(id) {
+            Some(ValueSource::CommandLine) if file_keys.iter().any(|k| k == long) => {
+                "file".to_string()
+            }
+            Some(ValueSource::CommandLine) => "flag".into(),
+            Some(ValueSource::EnvVariable) => format!(
+                "env {}",
+                arg.get_env()
+                    .map(|e| e.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            ),
+            Some(ValueSource::DefaultValue) => "default".into(),
+            _ => "unset".into(),
+        };
+        let key = long.replace('-', "_");
+        if values.is_empty() {
+            out.push_str(&format!("# {key} (unset)\n"));
+            continue;
+        }
+        let value = match values.as_slice() {
+            [one] if !arg.get_action().takes_values() => one.clone(),
+            [one] => toml::Value::String(one.clone()).to_string(),
+            many => toml::Value::Array(
+                many.iter()
+                    .map(|v| toml::Value::String(v.clone()))
+                    .collect(),
+            )
+            .to_string(),
+        };
+        out.push_str(&format!("{key} = {value}  # {source}\n"));
+    }
+    out
+}
+
+/// Keys (as long flags) a config file sets, for [`describe`].
+pub fn file_keys(argv: &[OsString]) -> (Option<PathBuf>, Vec<String>) {
+    let Some(path) = config_path(argv) else {
+        return (None, Vec::new());
+    };
+    let keys = read_file(&path)
+        .map(|f| f.into_keys().map(|k| k.replace('_', "-")).collect())
+        .unwrap_or_default();
+    (Some(path), keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{Arg, ArgAction};
+
+    use super::*;
+
+    fn cli() -> Command {
+        with_env(
+            Command::new("hotplug-agent").subcommand(
+                Command::new("run")
+                    .arg(Arg::new("config").long("config"))
+                    .arg(
+                        Arg::new("settle_ms")
+                            .long("settle-ms")
+                            .default_value("300")
+                            .value_parser(clap::value_parser!(u64)),
+                    )
+                    .arg(Arg::new("refresh").long("refresh").default_value("systemd"))
+                    .arg(
+                        Arg::new("no_ebpf")
+                            .long("no-ebpf")
+                            .action(ArgAction::SetTrue),
+                    ),
+            ),
+        )
+    }
+
+    fn args(v: &[&str]) -> Vec<OsString> {
+        v.iter().map(OsString::from).collect()
+    }
+
+    fn effective(argv: Vec<OsString>) -> (u64, String, bool) {
+        let m = cli().try_get_matches_from(argv).unwrap();
+        let r = m.subcommand_matches("run").unwrap();
+        (
+            *r.get_one::<u64>("settle_ms").unwrap(),
+            r.get_one::<String>("refresh").unwrap().clone(),
+            r.get_flag("no_ebpf"),
+        )
+    }
+
+    // One test: it sets process environment variables, which tests in parallel would share.
+    #[test]
+    fn flags_beat_env_beat_file_beat_defaults_and_bad_input_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.toml");
+        std::fs::write(
+            &file,
+            "settle_ms = 500\nrefresh = \"command\"\nno_ebpf = true\n",
+        )
+        .unwrap();
+        let f = file.to_str().unwrap();
+        // Defaults.
+        assert_eq!(
+            effective(merge(&cli(), args(&["a", "run"])).unwrap()),
+            (300, "systemd".into(), false)
+        );
+        // The file over the defaults.
+        assert_eq!(
+            effective(merge(&cli(), args(&["a", "run", "--config", f])).unwrap()),
+            (500, "command".into(), true)
+        );
+        // The environment over the file.
+        // SAFETY: this is the only test touching these variables.
+        unsafe { std::env::set_var("HOTPLUG_AGENT_SETTLE_MS", "700") };
+        assert_eq!(
+            effective(merge(&cli(), args(&["a", "run", "--config", f])).unwrap()).0,
+            700
+        );
+        // A flag over the environment.
+        assert_eq!(
+            effective(
+                merge(
+                    &cli(),
+                    args(&["a", "run", "--config", f, "--settle-ms", "900"])
+                )
+                .unwrap()
+            )
+            .0,
+            900
+        );
+        unsafe { std::env::remove_var("HOTPLUG_AGENT_SETTLE_MS") };
+
+        // Unknown keys: rejected with the key and a hint.
+        std::fs::write(&file, "setle_ms = 5\n").unwrap();
+        let err = merge(&cli(), args(&["a", "run", "--config", f]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("\"setle_ms\"") && err.contains("did you mean \"settle_ms\""),
+            "{err}"
+        );
+        // Invalid values: the parse names the flag.
+        std::fs::write(&file, "settle_ms = \"soon\"\n").unwrap();
+        let argv = merge(&cli(), args(&["a", "run", "--config", f])).unwrap();
+        let err = cli().try_get_matches_from(argv).unwrap_err().to_string();
+        assert!(err.contains("soon") && err.contains("--settle-ms"), "{err}");
+        // Broken TOML and sections.
+        std::fs::write(&file, "settle_ms = \n").unwrap();
+        assert!(matches!(
+            merge(&cli(), args(&["a", "run", "--config", f])),
+            Err(ConfigError::Toml { .. })
+        ));
+        std::fs::write(&file, "[run]\nsettle_ms = 1\n").unwrap();
+        assert!(matches!(
+            merge(&cli(), args(&["a", "run", "--config", f])),
+            Err(ConfigError::BadValue { .. })
+        ));
+        assert!(matches!(
+            merge(&cli(), args(&["a", "run", "--config", "/nonexistent.toml"])),
+            Err(ConfigError::Read { .. })
+        ));
+    }
+}
