@@ -11,6 +11,7 @@
 //! - [`capacity`]: the machine's truth as cadvisor computes it; a pure function of a root.
 //! - [`sources`]: the kernel probe, the uevent monitor, and the snapshot scans.
 //! - [`pipeline`]: sources in, records out (start-up snapshot, folding, rescans).
+//! - [`auto_online`]: the opt-in policy that onlines blocks and CPUs arriving with `add`.
 //! - [`record`]: the event log's records (the schema); [`report`]: NDJSON and text.
 //! - [`watch`]: the pipeline written out; `hotplug-agent watch`.
 //! - [`episode`]: a burst of events settles into one episode.
@@ -24,6 +25,7 @@
 //! - [`status`]: the snapshot and which probes can attach; `hotplug-agent status`.
 //! - [`config`]: TOML file, environment and flags, in that order of precedence.
 //! - [`telemetry`]: diagnostics (tracing) on stderr, never mixed with the event log.
+pub mod auto_online;
 pub mod capacity;
 pub mod checkpoint;
 pub mod config;

@@ -199,6 +199,13 @@ struct SourceArgs {
     /// Do not open the uevent monitor.
     #[arg(long)]
     no_uevent: bool,
+    /// Online memory blocks that arrive with a uevent `add`, once (never one taken offline
+    /// by hand): `off`, `online`, `online_movable` (keeps a DIMM unpluggable) or `online_kernel`.
+    #[arg(long, value_enum, default_value = "off")]
+    auto_online_memory: hotplug_agent::auto_online::MemoryPolicy,
+    /// Online CPUs that arrive with a uevent `add`, once: `off` or `on`.
+    #[arg(long, value_enum, default_value = "off")]
+    auto_online_cpus: hotplug_agent::auto_online::CpuPolicy,
     /// Filesystem root holding proc/ and sys/.
     #[arg(long, default_value = "/", hide = true)]
     root: PathBuf,
@@ -212,6 +219,10 @@ impl SourceArgs {
             uevent: !self.no_uevent,
             uevent_rcvbuf: self.uevent_rcvbuf,
             rescan: self.rescan_interval,
+            auto_online: hotplug_agent::auto_online::Policy {
+                memory: self.auto_online_memory,
+                cpus: self.auto_online_cpus,
+            },
             ..pipeline::Config::default()
         }
     }

@@ -11,6 +11,7 @@ use agent_common::Probe;
 use tokio::{sync::mpsc, time::Instant};
 
 use crate::{
+    auto_online,
     capacity::{self, Summary},
     record::{
         Action, AgentRecord, EventRecord, Kind, MachineSummary, Record, SCHEMA_VERSION, Source,
@@ -51,6 +52,8 @@ pub struct Config {
     pub uevent_rcvbuf: usize,
     pub rescan: Rescan,
     pub fold_window: Duration,
+    /// Opt-in: online blocks and CPUs that arrive with a uevent `add` (auto_online.rs).
+    pub auto_online: auto_online::Policy,
 }
 
 impl Default for Config {
@@ -62,6 +65,7 @@ impl Default for Config {
             uevent_rcvbuf: DEFAULT_UEVENT_RCVBUF,
             rescan: Rescan::Auto,
             fold_window: DEFAULT_FOLD_WINDOW,
+            auto_online: auto_online::Policy::default(),
         }
     }
 }
@@ -170,6 +174,7 @@ pub async fn start(config: Config) -> Result<Pipeline, StartError> {
         probe_memory: snapshot.memory_bytes,
         coalescer: Coalescer::new(config.fold_window.as_nanos() as u64),
         names,
+        auto_online: config.auto_online,
         out: out_tx,
     };
     tokio::spawn(core.run(src_rx, ebpf_rx, rescan_every, config.fold_window));
@@ -188,6 +193,7 @@ struct Core {
     probe_memory: u64,
     coalescer: Coalescer,
     names: Vec<(Probe, &'static str)>,
+    auto_online: auto_online::Policy,
     out: mpsc::Sender<Record>,
 }
 
@@ -273,6 +279,9 @@ impl Core {
     }
 
     async fn emit(&mut self, mut change: Change) -> bool {
+        // Decided before the change becomes its record; acted on after, so the log reads
+        // `add`, then what the agent did about it.
+        let arrival = auto_online::arrival(self.auto_online, &change);
         let capacity = self.summary();
         if change.kind == Kind::Memory && change.source == Source::Ebpf {
             if change.action == Action::Change && capacity.memory_bytes != self.probe_memory {
@@ -283,7 +292,22 @@ impl Core {
         self.known.apply(&change, capacity.memory_bytes);
         self.last = capacity;
         let record = event_record(change, capacity);
-        self.out.send(Record::Event(Box::new(record))).await.is_ok()
+        if self
+            .out
+            .send(Record::Event(Box::new(record)))
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        // Auto-online (opt-in): a block or CPU that just arrived is onlined once, here, in
+        // order with the events; its kernel `online` uevent follows as the next event.
+        let Some(arrival) = arrival else { return true };
+        let Some(outcome) = auto_online::apply(&self.root, arrival).await else {
+            return true;
+        };
+        let record = outcome.record(self.summary());
+        self.out.send(Record::Agent(Box::new(record))).await.is_ok()
     }
 
     async fn loss(&mut self, source: Source, loss: Loss) -> bool {

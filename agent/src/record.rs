@@ -146,7 +146,7 @@ pub struct AgentRecord {
     pub time: String,
     /// Always `agent`.
     pub kind: String,
-    /// `ready`, `loss`, `stopped`.
+    /// `ready`, `loss`, `stopped`, `auto_online`.
     pub action: String,
     pub capacity: Summary,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -168,6 +168,15 @@ pub struct AgentRecord {
     /// ready: the start-up snapshot, in brief.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine: Option<MachineSummary>,
+    /// auto_online: the block or CPU the agent onlined (`memory40`, `cpu1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// auto_online: the state written (`online`, `online_movable`, `online_kernel`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// auto_online: why the write failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// The start-up snapshot in one line's worth.
@@ -217,6 +226,9 @@ impl AgentRecord {
             lost: None,
             version: None,
             machine: None,
+            device: None,
+            state: None,
+            error: None,
         }
     }
 }

@@ -8,17 +8,14 @@
 //! taken under one lock, so a reconnecting client sees every record exactly once.
 use std::{
     collections::VecDeque,
-    convert::Infallible,
     path::Path,
     sync::{Arc, Mutex},
 };
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, StreamBody, combinators::BoxBody};
-use hyper::{Request, Response, body::Frame, service::service_fn};
-use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{TcpListener, UnixListener},
     sync::broadcast,
 };
@@ -157,8 +154,6 @@ impl Hub {
     }
 }
 
-type Body = BoxBody<Bytes, Infallible>;
-
 fn cut_off(missed: u64) -> Bytes {
     let rec = serde_json::json!({
         "v": crate::record::SCHEMA_VERSION,
@@ -171,78 +166,85 @@ fn cut_off(missed: u64) -> Bytes {
     Bytes::from(format!("{rec}\n"))
 }
 
-/// The response body for one client.
-fn events_body(hub: &Hub, query: Query) -> Body {
-    let (backlog, rx) = hub.subscribe(&query);
-    let follow = query.follow();
-    let state = (backlog.into_iter(), rx, query, follow, false);
-    let stream = futures::stream::unfold(
-        state,
-        |(mut backlog, mut rx, query, follow, done)| async move {
-            if done {
-                return None;
-            }
-            if let Some(line) = backlog.next() {
-                return Some((
-                    Ok(Frame::data(line.json)),
-                    (backlog, rx, query, follow, false),
-                ));
-            }
-            if !follow {
-                return None;
-            }
-            loop {
-                match rx.recv().await {
-                    Ok(line) if query.keeps(&line) => {
-                        return Some((
-                            Ok(Frame::data(line.json)),
-                            (backlog, rx, query, follow, false),
-                        ));
-                    }
-                    Ok(_) => {}
-                    Err(broadcast::error::RecvError::Lagged(missed)) => {
-                        return Some((
-                            Ok(Frame::data(cut_off(missed))),
-                            (backlog, rx, query, follow, true),
-                        ));
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return None,
-                }
-            }
-        },
-    );
-    BodyExt::boxed(StreamBody::new(stream))
-}
-
-fn text(status: u16, body: &str) -> Response<Body> {
-    let mut r = Response::new(BodyExt::boxed(http_body_util::Full::new(Bytes::from(
-        body.to_string(),
-    ))));
-    *r.status_mut() =
-        hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
-    r
-}
-
-async fn handle(
-    hub: Arc<Hub>,
-    req: Request<hyper::body::Incoming>,
-) -> Result<Response<Body>, Infallible> {
-    if req.uri().path() != "/events" {
-        return Ok(text(
-            404,
-            "not found: GET /events?replay=N|all&follow=0|1&kind=K,K&since=RFC3339\n",
-        ));
+/// Reads the request head (bounded), returns the request target.
+async fn read_request<S: AsyncRead + Unpin>(io: &mut S) -> std::io::Result<String> {
+    let mut head = Vec::with_capacity(512);
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() > 8192 || io.read(&mut byte).await? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "incomplete request head",
+            ));
+        }
+        head.push(byte[0]);
     }
-    let query: Query = match req.uri().query().map(parse_query).transpose() {
-        Ok(q) => q.unwrap_or_default(),
-        Err(e) => return Ok(text(400, &format!("{e}\n"))),
-    };
-    let mut resp = Response::new(events_body(&hub, query));
-    resp.headers_mut().insert(
-        "content-type",
-        hyper::header::HeaderValue::from_static("application/x-ndjson"),
+    let line = String::from_utf8_lossy(&head);
+    let mut parts = line.lines().next().unwrap_or_default().split_whitespace();
+    match (parts.next(), parts.next()) {
+        (Some("GET"), Some(target)) => Ok(target.to_string()),
+        _ => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "only GET is served",
+        )),
+    }
+}
+
+async fn respond<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    status: &str,
+    body: &str,
+) -> std::io::Result<()> {
+    let msg = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
     );
-    Ok(resp)
+    io.write_all(msg.as_bytes()).await
+}
+
+/// One client: a minimal HTTP/1.1 exchange, then the records, delimited by the close of
+/// the connection. Written by hand rather than through an HTTP server so that a stalled
+/// client is nothing but a pending `write_all` on its own task.
+async fn client<S: AsyncRead + AsyncWrite + Unpin>(
+    hub: Arc<Hub>,
+    mut io: S,
+) -> std::io::Result<()> {
+    let target = read_request(&mut io).await?;
+    let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+    if path != "/events" {
+        return respond(
+            &mut io,
+            "404 Not Found",
+            "GET /events?replay=N|all&follow=0|1&kind=K,K&since=RFC3339\n",
+        )
+        .await;
+    }
+    let query = match parse_query(query) {
+        Ok(q) => q,
+        Err(e) => return respond(&mut io, "400 Bad Request", &format!("{e}\n")).await,
+    };
+    let (backlog, mut rx) = hub.subscribe(&query);
+    io.write_all(
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\nconnection: close\r\n\r\n",
+    )
+    .await?;
+    for line in backlog {
+        io.write_all(&line.json).await?;
+    }
+    if query.follow() {
+        loop {
+            match rx.recv().await {
+                Ok(line) if query.keeps(&line) => io.write_all(&line.json).await?,
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    io.write_all(&cut_off(missed)).await?;
+                    break;
+                }
+                Err(broadcast::error::RecvError::Closed) => break,
+            }
+        }
+    }
+    io.shutdown().await
 }
 
 fn parse_query(q: &str) -> Result<Query, String> {
@@ -303,7 +305,7 @@ pub async fn serve_unix(
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
-            spawn_connection(hub.clone(), TokioIo::new(stream));
+            spawn_connection(hub.clone(), stream);
         }
     }))
 }
@@ -316,21 +318,17 @@ pub async fn serve_tcp(hub: Arc<Hub>, addr: &str) -> std::io::Result<tokio::task
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
-            spawn_connection(hub.clone(), TokioIo::new(stream));
+            spawn_connection(hub.clone(), stream);
         }
     }))
 }
 
-fn spawn_connection<I>(hub: Arc<Hub>, io: I)
+fn spawn_connection<S>(hub: Arc<Hub>, io: S)
 where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     tokio::spawn(async move {
-        let service = service_fn(move |req| handle(hub.clone(), req));
-        if let Err(e) = hyper::server::conn::http1::Builder::new()
-            .serve_connection(io, service)
-            .await
-        {
+        if let Err(e) = client(hub, io).await {
             tracing::debug!(error = %e, "stream client connection ended");
         }
     });

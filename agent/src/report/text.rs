@@ -89,7 +89,7 @@ fn agent(a: &AgentRecord) -> String {
         "agent",
         "agent",
         a.action,
-        "-",
+        a.device.as_deref().unwrap_or("-"),
         gib(a.capacity.memory_bytes),
         a.capacity.cpus_online
     );
@@ -127,6 +127,12 @@ fn agent(a: &AgentRecord) -> String {
     }
     if let Some(l) = a.lost {
         s.push_str(&format!("  lost {l}"));
+    }
+    if let Some(state) = &a.state {
+        s.push_str(&format!("  state {state}"));
+    }
+    if let Some(e) = &a.error {
+        s.push_str(&format!("  error {e}"));
     }
     s
 }

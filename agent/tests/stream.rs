@@ -1,0 +1,252 @@
+//! The live stream over a real unix socket, with the real `events` client: several clients
+//! at once, a reconnect with replay, a slow client cut off without holding anyone up, and
+//! every record in order under a burst.
+use std::{io::Write, sync::Arc, time::Duration};
+
+use hotplug_agent::{
+    capacity::Summary,
+    events::{self, Endpoint, StreamRequest},
+    record::{AgentRecord, Record},
+    report::{Format, stream::Hub},
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A record whose `lost` field carries its sequence number, so order can be checked.
+fn numbered(n: u64) -> Record {
+    let mut a = AgentRecord::new(
+        "test",
+        Summary {
+            memory_bytes: n,
+            cpus_online: 1,
+        },
+    );
+    a.lost = Some(n);
+    Record::Agent(Box::new(a))
+}
+
+fn numbers(ndjson: &[u8]) -> Vec<u64> {
+    String::from_utf8_lossy(ndjson)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["action"] == "test")
+        .map(|v| v["lost"].as_u64().unwrap())
+        .collect()
+}
+
+/// Collects what `events` prints into a shared buffer.
+#[derive(Clone, Default)]
+struct Buf(Arc<std::sync::Mutex<Vec<u8>>>);
+impl Write for Buf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+async fn serve(replay: usize, queue: usize) -> (Arc<Hub>, tempfile::TempDir, Endpoint) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.sock");
+    let hub = Hub::new(replay, queue);
+    hotplug_agent::report::stream::serve_unix(hub.clone(), &path)
+        .await
+        .unwrap();
+    let mode = std::fs::metadata(&path)
+        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
+        .unwrap();
+    assert_eq!(mode, 0o600, "the socket is for root only");
+    (hub, dir, Endpoint::Unix(path))
+}
+
+fn follow_request() -> StreamRequest {
+    StreamRequest {
+        follow: true,
+        since: None,
+        tail: Some(0),
+        kinds: vec!["agent".into()],
+    }
+}
+
+/// Waits until the hub has `n` clients (they subscribe when their request arrives).
+async fn clients(hub: &Hub, n: usize) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while hub.clients() < n {
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("clients connected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_clients_get_every_record_in_order_under_a_burst() {
+    let (hub, _dir, endpoint) = serve(100, 100_000).await;
+    let mut tasks = Vec::new();
+    let mut bufs = Vec::new();
+    for _ in 0..4 {
+        let buf = Buf::default();
+        bufs.push(buf.clone());
+        let endpoint = endpoint.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut out = buf;
+            events::follow(&endpoint, &follow_request(), Format::Json, false, &mut out).await
+        }));
+    }
+    clients(&hub, 4).await;
+    const N: u64 = 20_000;
+    for n in 0..N {
+        hub.publish(&numbered(n));
+    }
+    // Every client has everything, in order.
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while bufs
+            .iter()
+            .any(|b| numbers(&b.0.lock().unwrap()).len() < N as usize)
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("all records delivered");
+    for b in &bufs {
+        let got = numbers(&b.0.lock().unwrap());
+        assert_eq!(got, (0..N).collect::<Vec<_>>());
+    }
+    for t in tasks {
+        t.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnecting_client_gets_what_it_missed_from_the_replay() {
+    let (hub, _dir, endpoint) = serve(1000, 1000).await;
+    for n in 0..100 {
+        hub.publish(&numbered(n));
+    }
+    // Without follow: what is held, then the stream ends.
+    let mut first = Buf::default();
+    let req = StreamRequest {
+        follow: false,
+        since: None,
+        tail: None,
+        kinds: vec![],
+    };
+    events::follow(&endpoint, &req, Format::Json, false, &mut first)
+        .await
+        .unwrap();
+    assert_eq!(
+        numbers(&first.0.lock().unwrap()),
+        (0..100).collect::<Vec<_>>()
+    );
+    // Away for a while...
+    for n in 100..250 {
+        hub.publish(&numbered(n));
+    }
+    // ...back with the last 150: exactly the ones missed.
+    let mut again = Buf::default();
+    let req = StreamRequest {
+        follow: false,
+        since: None,
+        tail: Some(150),
+        kinds: vec![],
+    };
+    events::follow(&endpoint, &req, Format::Json, false, &mut again)
+        .await
+        .unwrap();
+    assert_eq!(
+        numbers(&again.0.lock().unwrap()),
+        (100..250).collect::<Vec<_>>()
+    );
+    // Replay is bounded: the oldest are gone once more than it holds were published.
+    for n in 250..1500 {
+        hub.publish(&numbered(n));
+    }
+    let mut all = Buf::default();
+    let req = StreamRequest {
+        follow: false,
+        since: None,
+        tail: None,
+        kinds: vec![],
+    };
+    events::follow(&endpoint, &req, Format::Json, false, &mut all)
+        .await
+        .unwrap();
+    assert_eq!(
+        numbers(&all.0.lock().unwrap()),
+        (500..1500).collect::<Vec<_>>()
+    );
+    assert!(hub.held_bytes() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_client_is_cut_off_and_told_how_much_it_missed() {
+    let (hub, _dir, endpoint) = serve(10, 4096).await;
+    let Endpoint::Unix(path) = endpoint.clone() else {
+        unreachable!()
+    };
+    // A client that asks and then does not read.
+    let mut slow = tokio::net::UnixStream::connect(&path).await.unwrap();
+    slow.write_all(b"GET /events?follow=1 HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    // A fast one alongside.
+    let fast = Buf::default();
+    let fast_task = {
+        let (endpoint, mut out) = (endpoint.clone(), fast.clone());
+        tokio::spawn(async move {
+            events::follow(&endpoint, &follow_request(), Format::Json, false, &mut out).await
+        })
+    };
+    clients(&hub, 2).await;
+    // Publishing never waits for anyone: 200k records go out while the slow client sleeps.
+    const N: u64 = 50_000;
+    let started = std::time::Instant::now();
+    for n in 0..N {
+        hub.publish(&numbered(n));
+        if n % 256 == 0 {
+            // Give the fast client's task a turn, as the agent's own pace would.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    let publish_time = started.elapsed();
+    eprintln!("published {N} records in {publish_time:?} with a stalled client attached");
+    // Now the slow client reads: some records, then the cut-off record, then the end.
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut chunk = vec![0u8; 1 << 16];
+        loop {
+            let n = slow.read(&mut chunk).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await;
+    let tail = String::from_utf8_lossy(&got[got.len().saturating_sub(600)..]).into_owned();
+    assert!(
+        read.is_ok(),
+        "the slow client's stream did not end; {} bytes, ending with {tail}",
+        got.len()
+    );
+    let text = String::from_utf8_lossy(&got);
+    let cut = text
+        .lines()
+        .find(|l| l.contains("\"cut_off\""))
+        .unwrap_or_else(|| panic!("no cut_off record in {} bytes", got.len()));
+    let cut: serde_json::Value = serde_json::from_str(cut).unwrap();
+    assert!(cut["missed"].as_u64().unwrap() > 0, "{cut}");
+    // The fast client, alongside, got every record in order.
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while numbers(&fast.0.lock().unwrap()).len() < N as usize {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the fast client got everything");
+    fast_task.abort();
+    assert_eq!(numbers(&fast.0.lock().unwrap()), (0..N).collect::<Vec<_>>());
+}
