@@ -200,12 +200,13 @@ pub fn merge(cmd: &Command, argv: Vec<OsString>) -> Result<Vec<OsString>, Config
     Ok(out)
 }
 
-/// Where each effective value came from, for `hotplug-agent config`.
+/// Where each effective value came from, for `hotplug-agent config`. `before` are the
+/// matches without the file, to tell its values from the flags'.
 pub fn describe(
     sub: &Command,
     matches: &ArgMatches,
+    before: Option<&ArgMatches>,
     file: Option<&PathBuf>,
-    file_keys: &[String],
 ) -> String {
     let mut out = String::new();
     if let Some(f) = file {
@@ -223,7 +224,9 @@ pub fn describe(
             .map(|v| v.map(|s| s.to_string_lossy().into_owned()).collect())
             .unwrap_or_default();
         let source = match matches.value_source(id) {
-            Some(ValueSource::CommandLine) if file_keys.iter().any(|k| k == long) => {
+            Some(ValueSource::CommandLine)
+                if before.and_then(|b| b.value_source(id)) != Some(ValueSource::CommandLine) =>
+            {
                 "file".to_string()
             }
             Some(ValueSource::CommandLine) => "flag".into(),
@@ -256,15 +259,9 @@ pub fn describe(
     out
 }
 
-/// Keys (as long flags) a config file sets, for [`describe`].
-pub fn file_keys(argv: &[OsString]) -> (Option<PathBuf>, Vec<String>) {
-    let Some(path) = config_path(argv) else {
-        return (None, Vec::new());
-    };
-    let keys = read_file(&path)
-        .map(|f| f.into_keys().map(|k| k.replace('_', "-")).collect())
-        .unwrap_or_default();
-    (Some(path), keys)
+/// The config file this command line reads, if any.
+pub fn file_of(argv: &[OsString]) -> Option<PathBuf> {
+    config_path(argv)
 }
 
 #[cfg(test)]

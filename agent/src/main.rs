@@ -417,7 +417,8 @@ fn print_config(run_args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
     let cmd = config::with_env(Cli::command());
     let mut argv: Vec<std::ffi::OsString> = vec!["hotplug-agent".into(), "run".into()];
     argv.extend(run_args);
-    let (file, keys) = config::file_keys(&argv);
+    let file = config::file_of(&argv);
+    let before = cmd.clone().try_get_matches_from(&argv)?;
     let argv = config::merge(&cmd, argv)?;
     let matches = cmd.clone().try_get_matches_from(argv)?;
     let run = cmd.find_subcommand("run").context("no run subcommand")?;
@@ -426,7 +427,12 @@ fn print_config(run_args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
         .context("no run matches")?;
     print!(
         "{}",
-        config::describe(run, run_matches, file.as_ref(), &keys)
+        config::describe(
+            run,
+            run_matches,
+            before.subcommand_matches("run"),
+            file.as_ref()
+        )
     );
     Ok(())
 }
