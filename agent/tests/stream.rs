@@ -33,6 +33,11 @@ fn numbers(ndjson: &[u8]) -> Vec<u64> {
         .collect()
 }
 
+/// Lines received so far (cheap enough to poll while waiting).
+fn line_count(b: &Buf) -> usize {
+    b.0.lock().unwrap().iter().filter(|&&c| c == b'\n').count()
+}
+
 /// Collects what `events` prints into a shared buffer.
 #[derive(Clone, Default)]
 struct Buf(Arc<std::sync::Mutex<Vec<u8>>>);
@@ -104,7 +109,7 @@ async fn several_clients_get_every_record_in_order_under_a_burst() {
     tokio::time::timeout(Duration::from_secs(30), async {
         while bufs
             .iter()
-            .any(|b| numbers(&b.0.lock().unwrap()).len() < N as usize)
+            .any(|b| line_count(b) < N as usize)
         {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -241,7 +246,7 @@ async fn a_slow_client_is_cut_off_and_told_how_much_it_missed() {
     assert!(cut["missed"].as_u64().unwrap() > 0, "{cut}");
     // The fast client, alongside, got every record in order.
     tokio::time::timeout(Duration::from_secs(30), async {
-        while numbers(&fast.0.lock().unwrap()).len() < N as usize {
+        while line_count(&fast) < N as usize {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     })
@@ -250,3 +255,50 @@ async fn a_slow_client_is_cut_off_and_told_how_much_it_missed() {
     fast_task.abort();
     assert_eq!(numbers(&fast.0.lock().unwrap()), (0..N).collect::<Vec<_>>());
 }
+
+/// Throughput to 1 and 10 clients and the memory the replay buffer holds. Run by
+/// `cargo xtask bench` (`-- --ignored`); prints one `BENCH_STREAM_JSON` line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run by cargo xtask bench"]
+async fn bench_stream_throughput() {
+    const N: u64 = 100_000;
+    let mut results = serde_json::Map::new();
+    for clients_n in [1usize, 10] {
+        let (hub, _dir, endpoint) = serve(DEFAULT_REPLAY_FOR_BENCH, 1 << 20).await;
+        let mut bufs = Vec::new();
+        let mut tasks = Vec::new();
+        for _ in 0..clients_n {
+            let buf = Buf::default();
+            bufs.push(buf.clone());
+            let (endpoint, mut out) = (endpoint.clone(), buf);
+            tasks.push(tokio::spawn(async move { events::follow(&endpoint, &follow_request(), Format::Json, false, &mut out).await }));
+        }
+        clients(&hub, clients_n).await;
+        let started = std::time::Instant::now();
+        for n in 0..N {
+            hub.publish(&numbered(n));
+            if n % 1024 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        tokio::time::timeout(Duration::from_secs(120), async {
+            while bufs.iter().any(|b| line_count(b) < N as usize) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("all delivered");
+        let secs = started.elapsed().as_secs_f64();
+        for t in tasks {
+            t.abort();
+        }
+        results.insert(format!("records_per_s_{clients_n}_clients"), serde_json::json!((N as f64 / secs).round()));
+        results.insert(format!("seconds_{clients_n}_clients"), serde_json::json!(secs));
+        results.insert("replay_records".into(), serde_json::json!(DEFAULT_REPLAY_FOR_BENCH));
+        results.insert("replay_bytes".into(), serde_json::json!(hub.held_bytes()));
+    }
+    results.insert("records".into(), serde_json::json!(N));
+    println!("BENCH_STREAM_JSON {}", serde_json::Value::Object(results));
+}
+
+const DEFAULT_REPLAY_FOR_BENCH: usize = hotplug_agent::report::stream::DEFAULT_REPLAY;

@@ -21,7 +21,7 @@
 //!   canonical form (`1048576Ki` reads back as `1Gi`), as decoding into Go types does.
 //! - Watches from a resourceVersion with a bounded history and 410 Expired for older
 //!   ones, synthetic ADDED events without one, selector-aware ADDED/DELETED, the
-//!   `sendInitialEvents` bookmark, `timeoutSeconds` (see [`watch`](self::watch)).
+//!   `sendInitialEvents` bookmark, `timeoutSeconds` (details in the `watch` module).
 //! - Lists with `metadata.resourceVersion` and `fieldSelector`/equality `labelSelector`.
 //! - Events in core/v1 and events.k8s.io/v1 (one stored object, both views, as the real
 //!   conversion), with the namespace rules of event validation (an Event about a Node
@@ -42,6 +42,14 @@
 //! [`FakeApi::unhandled`]). The Node status subresource of a real server also lets
 //! labels and annotations through; the fake keeps only `.status`, the stricter reading.
 //! Field selectors work on any path, where the real server allows only a few per kind.
+//! Watches without `timeoutSeconds` last 1800 s (the real server: 1800-3600 s).
+//!
+//! # Notes for tests
+//! - kube 5 clients retry 429, 503 and 504 up to 15 times with exponential back-off by
+//!   default (`kube::Config::default_retry`): a blocked eviction, or a 503 from
+//!   [`FakeApi::fail_next`], takes minutes to surface as an error unless that is off.
+//!   This is the real client against a real server too.
+//! - The `wait_*` helpers wake on every write but time out on the caller's tokio clock.
 
 mod error;
 mod patch;
@@ -64,6 +72,8 @@ use tokio::{
     task::JoinSet,
 };
 
+#[cfg(test)]
+pub(crate) use self::patch::{ListStrategy, strategic_merge};
 pub(crate) use self::selector::Selector;
 use self::{
     resources::{Group, Kind, view},
@@ -408,7 +418,11 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: onesh
                             .await;
                     });
                 }
-                Err(e) => eprintln!("fake-apiserver: accept failed: {e}"),
+                Err(e) => {
+                    // EMFILE and the like: back off a little rather than spin.
+                    eprintln!("fake-apiserver: accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
             },
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
         }

@@ -12,10 +12,17 @@
 //! Files, all named after the pidfile: `<pidfile>` (the running instance's PID),
 //! `<pidfile>.ready` (its PID again, once its first status post succeeded),
 //! `<pidfile>.log` (every instance's stderr, appended); and `--restarts-log`, one line
-//! per start-up.
+//! per start-up. The pidfile path identifies an instance: pass the same path (as the
+//! same string) to `run` and `restart`.
+//!
+//! `--root DIR` makes it read `DIR/proc/meminfo` and `DIR/sys/...` instead of the
+//! machine's, so a test without root can fake a hot-add by editing a fixture tree and
+//! restarting. Quantities are canonical, as the kubelet's: MemTotal is written in `Ki`
+//! unless it is a whole number of MiB (then `Mi`, or `Gi`...).
 
 mod capacity;
 pub mod process;
+mod status;
 
 use std::{
     fs,
@@ -24,7 +31,10 @@ use std::{
     time::Duration,
 };
 
-pub use self::capacity::{Capacity, binary_quantity, capacity_of, hugepages_resource};
+pub use self::{
+    capacity::{Capacity, binary_quantity, capacity_of, hugepages_resource},
+    status::{go_arch, node_object, status_patch},
+};
 
 /// `<pidfile>.ready`: written by an instance after its first successful status post.
 pub fn ready_path(pidfile: &Path) -> PathBuf {
@@ -79,6 +89,10 @@ fn quote(word: &str) -> String {
 }
 
 /// A running stand-in; SIGTERMed (whichever instance is current) and awaited on drop.
+///
+/// Starting one makes the test process a child subreaper (see
+/// [`process::become_subreaper`]), so stopped instances are reaped rather than left as
+/// zombies where PID 1 does not reap.
 pub struct Kubelet {
     bin: PathBuf,
     /// The instance's flags (what `restart` is given too).
@@ -115,6 +129,7 @@ impl Kubelet {
             pidfile,
             restarts_log,
         };
+        process::become_subreaper();
         // `restart` with nothing running starts an instance, like `systemctl restart`.
         kubelet.restart();
         kubelet
@@ -176,8 +191,10 @@ impl Kubelet {
 
     /// SIGTERM to the current instance, and waits for it to exit.
     pub fn stop(&self) -> process::Stopped {
-        process::stop_instance(&self.pidfile, Duration::from_secs(10))
-            .unwrap_or_else(|e| panic!("stopping the kubelet stand-in: {e}"))
+        let stopped = process::stop_instance(&self.pidfile, Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("stopping the kubelet stand-in: {e}"));
+        process::reap_exited_standins();
+        stopped
     }
 }
 
@@ -190,6 +207,7 @@ impl Drop for Kubelet {
             Ok(_) => {}
             Err(e) => eprintln!("warning: stopping kubelet-standin: {e}"),
         }
+        process::reap_exited_standins();
     }
 }
 

@@ -22,8 +22,15 @@ pub fn can_change_machine(test: &str) -> bool {
     let root = unsafe { libc::geteuid() } == 0;
     if !root {
         eprintln!("\n*** SKIP {test}: needs root to change CPU/memory state and load eBPF ***\n");
+        return false;
     }
-    root
+    if let Err(why) = hotplug_answers() {
+        eprintln!(
+            "\n*** SKIP {test}: this machine's CPU/memory hotplug does not answer: {why} ***\n"
+        );
+        return false;
+    }
+    true
 }
 
 /// Serialises machine-changing tests across threads and processes.
@@ -49,8 +56,81 @@ impl MachineLock {
 const CPU_DIR: &str = "/sys/devices/system/cpu";
 const MEM_DIR: &str = "/sys/devices/system/memory";
 
+/// How long one hotplug write may take before it is abandoned.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Writes a hotplug control file from a child process that is killed after
+/// [`WRITE_TIMEOUT`]. Offlining memory can spin in the kernel for a long time (page
+/// migration under memory pressure, seen here), holding the device hotplug lock; a write
+/// from the test thread itself could then never be interrupted, and the whole suite would
+/// hang instead of failing.
 fn write_sysfs(path: &Path, value: &str) -> std::io::Result<()> {
-    fs::write(path, value)
+    let out = Command::new("timeout")
+        .args([
+            "-s",
+            "KILL",
+            &WRITE_TIMEOUT.as_secs().to_string(),
+            "sh",
+            "-c",
+            "printf %s \"$1\" > \"$2\"",
+            "sh",
+            value,
+        ])
+        .arg(path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()?;
+    match out.status.code() {
+        Some(0) => Ok(()),
+        Some(124) | Some(137) | None => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "writing {value:?} to {} took over {WRITE_TIMEOUT:?}",
+                path.display()
+            ),
+        )),
+        Some(_) => {
+            let err = String::from_utf8_lossy(&out.stderr);
+            let kind = if err.contains("busy") {
+                std::io::ErrorKind::ResourceBusy
+            } else {
+                std::io::ErrorKind::Other
+            };
+            Err(std::io::Error::new(
+                kind,
+                format!("writing {value:?} to {}: {}", path.display(), err.trim()),
+            ))
+        }
+    }
+}
+
+/// Whether CPU and memory hotplug answer at all: a no-op write to an online CPU takes the
+/// kernel's device hotplug lock, and a block stuck `going-offline` means an offline is
+/// still running. Either way the machine cannot take part in tests right now.
+pub fn hotplug_answers() -> Result<(), String> {
+    let stuck: Vec<String> = fs::read_dir(MEM_DIR)
+        .map(|d| {
+            d.filter_map(|e| {
+                let e = e.ok()?;
+                let state = fs::read_to_string(e.path().join("state")).ok()?;
+                (state.trim() == "going-offline")
+                    .then(|| e.file_name().to_string_lossy().into_owned())
+            })
+            .collect()
+        })
+        .unwrap_or_default();
+    if !stuck.is_empty() {
+        return Err(format!(
+            "memory blocks stuck going offline: {}",
+            stuck.join(", ")
+        ));
+    }
+    if let Some(cpu) = CpuOffline::pick().filter(|&c| c != 0) {
+        write_sysfs(&PathBuf::from(format!("{CPU_DIR}/cpu{cpu}/online")), "1")
+            .map_err(|e| format!("the kernel's hotplug lock is not free: {e}"))?;
+    }
+    Ok(())
 }
 
 /// Takes a CPU offline; puts it back online on drop.
@@ -150,8 +230,10 @@ impl BlocksOffline {
     /// Offlines up to `n` blocks, trying others where the kernel answers EBUSY.
     pub fn take(n: usize) -> Self {
         let mut guard = Self { blocks: Vec::new() };
+        // Bounded: a busy machine can make each refused block slow to refuse.
+        let deadline = Instant::now() + Duration::from_secs(60);
         for id in online_blocks() {
-            if guard.blocks.len() == n {
+            if guard.blocks.len() == n || Instant::now() > deadline {
                 break;
             }
             if write_sysfs(

@@ -231,6 +231,43 @@ async fn nodes_get_create_and_every_patch_type() {
         (415, "UnsupportedMediaType".into())
     );
 
+    // PUT on the status subresource: optimistic concurrency on resourceVersion.
+    let mut current = nodes.get("n1").await.unwrap();
+    let stale_copy = current.clone();
+    current
+        .status
+        .as_mut()
+        .unwrap()
+        .capacity
+        .as_mut()
+        .unwrap()
+        .insert(
+            "memory".into(),
+            k8s_openapi::apimachinery::pkg::api::resource::Quantity("12Gi".into()),
+        );
+    current.spec.as_mut().unwrap().unschedulable = Some(false);
+    let replaced = nodes
+        .replace_status("n1", &PostParams::default(), &current)
+        .await
+        .unwrap();
+    assert_eq!(
+        replaced.status.unwrap().capacity.unwrap()["memory"].0,
+        "12Gi"
+    );
+    assert_eq!(
+        replaced.spec.unwrap().unschedulable,
+        Some(true),
+        "PUT status keeps spec"
+    );
+    assert_eq!(
+        api_code(
+            nodes
+                .replace_status("n1", &PostParams::default(), &stale_copy)
+                .await
+        ),
+        (409, "Conflict".into())
+    );
+
     // List with a field selector.
     nodes
         .create(&PostParams::default(), &node("n2"))
@@ -507,6 +544,40 @@ async fn stop_fails_requests_and_restart_serves_the_same_state_on_the_same_port(
         .await
         .expect("the same client reconnects after restart");
     assert_eq!(n.metadata.name.as_deref(), Some("s1"));
+    // A kube watcher rides out the outage: it re-watches from its last resourceVersion.
+    let mut watched = kube::runtime::watcher::watch_object(nodes.clone(), "s1").boxed();
+    let first = tokio::time::timeout(WAIT, watched.try_next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(first.flatten().is_some());
+    api.stop().await;
+    api.restart().await;
+    let patch = json!({"status": {"capacity": {"memory": "64Gi"}}});
+    nodes
+        .patch_status("s1", &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .unwrap();
+    let after = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match watched.next().await {
+                Some(Ok(Some(n)))
+                    if n.status
+                        .as_ref()
+                        .and_then(|s| s.capacity.as_ref())
+                        .is_some_and(|c| c["memory"].0 == "64Gi") =>
+                {
+                    break n;
+                }
+                Some(_) => continue,
+                None => panic!("the watcher ended"),
+            }
+        }
+    })
+    .await
+    .expect("the watcher saw the change made after the restart");
+    assert_eq!(after.metadata.name.as_deref(), Some("s1"));
+
     // Unknown paths are answered 404 and recorded.
     let raw = hyper::http::Request::get("/apis/coordination.k8s.io/v1/leases")
         .body(Vec::new())
@@ -641,6 +712,12 @@ async fn kubelet_standin_reposts_its_cached_capacity_and_restarts() {
     assert!(!pidfile.exists(), "the pidfile is removed on exit");
     assert!(kubelet.log().contains("stopping"));
     drop(kubelet);
+    for pid in [first_pid, second_pid] {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "stand-in {pid} left behind (zombie?)"
+        );
+    }
     assert!(
         api.unhandled().is_empty(),
         "unexpected requests: {:?}",
@@ -685,5 +762,76 @@ async fn kubelet_standin_exits_zero_on_sigterm() {
         started.elapsed() < Duration::from_secs(2),
         "took {:?}",
         started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn kube_runtime_watchers_list_then_watch_and_stream_lists() {
+    use kube::runtime::{WatchStreamExt, wait::await_condition, watcher};
+
+    let api = FakeApi::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let nodes: Api<Node> = Api::all(client(&api, dir.path()).await);
+    nodes
+        .create(&PostParams::default(), &node("r1"))
+        .await
+        .unwrap();
+
+    // await_condition: watch_object (list + watch by metadata.name) until it holds.
+    let waiter = tokio::spawn(await_condition(nodes.clone(), "r1", |n: Option<&Node>| {
+        n.and_then(|n| n.status.as_ref()?.capacity.as_ref()?.get("memory"))
+            .is_some_and(|q| q.0 == "32Gi")
+    }));
+    nodes
+        .patch_status(
+            "r1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"capacity": {"memory": "32Gi"}}})),
+        )
+        .await
+        .unwrap();
+    let seen = tokio::time::timeout(WAIT, waiter)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(seen.status.unwrap().capacity.unwrap()["memory"].0, "32Gi");
+
+    // A streaming-list watcher (sendInitialEvents + the initial-events-end bookmark).
+    let config = watcher::Config::default()
+        .fields("metadata.name=r1")
+        .streaming_lists();
+    let mut objects = watcher(nodes.clone(), config).applied_objects().boxed();
+    let first = tokio::time::timeout(WAIT, objects.try_next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.metadata.name.as_deref(), Some("r1"));
+    nodes
+        .patch_status(
+            "r1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"capacity": {"cpu": "8"}}})),
+        )
+        .await
+        .unwrap();
+    let next = tokio::time::timeout(WAIT, objects.try_next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.status.unwrap().capacity.unwrap()["cpu"].0, "8");
+    let watched = api
+        .requests()
+        .into_iter()
+        .filter(|(_, p)| p.contains("sendInitialEvents=true"))
+        .count();
+    assert_eq!(watched, 1);
+    assert!(
+        api.unhandled().is_empty(),
+        "unexpected requests: {:?}",
+        api.unhandled()
     );
 }

@@ -32,7 +32,6 @@ use kube::{
     api::{Patch, PatchParams, PostParams},
     config::{KubeConfigOptions, Kubeconfig},
 };
-use serde_json::{Value, json};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
@@ -201,13 +200,22 @@ fn restart(run: &RunArgs, timeout: Duration) -> anyhow::Result<()> {
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
-    // SAFETY: setsid is async-signal-safe; the new instance leaves our session so it
-    // outlives whoever ran `restart` (a supervisor's job, here).
+    // SAFETY: setsid and close_range are async-signal-safe system calls. The new
+    // instance leaves our session so it outlives whoever ran `restart` (a supervisor's
+    // job, here).
     unsafe {
         cmd.pre_exec(|| {
             if libc::setsid() == -1 {
                 return Err(std::io::Error::last_os_error());
             }
+            // Whatever the caller leaked without O_CLOEXEC (a pipe to its reader, say)
+            // must not stay open for the instance's lifetime. Best effort.
+            libc::syscall(
+                libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
             Ok(())
         });
     }
@@ -371,67 +379,6 @@ async fn owner_exit(owner: Option<i32>) {
     }
 }
 
-fn conditions(started: &str) -> Value {
-    let now = now();
-    let condition = |ty: &str, status: &str, reason: &str, message: &str| {
-        json!({
-            "type": ty, "status": status, "reason": reason, "message": message,
-            "lastHeartbeatTime": now, "lastTransitionTime": started,
-        })
-    };
-    json!([
-        condition(
-            "MemoryPressure",
-            "False",
-            "KubeletHasSufficientMemory",
-            "kubelet has sufficient memory available"
-        ),
-        condition(
-            "DiskPressure",
-            "False",
-            "KubeletHasNoDiskPressure",
-            "kubelet has no disk pressure"
-        ),
-        condition(
-            "PIDPressure",
-            "False",
-            "KubeletHasSufficientPID",
-            "kubelet has sufficient PID available"
-        ),
-        condition(
-            "Ready",
-            "True",
-            "KubeletReady",
-            "kubelet is posting ready status"
-        ),
-    ])
-}
-
-fn status(name: &str, cap: &Capacity, started: &str) -> Value {
-    json!({
-        "capacity": cap.capacity,
-        "allocatable": cap.allocatable,
-        "conditions": conditions(started),
-        "addresses": [
-            {"type": "InternalIP", "address": "127.0.0.1"},
-            {"type": "Hostname", "address": name},
-        ],
-        "nodeInfo": {
-            "kubeletVersion": "v1.34.0-standin",
-            "operatingSystem": "linux",
-            "architecture": go_arch(),
-        },
-    })
-}
-
-fn go_arch() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => other,
-    }
-}
-
 /// Registers the Node if needed (kubelet_node_status.go `registerWithAPIServer`: create,
 /// and an existing Node is fine), then PATCHes the cached status, as
 /// `tryUpdateNodeStatus` does: a strategic merge with `$setElementOrder`.
@@ -443,20 +390,8 @@ async fn post(
     registered: &mut bool,
 ) -> Result<(), kube::Error> {
     if !*registered {
-        let node: Node = serde_json::from_value(json!({
-            "apiVersion": "v1",
-            "kind": "Node",
-            "metadata": {
-                "name": name,
-                "labels": {
-                    "kubernetes.io/hostname": name,
-                    "kubernetes.io/os": "linux",
-                    "kubernetes.io/arch": go_arch(),
-                },
-            },
-            "status": status(name, cap, started),
-        }))
-        .map_err(kube::Error::SerdeError)?;
+        let node: Node = serde_json::from_value(kubelet::node_object(name, cap, started))
+            .map_err(kube::Error::SerdeError)?;
         match api.create(&PostParams::default(), &node).await {
             Ok(_) => {}
             Err(kube::Error::Api(s)) if s.code == 409 => {}
@@ -464,10 +399,7 @@ async fn post(
         }
         *registered = true;
     }
-    let mut patch = json!({"status": status(name, cap, started)});
-    patch["status"]["$setElementOrder/conditions"] = json!([
-        {"type": "MemoryPressure"}, {"type": "DiskPressure"}, {"type": "PIDPressure"}, {"type": "Ready"},
-    ]);
+    let patch = kubelet::status_patch(name, cap, started);
     match api
         .patch_status(name, &PatchParams::default(), &Patch::Strategic(&patch))
         .await

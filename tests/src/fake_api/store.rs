@@ -271,6 +271,7 @@ impl State {
         m.insert("uid".into(), json!(new_uid()));
         m.insert("creationTimestamp".into(), json!(now_rfc3339()));
         m.remove("resourceVersion");
+        resources::set_type_meta(&mut obj, kind, Group::Core);
         if reset_status && kind == Kind::Pod {
             obj["status"] = json!({"phase": "Pending"});
         }

@@ -85,9 +85,13 @@ fn is_instance(pid: i32, pidfile: &Path) -> bool {
             .file_name()
             .is_some_and(|n| n.as_bytes().starts_with(b"kubelet-standin"))
     });
+    let path = pidfile.as_os_str().as_bytes();
     let ours = args
         .windows(2)
-        .any(|w| w[0] == b"--pidfile" && w[1] == pidfile.as_os_str().as_bytes());
+        .any(|w| w[0] == b"--pidfile" && w[1] == path)
+        || args
+            .iter()
+            .any(|a| a.strip_prefix(b"--pidfile=".as_slice()) == Some(path));
     standin && ours
 }
 
@@ -128,4 +132,52 @@ pub fn stop_instance(pidfile: &Path, timeout: Duration) -> io::Result<Stopped> {
         io::ErrorKind::TimedOut,
         format!("kubelet-standin {pid} survived SIGKILL"),
     ))
+}
+
+/// Makes this process the reaper of its orphaned descendants (PR_SET_CHILD_SUBREAPER).
+/// A stand-in outlives the `restart` process that started it; without this it is
+/// re-parented to PID 1, which in a container often reaps nothing, and every stopped
+/// instance would stay a zombie. With it, [`reap_exited_standins`] can collect them.
+pub fn become_subreaper() {
+    // SAFETY: prctl with an integer option; no pointers involved.
+    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    if rc != 0 {
+        eprintln!(
+            "warning: PR_SET_CHILD_SUBREAPER: {}",
+            io::Error::last_os_error()
+        );
+    }
+}
+
+/// Reaps our children that are exited stand-ins (zombies named `kubelet-standin`),
+/// each by its own PID, so no other child's exit status is taken.
+pub fn reap_exited_standins() {
+    let me = std::process::id().to_string();
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid ..."; comm may contain spaces, so split at the last ')'.
+        let Some((head, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let comm = head.split_once(" (").map_or("", |(_, c)| c);
+        let mut fields = rest.split_whitespace();
+        let (state, ppid) = (fields.next(), fields.next());
+        if comm == "kubelet-standin" && state == Some("Z") && ppid == Some(me.as_str()) {
+            let mut status = 0;
+            // SAFETY: waitpid on one specific child PID, non-blocking.
+            unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        }
+    }
 }
