@@ -29,6 +29,7 @@ use crate::{process, setup, workspace};
 mod agent;
 mod idle;
 mod machine;
+mod refresh;
 mod report;
 mod stats;
 mod watch;
@@ -71,7 +72,11 @@ pub struct Context {
 type Suite = fn(&Context, &mut Vec<Section>) -> anyhow::Result<()>;
 
 /// The suites, in the order they run.
-const SUITES: &[(&str, Suite)] = &[("watch", watch::sections), ("idle", idle::section)];
+const SUITES: &[(&str, Suite)] = &[
+    ("watch", watch::sections),
+    ("idle", idle::section),
+    ("refresh", refresh::sections),
+];
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     ensure!(
