@@ -107,10 +107,7 @@ async fn several_clients_get_every_record_in_order_under_a_burst() {
     }
     // Every client has everything, in order.
     tokio::time::timeout(Duration::from_secs(30), async {
-        while bufs
-            .iter()
-            .any(|b| line_count(b) < N as usize)
-        {
+        while bufs.iter().any(|b| line_count(b) < N as usize) {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     })
@@ -271,7 +268,9 @@ async fn bench_stream_throughput() {
             let buf = Buf::default();
             bufs.push(buf.clone());
             let (endpoint, mut out) = (endpoint.clone(), buf);
-            tasks.push(tokio::spawn(async move { events::follow(&endpoint, &follow_request(), Format::Json, false, &mut out).await }));
+            tasks.push(tokio::spawn(async move {
+                events::follow(&endpoint, &follow_request(), Format::Json, false, &mut out).await
+            }));
         }
         clients(&hub, clients_n).await;
         let started = std::time::Instant::now();
@@ -292,9 +291,18 @@ async fn bench_stream_throughput() {
         for t in tasks {
             t.abort();
         }
-        results.insert(format!("records_per_s_{clients_n}_clients"), serde_json::json!((N as f64 / secs).round()));
-        results.insert(format!("seconds_{clients_n}_clients"), serde_json::json!(secs));
-        results.insert("replay_records".into(), serde_json::json!(DEFAULT_REPLAY_FOR_BENCH));
+        results.insert(
+            format!("records_per_s_{clients_n}_clients"),
+            serde_json::json!((N as f64 / secs).round()),
+        );
+        results.insert(
+            format!("seconds_{clients_n}_clients"),
+            serde_json::json!(secs),
+        );
+        results.insert(
+            "replay_records".into(),
+            serde_json::json!(DEFAULT_REPLAY_FOR_BENCH),
+        );
         results.insert("replay_bytes".into(), serde_json::json!(hub.held_bytes()));
     }
     results.insert("records".into(), serde_json::json!(N));

@@ -7,6 +7,7 @@
 //! - [`test`]: setup, one workspace build, the unprivileged tests in parallel, then the
 //!   privileged integration tests (`hotplug-tests`) one at a time; prints a summary line.
 //! - [`bench`]: latency from a real sysfs write to the record, eBPF delivery, idle footprint (as root).
+//! - [`vm`]: real DIMM, virtio-mem and CPU hot-add/unplug in a QEMU guest with the agent inside.
 //!
 //! [`process`] and [`workspace`] hold what the tasks share: running commands, root and sudo,
 //! and where the workspace and its target directory are.
@@ -19,6 +20,7 @@ mod process;
 mod run;
 mod setup;
 mod test;
+mod vm;
 mod workspace;
 
 #[derive(Debug, Parser)]
@@ -43,6 +45,9 @@ enum Task {
     Test(test::Args),
     /// Measure: hotplug-to-record latency per source, eBPF delivery, idle RSS and wake-ups (root).
     Bench(bench::Args),
+    /// Real DIMM, virtio-mem and CPU hotplug in a QEMU guest (TCG) with the agent inside,
+    /// driven over QMP; asserts on the agent's records and prints latencies.
+    VmTest(vm::Args),
 }
 
 fn main() -> anyhow::Result<ExitCode> {
@@ -51,6 +56,7 @@ fn main() -> anyhow::Result<ExitCode> {
         Task::Run(args) => run::run(args)?,
         Task::Test(args) => return test::run(args),
         Task::Bench(args) => bench::run(args)?,
+        Task::VmTest(args) => return vm::run(args),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -10,8 +10,17 @@ use crate::process::{self, Privilege};
 /// The version DESIGN.md proves on this toolchain: it links against rustc's own LLVM.
 const BPF_LINKER_VERSION: &str = "0.10.2";
 /// libudev-dev and pkg-config: the `udev` crate's build script finds libudev through
-/// pkg-config. dbus-daemon: the systemd refresh tests run a private bus.
-const DEBIAN_PACKAGES: [&str; 3] = ["libudev-dev", "pkg-config", "dbus-daemon"];
+/// pkg-config. dbus-daemon: the systemd refresh tests run a private bus. qemu-system-x86,
+/// busybox-static, kmod, cpio: `cargo xtask vm-test` boots a guest (VM-HOTPLUG.md).
+const DEBIAN_PACKAGES: [&str; 7] = [
+    "libudev-dev",
+    "pkg-config",
+    "dbus-daemon",
+    "qemu-system-x86",
+    "busybox-static",
+    "kmod",
+    "cpio",
+];
 /// Where aya looks for tracefs first when it attaches tracepoints.
 const TRACEFS: &str = "/sys/kernel/tracing";
 

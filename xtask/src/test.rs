@@ -3,7 +3,9 @@
 //! 1. setup, then one `cargo build` of every target, so the eBPF object is built once;
 //! 2. every test but the privileged ones, in parallel (unit, doc, `agent/tests`);
 //! 3. the privileged integration tests (`hotplug-tests`) one at a time: they take CPUs and
-//!    memory blocks offline, which tests running side by side would see.
+//!    memory blocks offline, which tests running side by side would see;
+//! 4. the VM scenarios (`cargo xtask vm-test`, all of them: ~30 s here on an idle
+//!    machine, ~90 s on a busy one), whose hotplug happens inside a QEMU guest, never here.
 //!
 //! libtest's `test result:` lines are counted while the output streams through, and a last
 //! line `test: N passed, N failed` sums them.
@@ -68,6 +70,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if io::stdout().is_terminal() {
         libtest_args.extend(["--color".to_owned(), "always".to_owned()]);
     }
+    let vm_filters = vm_filters(&args.args);
     libtest_args.extend(args.args);
 
     let mut unprivileged = process::cargo();
@@ -102,7 +105,37 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .env(AGENT_BIN_ENV, &agent_bin);
     suite.run(&mut privileged)?;
 
+    // `cargo xtask vm-test`: it prints libtest's result line, counted like the others.
+    // Through cargo, not our own executable: the build above may have replaced it.
+    let mut vm = process::cargo();
+    vm.args(["run", "--quiet", "--package", "xtask", "--", "vm-test"])
+        .args(&vm_filters);
+    suite.run(&mut vm)?;
+
     Ok(suite.finish())
+}
+
+/// The test-name filters among libtest's arguments, for `vm-test` (names `vm::...`).
+fn vm_filters(args: &[String]) -> Vec<String> {
+    const WITH_VALUE: [&str; 7] = [
+        "--skip",
+        "--color",
+        "--format",
+        "--test-threads",
+        "--logfile",
+        "--shuffle-seed",
+        "-Z",
+    ];
+    let mut filters = Vec::new();
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        if WITH_VALUE.contains(&arg.as_str()) {
+            args.next();
+        } else if !arg.starts_with('-') {
+            filters.push(arg.clone());
+        }
+    }
+    filters
 }
 
 fn warn_unprivileged() {
@@ -283,6 +316,21 @@ mod tests {
                 failed: 1
             }
         );
+    }
+
+    #[test]
+    fn passes_only_name_filters_to_the_vm_step() {
+        let args: Vec<String> = [
+            "vm",
+            "--exact",
+            "--skip",
+            "slow",
+            "--test-threads=1",
+            "dimm",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(vm_filters(&args), ["vm", "dimm"]);
     }
 
     #[test]
