@@ -433,5 +433,6 @@ pub fn machine() -> (u64, u64) {
     (s.memory_bytes, u64::from(s.cpus_online))
 }
 
+pub mod cluster;
 pub mod fake_api;
 pub mod kubelet;

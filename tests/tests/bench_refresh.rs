@@ -44,8 +44,7 @@ use std::{
 };
 
 use hotplug_tests::{
-    Agent, BlocksOffline, CpuOffline, MachineLock, can_change_machine, fake_api::FakeApi,
-    kubelet::Kubelet, machine,
+    Agent, BlocksOffline, CpuOffline, MachineLock, can_change_machine, cluster::Cluster, machine,
 };
 use serde_json::{Value, json};
 
@@ -89,7 +88,7 @@ fn bench_refresh() {
         .unwrap_or(DEFAULT_ITERATIONS)
         .max(1);
 
-    let cluster = Cluster::start();
+    let cluster = Cluster::start(NODE);
     let mut bench = Bench {
         agent: cluster.start_agent(),
         cluster: &cluster,
@@ -149,81 +148,38 @@ fn lock_held_by(pid: &str) -> bool {
     })
 }
 
-/// A fake API, a kubeconfig for it, a stand-in kubelet, and a scratch dir (as in
-/// `kubelet_refresh.rs`).
-struct Cluster {
-    rt: tokio::runtime::Runtime,
-    api: FakeApi,
-    kubelet: Kubelet,
-    dir: tempfile::TempDir,
+/// The e2e tests' cluster, with the agent flags this benchmark wants.
+trait BenchCluster {
+    fn start_agent(&self) -> Agent;
+    fn wait_node_matches_machine_ns(&self) -> u64;
 }
 
-impl Cluster {
-    fn start() -> Self {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let api = rt.block_on(FakeApi::start());
-        let dir = tempfile::tempdir().unwrap();
-        api.write_kubeconfig(&dir.path().join("kubeconfig"));
-        fs::create_dir_all(dir.path().join("kubelet-root")).unwrap();
-        fs::create_dir_all(dir.path().join("cgroup/kubepods.slice")).unwrap();
-        let cgroup_file = dir.path().join("cgroup/kubepods.slice/memory.max");
-        let kubelet = Kubelet::start(
-            &dir.path().join("kubeconfig"),
-            NODE,
-            dir.path(),
-            &["--cgroup-file", cgroup_file.to_str().unwrap()],
-        );
-        let cluster = Self {
-            rt,
-            api,
-            kubelet,
-            dir,
-        };
-        cluster.wait_node_matches_machine();
-        cluster
-    }
-
-    fn path(&self, p: &str) -> String {
-        self.dir.path().join(p).display().to_string()
-    }
-
+impl BenchCluster for Cluster {
     fn start_agent(&self) -> Agent {
         let min_interval = format!("{}ms", MIN_REFRESH_INTERVAL.as_millis());
         let settle = SETTLE_MS.to_string();
-        let args = [
-            "run",
-            "--format",
-            "json",
-            "--kubeconfig",
-            &self.path("kubeconfig"),
-            "--node-name",
-            NODE,
-            "--refresh",
-            "command",
-            "--refresh-command",
-            &self.kubelet.restart_command(),
-            "--settle-ms",
-            &settle,
-            "--min-refresh-interval",
-            &min_interval,
-            "--max-refreshes-per-hour",
-            "1000",
-            "--verify-timeout",
-            "30s",
-            "--kubelet-root-dir",
-            &self.path("kubelet-root"),
-            "--cgroup-root",
-            &self.path("cgroup"),
-            // Nothing the measurement needs, and nothing that could clash with another agent.
-            "--metrics-addr",
-            "off",
-            "--stream-socket",
-            "off",
-        ];
+        let mut args: Vec<String> = std::iter::once("run".to_string())
+            .chain(self.run_args())
+            .collect();
+        args.extend(
+            [
+                "--settle-ms",
+                &settle,
+                "--min-refresh-interval",
+                &min_interval,
+                "--max-refreshes-per-hour",
+                "1000",
+                "--verify-timeout",
+                "30s",
+                // Nothing the measurement needs, and nothing that could clash with another agent.
+                "--metrics-addr",
+                "off",
+                "--stream-socket",
+                "off",
+            ]
+            .map(String::from),
+        );
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let (mut agent, _ready) = Agent::start(&args);
         let startup = agent.wait_for("the start-up reconcile", WAIT, |v| {
             v["kind"] == "reconcile" && v["episode"] == 0
@@ -234,24 +190,10 @@ impl Cluster {
 
     /// Waits for the Node on the fake API to advertise the machine's capacity; returns
     /// CLOCK_MONOTONIC when it did.
-    fn wait_node_matches_machine(&self) -> u64 {
-        self.rt
-            .block_on(self.api.wait_node(NODE, WAIT, node_matches_machine));
+    fn wait_node_matches_machine_ns(&self) -> u64 {
+        self.wait_node_matches_machine(WAIT);
         monotonic_ns()
     }
-}
-
-/// The Node's `cpu` and `memory` capacity (parsed by the agent's own quantity code) equal
-/// the machine's online CPUs and MemTotal.
-fn node_matches_machine(node: &Value) -> bool {
-    let Ok(node) = serde_json::from_value(node.clone()) else {
-        return false;
-    };
-    let Ok(adv) = hotplug_agent::reconcile::advertised(&node) else {
-        return false;
-    };
-    let (mem, cpus) = machine();
-    adv.memory_bytes == Some(mem) && adv.cpu_millis == Some(cpus * 1000)
 }
 
 struct Bench<'a> {
@@ -422,7 +364,7 @@ impl Bench<'_> {
     /// what the agent did.
     fn measure(&mut self, name: String, t0: u64, t1: u64) -> Change {
         let restarts_before = self.cluster.kubelet.restarts();
-        let node_ns = self.cluster.wait_node_matches_machine();
+        let node_ns = self.cluster.wait_node_matches_machine_ns();
         let first = self.agent.wait_for("the change's first event", WAIT, |v| {
             is_event(v) && v["mono_ns"].as_u64().is_some_and(|ns| ns >= t0)
         });
@@ -524,7 +466,7 @@ impl Bench<'_> {
             writes.hung.len(),
             writes.stopped
         );
-        let node0 = self.cluster.wait_node_matches_machine();
+        let node0 = self.cluster.wait_node_matches_machine_ns();
         std::thread::sleep(QUIET);
         let mid = self.cluster.kubelet.restarts();
 
@@ -538,7 +480,7 @@ impl Bench<'_> {
                 fs::read_to_string(format!("{MEM_DIR}/memory{id}/state")).unwrap_or_default();
             assert_eq!(state.trim(), "online", "memory{id} did not go back online");
         }
-        let node2 = self.cluster.wait_node_matches_machine();
+        let node2 = self.cluster.wait_node_matches_machine_ns();
         std::thread::sleep(QUIET);
         let end = self.cluster.kubelet.restarts();
         self.last_refresh = Some(Instant::now());

@@ -7,133 +7,47 @@
 use std::{path::Path, time::Duration};
 
 use hotplug_tests::{
-    Agent, BlocksOffline, CpuOffline, MachineLock, can_change_machine, fake_api::FakeApi,
-    kubelet::Kubelet, machine,
+    Agent, BlocksOffline, CpuOffline, MachineLock, can_change_machine, cluster::Cluster,
 };
 use serde_json::Value;
 
 const NODE: &str = "hotplug-e2e";
 const WAIT: Duration = Duration::from_secs(30);
 
-/// A fake API, a kubeconfig for it, a stand-in kubelet, and a scratch dir.
-struct Cluster {
-    rt: tokio::runtime::Runtime,
-    api: FakeApi,
-    kubelet: Kubelet,
-    dir: tempfile::TempDir,
+/// `hotplug-agent run` against `cluster`, with `extra` flag/value pairs replacing the
+/// defaults here.
+fn agent_args(cluster: &Cluster, extra: &[&str]) -> Vec<String> {
+    let mut pairs = cluster.run_args();
+    pairs.extend(["--settle-ms", "300", "--verify-timeout", "20s"].map(String::from));
+    let kept = pairs
+        .chunks(2)
+        .filter(|pair| !extra.contains(&pair[0].as_str()))
+        .flatten()
+        .cloned();
+    std::iter::once("run".to_string())
+        .chain(kept)
+        .chain(extra.iter().map(|s| s.to_string()))
+        .collect()
 }
 
-impl Cluster {
-    fn start() -> Self {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let api = rt.block_on(FakeApi::start());
-        let dir = tempfile::tempdir().unwrap();
-        api.write_kubeconfig(&dir.path().join("kubeconfig"));
-        std::fs::create_dir_all(dir.path().join("kubelet-root")).unwrap();
-        std::fs::create_dir_all(dir.path().join("cgroup/kubepods.slice")).unwrap();
-        let cgroup_file = dir.path().join("cgroup/kubepods.slice/memory.max");
-        let kubelet = Kubelet::start(
-            &dir.path().join("kubeconfig"),
-            NODE,
-            dir.path(),
-            &["--cgroup-file", cgroup_file.to_str().unwrap()],
-        );
-        let cluster = Self {
-            rt,
-            api,
-            kubelet,
-            dir,
-        };
-        cluster.wait_node_matches_machine("the stand-in registered the Node");
-        cluster
-    }
-
-    fn kubeconfig(&self) -> String {
-        self.dir.path().join("kubeconfig").display().to_string()
-    }
-
-    fn path(&self, p: &str) -> String {
-        self.dir.path().join(p).display().to_string()
-    }
-
-    /// `hotplug-agent run` against this cluster, restarting the stand-in.
-    fn agent_args(&self, refresh_command: &str) -> Vec<String> {
-        self.agent_args_with(refresh_command, &[])
-    }
-
-    fn agent_args_with(&self, refresh_command: &str, extra: &[&str]) -> Vec<String> {
-        let pairs = [
-            "--format",
-            "json",
-            "--kubeconfig",
-            &self.kubeconfig(),
-            "--node-name",
-            NODE,
-            "--refresh",
-            "command",
-            "--refresh-command",
-            refresh_command,
-            "--settle-ms",
-            "300",
-            "--verify-timeout",
-            "20s",
-            "--kubelet-root-dir",
-            &self.path("kubelet-root"),
-            "--cgroup-root",
-            &self.path("cgroup"),
-        ];
-        let kept = pairs
-            .chunks(2)
-            .filter(|pair| !extra.contains(&pair[0]))
-            .flatten();
-        std::iter::once(&"run")
-            .chain(kept)
-            .chain(extra)
-            .map(|s| s.to_string())
-            .collect()
-    }
-
-    fn start_agent(&self, refresh_command: &str) -> Agent {
-        self.start_agent_with(refresh_command, &[])
-    }
-
-    /// `extra` flag/value pairs replace the defaults above.
-    fn start_agent_with(&self, refresh_command: &str, extra: &[&str]) -> Agent {
-        let args = self.agent_args_with(refresh_command, extra);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (mut agent, _ready) = Agent::start(&args);
-        agent.wait_for("the start-up reconcile", WAIT, |v| {
-            v["kind"] == "reconcile" && v["episode"] == 0
-        });
-        agent
-    }
-
-    fn wait_node_matches_machine(&self, what: &str) -> Value {
-        let node = self
-            .rt
-            .block_on(self.api.wait_node(NODE, WAIT, node_matches_machine));
-        eprintln!("ok: {what}");
-        node
-    }
+fn start_agent(cluster: &Cluster, extra: &[&str]) -> Agent {
+    let args = agent_args(cluster, extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (mut agent, _ready) = Agent::start(&args);
+    agent.wait_for("the start-up reconcile", WAIT, |v| {
+        v["kind"] == "reconcile" && v["episode"] == 0
+    });
+    agent
 }
 
-fn node_matches_machine(n: &Value) -> bool {
-    let (mem, cpus) = machine();
-    let cap = &n["status"]["capacity"];
-    let q = |v: &Value| v.as_str().map(str::to_string).unwrap_or_default();
-    quantity_bytes(&q(&cap["memory"])) == Some(mem) && q(&cap["cpu"]) == cpus.to_string()
+fn start_cluster() -> Cluster {
+    Cluster::start(NODE)
 }
 
-/// The stand-in writes memory as `NKi` and cpu as a count, as the kubelet does.
-fn quantity_bytes(s: &str) -> Option<u64> {
-    match s.strip_suffix("Ki") {
-        Some(n) => n.parse::<u64>().ok().map(|n| n * 1024),
-        None => s.parse().ok(),
-    }
+fn wait_node_matches_machine(cluster: &Cluster, what: &str) -> Value {
+    let node = cluster.wait_node_matches_machine(WAIT);
+    eprintln!("ok: {what}");
+    node
 }
 
 fn condition(node: &Value) -> Option<Value> {
@@ -170,8 +84,8 @@ fn cpu_and_memory_hotplug_converge_with_one_restart_per_episode() {
         eprintln!("\n*** SKIP: no CPU other than cpu0 can go offline here ***\n");
         return;
     };
-    let cluster = Cluster::start();
-    let mut agent = cluster.start_agent(&cluster.kubelet.restart_command());
+    let cluster = start_cluster();
+    let mut agent = start_agent(&cluster, &[]);
     let startup = agent.wait_for("start-up reconcile", WAIT, |v| {
         v["kind"] == "reconcile" && v["episode"] == 0
     });
@@ -191,12 +105,12 @@ fn cpu_and_memory_hotplug_converge_with_one_restart_per_episode() {
             .map(|m| m + 1000),
         "{v}"
     );
-    cluster.wait_node_matches_machine("cpu offline converged");
+    wait_node_matches_machine(&cluster, "cpu offline converged");
     assert_eq!(cluster.kubelet.restarts(), 2);
 
     cpu_guard.restore();
     converged(&mut agent, 2);
-    cluster.wait_node_matches_machine("cpu online converged");
+    wait_node_matches_machine(&cluster, "cpu online converged");
     assert_eq!(cluster.kubelet.restarts(), 3);
 
     let mut blocks = BlocksOffline::take(1);
@@ -215,11 +129,11 @@ fn cpu_and_memory_hotplug_converge_with_one_restart_per_episode() {
         cgroup["before"].as_u64().unwrap(),
         "{v}"
     );
-    cluster.wait_node_matches_machine("block offline converged");
+    wait_node_matches_machine(&cluster, "block offline converged");
     assert_eq!(cluster.kubelet.restarts(), 4);
     blocks.restore();
     converged(&mut agent, 4);
-    cluster.wait_node_matches_machine("block online converged");
+    wait_node_matches_machine(&cluster, "block online converged");
     assert_eq!(
         cluster.kubelet.restarts(),
         5,
@@ -279,13 +193,10 @@ fn a_burst_of_blocks_is_one_episode_and_one_restart() {
         return;
     }
     let _lock = MachineLock::take();
-    let cluster = Cluster::start();
+    let cluster = start_cluster();
     // A settle window that outlasts one block's offline even on a loaded machine (offlining
     // a block took up to ~1 s here while compilers ran), so the burst stays one episode.
-    let mut agent = cluster.start_agent_with(
-        &cluster.kubelet.restart_command(),
-        &["--settle-ms", "2000", "--max-wait-ms", "60000"],
-    );
+    let mut agent = start_agent(&cluster, &["--settle-ms", "2000", "--max-wait-ms", "60000"]);
     let mut blocks = BlocksOffline::take(16);
     if blocks.blocks.len() < 4 {
         eprintln!(
@@ -327,8 +238,8 @@ fn an_api_outage_during_an_episode_converges_when_it_returns() {
     let Some(cpu) = CpuOffline::pick().filter(|&c| c != 0) else {
         return;
     };
-    let cluster = Cluster::start();
-    let mut agent = cluster.start_agent(&cluster.kubelet.restart_command());
+    let cluster = start_cluster();
+    let mut agent = start_agent(&cluster, &[]);
     cluster.rt.block_on(cluster.api.stop());
     let _cpu = CpuOffline::new(cpu);
     agent.wait_for("api_unreachable", WAIT, |v| {
@@ -339,7 +250,7 @@ fn an_api_outage_during_an_episode_converges_when_it_returns() {
         v["kind"] == "reconcile" && v["action"] == "api_reachable"
     });
     converged(&mut agent, 1);
-    cluster.wait_node_matches_machine("converged after the outage");
+    wait_node_matches_machine(&cluster, "converged after the outage");
     assert_eq!(
         count(&agent, "reconcile", "api_unreachable"),
         1,
@@ -357,8 +268,14 @@ fn a_failing_refresh_backs_off_and_warns_without_a_storm() {
     let Some(cpu) = CpuOffline::pick().filter(|&c| c != 0) else {
         return;
     };
-    let cluster = Cluster::start();
-    let mut agent = cluster.start_agent("sh -c 'echo kubelet unit is masked >&2; exit 3'");
+    let cluster = start_cluster();
+    let mut agent = start_agent(
+        &cluster,
+        &[
+            "--refresh-command",
+            "sh -c 'echo kubelet unit is masked >&2; exit 3'",
+        ],
+    );
     let _cpu = CpuOffline::new(cpu);
     let failed = agent.wait_for("refresh failed", WAIT, |v| {
         v["kind"] == "refresh" && v["action"] == "failed"
@@ -399,11 +316,11 @@ fn a_change_while_the_agent_was_down_is_fixed_at_start_up() {
     let Some(cpu) = CpuOffline::pick().filter(|&c| c != 0) else {
         return;
     };
-    let cluster = Cluster::start();
-    let agent = cluster.start_agent(&cluster.kubelet.restart_command());
+    let cluster = start_cluster();
+    let agent = start_agent(&cluster, &[]);
     drop(agent); // killed (SIGKILL) by its guard
     let _cpu = CpuOffline::new(cpu);
-    let args = cluster.agent_args(&cluster.kubelet.restart_command());
+    let args = agent_args(&cluster, &[]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (mut agent, _) = Agent::start(&args);
     let stale = agent.wait_for("start-up reconcile", WAIT, |v| {
@@ -411,7 +328,7 @@ fn a_change_while_the_agent_was_down_is_fixed_at_start_up() {
     });
     assert_eq!(stale["action"], "stale", "{stale}");
     converged(&mut agent, 0);
-    cluster.wait_node_matches_machine("start-up reconcile fixed it");
+    wait_node_matches_machine(&cluster, "start-up reconcile fixed it");
     assert_eq!(cluster.kubelet.restarts(), 2);
 }
 
@@ -424,7 +341,7 @@ fn a_static_cpu_manager_checkpoint_blocks_the_restart_and_says_why() {
     let Some(cpu) = CpuOffline::pick().filter(|&c| c != 0) else {
         return;
     };
-    let cluster = Cluster::start();
+    let cluster = start_cluster();
     // The kubelet's static CPU manager checkpoint, written for the machine as it is now.
     let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
     let state = format!(
@@ -436,7 +353,7 @@ fn a_static_cpu_manager_checkpoint_blocks_the_restart_and_says_why() {
         state,
     )
     .unwrap();
-    let mut agent = cluster.start_agent(&cluster.kubelet.restart_command());
+    let mut agent = start_agent(&cluster, &[]);
     let _cpu = CpuOffline::new(cpu);
     let skipped = agent.wait_for("refresh skipped", WAIT, |v| {
         v["kind"] == "refresh" && v["action"] == "skipped"
@@ -477,7 +394,7 @@ fn drain_and_reset_moves_the_stale_checkpoint_aside_and_converges() {
     let Some(cpu) = CpuOffline::pick().filter(|&c| c != 0) else {
         return;
     };
-    let cluster = Cluster::start();
+    let cluster = start_cluster();
     cluster.api.add_pod(serde_json::json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": "pinned", "namespace": "default", "uid": "uid-pinned"},
@@ -509,7 +426,7 @@ fn drain_and_reset_moves_the_stale_checkpoint_aside_and_converges() {
     std::fs::write(&checkpoint, state).unwrap();
     let pidfile = cluster.kubelet.pidfile().display().to_string();
     let stop = format!("sh -c 'kill $(cat {pidfile})'");
-    let mut args = cluster.agent_args(&cluster.kubelet.restart_command());
+    let mut args = agent_args(&cluster, &[]);
     args.extend(
         [
             "--static-policy",
@@ -566,7 +483,7 @@ fn drain_and_reset_moves_the_stale_checkpoint_aside_and_converges() {
         cluster.api.pod("default", "bystander").is_some(),
         "other pods stay"
     );
-    let node = cluster.wait_node_matches_machine("converged after the reset");
+    let node = wait_node_matches_machine(&cluster, "converged after the reset");
     assert_ne!(node["spec"]["unschedulable"], true, "uncordoned: {node}");
     assert_eq!(cluster.kubelet.restarts(), 2, "stopped and started once");
     assert_eq!(
