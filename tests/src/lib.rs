@@ -203,7 +203,8 @@ pub fn block_size() -> u64 {
     u64::from_str_radix(s.trim(), 16).expect("hex block size")
 }
 
-fn online_blocks() -> Vec<u32> {
+/// Online memory blocks, highest first: the likeliest to be free of unmovable pages.
+pub fn online_blocks() -> Vec<u32> {
     let mut ids: Vec<u32> = fs::read_dir(MEM_DIR)
         .map(|d| {
             d.filter_map(|e| {

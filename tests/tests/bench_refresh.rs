@@ -43,8 +43,10 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use hotplug_agent::record::monotonic_ns;
 use hotplug_tests::{
     Agent, BlocksOffline, CpuOffline, MachineLock, can_change_machine, cluster::Cluster, machine,
+    online_blocks,
 };
 use serde_json::{Value, json};
 
@@ -645,26 +647,6 @@ fn events_by_kind(records: &[&Value]) -> Value {
         .into()
 }
 
-/// Online memory blocks, highest first: the likeliest to be free of unmovable pages.
-fn online_blocks() -> Vec<u32> {
-    let Ok(entries) = fs::read_dir(MEM_DIR) else {
-        return Vec::new();
-    };
-    let mut ids: Vec<u32> = entries
-        .filter_map(|e| {
-            e.ok()?
-                .file_name()
-                .to_str()?
-                .strip_prefix("memory")?
-                .parse()
-                .ok()
-        })
-        .filter(|&n| block_state(n) == "online")
-        .collect();
-    ids.sort_unstable_by(|a, b| b.cmp(a));
-    ids
-}
-
 fn block_state(id: u32) -> String {
     fs::read_to_string(format!("{MEM_DIR}/memory{id}/state"))
         .map(|s| s.trim().to_owned())
@@ -874,18 +856,6 @@ fn is_event(v: &Value) -> bool {
     matches!(v["kind"].as_str(), Some("cpu" | "memory_block" | "memory")) && v["mono_ns"].is_u64()
 }
 
-/// CLOCK_MONOTONIC in ns: what the agent's `mono_ns` is read from.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to write to; CLOCK_MONOTONIC always exists on Linux.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime");
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// CLOCK_REALTIME in µs since the epoch: what the records' `time` says.
 fn wall_us() -> i64 {
     SystemTime::now()
@@ -899,29 +869,15 @@ fn time_us(v: &Value) -> i64 {
     rfc3339_us(s).unwrap_or_else(|| panic!("record without a parsable time: {v}"))
 }
 
-/// `2026-01-05T22:08:15.123456Z` → µs since the epoch (UTC only; the agent writes `Z`).
+/// `2026-01-05T22:08:15.123456Z` → µs since the epoch. The agent writes UTC with `T` and
+/// `Z`; anything else is not one of its times.
 fn rfc3339_us(s: &str) -> Option<i64> {
-    let (date, rest) = s.split_once('T')?;
-    let mut ymd = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
-    let (y, m, d) = (ymd.next()??, ymd.next()??, ymd.next()??);
-    let rest = rest.strip_suffix('Z')?;
-    let (hms, frac) = rest.split_once('.').unwrap_or((rest, ""));
-    let mut hms = hms.splitn(3, ':').map(|p| p.parse::<i64>().ok());
-    let (h, mi, sec) = (hms.next()??, hms.next()??, hms.next()??);
-    let digits: String = frac.chars().chain(std::iter::repeat('0')).take(6).collect();
-    let us: i64 = digits.parse().ok()?;
-    let days = days_from_civil(y, m, d);
-    Some(((days * 86_400 + h * 3_600 + mi * 60 + sec) * 1_000_000) + us)
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * ((m + 9) % 12) + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+    if !s.contains('T') || !s.ends_with('Z') {
+        return None;
+    }
+    s.parse::<k8s_openapi::jiff::Timestamp>()
+        .ok()
+        .map(|t| t.as_microsecond())
 }
 
 #[test]

@@ -83,7 +83,8 @@ impl Interrupt {
     }
 }
 
-fn numbered_entries(dir: &str, prefix: &str) -> Vec<u32> {
+/// The numbers N of the entries `<dir>/<prefix>N`.
+pub(super) fn numbered_entries(dir: &str, prefix: &str) -> Vec<u32> {
     let Ok(entries) = fs::read_dir(dir) else {
         return Vec::new();
     };

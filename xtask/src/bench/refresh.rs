@@ -35,7 +35,7 @@ use serde::Deserialize;
 
 use super::{
     Context,
-    machine::{BlockGuard, Interrupt},
+    machine::{BlockGuard, Interrupt, numbered_entries},
     report::{LatencyTarget, Section, Target},
 };
 use crate::process;
@@ -145,19 +145,9 @@ impl Restore {
 
 /// The numbered entries `<dir>/<prefix>N` whose `file` reads `value`.
 fn online(dir: &str, prefix: &str, file: &str, value: &str) -> Vec<u32> {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|e| {
-            e.ok()?
-                .file_name()
-                .to_str()?
-                .strip_prefix(prefix)?
-                .parse()
-                .ok()
-        })
-        .filter(|n: &u32| {
+    numbered_entries(dir, prefix)
+        .into_iter()
+        .filter(|n| {
             fs::read_to_string(Path::new(dir).join(format!("{prefix}{n}/{file}")))
                 .is_ok_and(|s| s.trim() == value)
         })
