@@ -2,7 +2,7 @@
 //! API server, a kubeconfig for it, the kubelet stand-in (which caches the machine's
 //! capacity at start-up, as the real kubelet does) and a scratch directory holding the
 //! kubelet's root dir and a pods' cgroup with its memory limit.
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -51,10 +51,6 @@ impl Cluster {
 
     pub fn path(&self, p: &str) -> String {
         self.dir.path().join(p).display().to_string()
-    }
-
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
     }
 
     /// The flags that point `hotplug-agent run` at this cluster, restarting the stand-in.
