@@ -154,7 +154,11 @@ pub struct AgentRecord {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sources: Vec<SourceStatus>,
     /// ready: the slow re-read guard, in seconds, or null when it is off.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
     pub rescan_interval_s: Option<Option<u64>>,
     /// loss: which source lost events and why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -292,6 +296,14 @@ pub struct DecisionRecord {
     /// episode: time from its first event to settling.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub settle_ms: Option<u64>,
+    /// episode: memory blocks that arrived (`add`) during it; present only where blocks
+    /// were involved. It does not settle while such blocks are on their way online.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocks_added: Option<u64>,
+    /// episode: blocks still not online when it settled (`reason` says why:
+    /// `in_flight_stalled`, left offline; `max_wait`, cut by the bound).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocks_pending: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -344,6 +356,16 @@ impl<'de> Deserialize<'de> for Record {
         }
         .map_err(D::Error::custom)
     }
+}
+
+/// A field that is there, even as `null`, is `Some`: `"rescan_interval_s": null` (the guard
+/// is off) must not read back as a record without the field.
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
 }
 
 pub fn now_rfc3339() -> String {

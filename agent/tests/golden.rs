@@ -1,0 +1,257 @@
+//! The event log is a public interface (schema `v: 1`): every record kind, serialised, must
+//! stay byte for byte what `golden/records.ndjson` holds. A change that alters a line here
+//! breaks every consumer that parses the log; additions are new optional fields that these
+//! records leave out. `UPDATE_GOLDEN=1 cargo test -p hotplug-agent --test golden` rewrites
+//! the file (for a deliberate, reviewed addition only).
+use std::collections::BTreeMap;
+
+use hotplug_agent::{
+    capacity::Summary,
+    record::{
+        Action, Advertised, AgentRecord, CgroupCheck, DecisionRecord, EventRecord, Kind,
+        MachineSummary, ProbeStatus, Record, SCHEMA_VERSION, Source, SourceStatus,
+    },
+};
+
+const TIME: &str = "2026-11-30T12:00:00.123456Z";
+const CAPACITY: Summary = Summary {
+    memory_bytes: 4_294_967_296,
+    cpus_online: 2,
+};
+
+fn event(source: Source, kind: Kind, action: Action, device: Option<&str>) -> EventRecord {
+    EventRecord {
+        v: SCHEMA_VERSION,
+        time: TIME.into(),
+        source,
+        kind,
+        action,
+        device: device.map(Into::into),
+        capacity: CAPACITY,
+        mono_ns: 123_456_789,
+        seqnum: None,
+        probe: None,
+        kernel_ns: None,
+        delivery_ns: None,
+        pid: None,
+        comm: None,
+        cpu: None,
+        pages: None,
+        hits: None,
+        reason: None,
+    }
+}
+
+fn agent(action: &str) -> AgentRecord {
+    let mut a = AgentRecord::new(action, CAPACITY);
+    a.time = TIME.into();
+    a
+}
+
+fn decision(kind: &str, action: &str, episode: u64) -> DecisionRecord {
+    let mut d = DecisionRecord::new(kind, action, CAPACITY, episode);
+    d.time = TIME.into();
+    d.node = Some("node-a".into());
+    d
+}
+
+fn advertised() -> Advertised {
+    Advertised {
+        memory_bytes: Some(4_294_967_296),
+        cpu_millis: Some(2000),
+        hugepages: BTreeMap::from([("hugepages-2Mi".into(), 0)]),
+        allocatable_memory_bytes: Some(3_221_225_472),
+    }
+}
+
+/// One of every shape the agent writes, filled as the agent fills it.
+fn records() -> Vec<Record> {
+    let mut out = Vec::new();
+    let mut uevent = event(
+        Source::Uevent,
+        Kind::MemoryBlock,
+        Action::Add,
+        Some("memory40"),
+    );
+    uevent.seqnum = Some(4242);
+    out.push(Record::Event(Box::new(uevent)));
+    let mut probe = event(Source::Ebpf, Kind::Cpu, Action::Offline, Some("cpu1"));
+    probe.probe = Some("tracepoint/cpuhp/cpuhp_exit".into());
+    probe.kernel_ns = Some(1_000);
+    probe.delivery_ns = Some(92_000);
+    probe.pid = Some(17);
+    probe.comm = Some("cpuhp/1".into());
+    probe.cpu = Some(0);
+    out.push(Record::Event(Box::new(probe)));
+    let mut resize = event(Source::Ebpf, Kind::Memory, Action::Resize, None);
+    resize.probe = Some("fentry/online_pages".into());
+    resize.kernel_ns = Some(2_000);
+    resize.delivery_ns = Some(4_000);
+    resize.pid = Some(1);
+    resize.comm = Some("kworker/u4:1".into());
+    resize.cpu = Some(1);
+    resize.pages = Some(32_768);
+    resize.hits = Some(3);
+    out.push(Record::Event(Box::new(resize)));
+    let mut scan = event(
+        Source::Scan,
+        Kind::MemoryBlock,
+        Action::Online,
+        Some("memory7"),
+    );
+    scan.reason = Some("enobufs".into());
+    out.push(Record::Event(Box::new(scan)));
+
+    let mut ready = agent("ready");
+    ready.probes = vec![
+        ProbeStatus {
+            name: "tracepoint/cpuhp/cpuhp_exit".into(),
+            attached: true,
+            error: None,
+        },
+        ProbeStatus {
+            name: "fentry/online_pages".into(),
+            attached: false,
+            error: Some("load: Operation not permitted (os error 1)".into()),
+        },
+    ];
+    ready.sources = vec![
+        SourceStatus {
+            name: "uevent".into(),
+            listening: true,
+            detail: Some("kernel netlink, receive buffer 268435456 bytes".into()),
+            error: None,
+        },
+        SourceStatus {
+            name: "ebpf".into(),
+            listening: false,
+            detail: None,
+            error: Some("no probe could attach".into()),
+        },
+    ];
+    ready.rescan_interval_s = Some(Some(60));
+    ready.version = Some("0.1.0".into());
+    ready.machine = Some(MachineSummary {
+        cpus_online_list: "0-1".into(),
+        cpus_possible: 4,
+        memory_block_size: Some(134_217_728),
+        memory_blocks_online: 32,
+        memory_blocks_offline: 0,
+        numa_nodes: 1,
+        hugepages: BTreeMap::from([("hugepages-2048kB".into(), 0)]),
+    });
+    out.push(Record::Agent(Box::new(ready)));
+    let mut no_rescan = agent("ready");
+    no_rescan.rescan_interval_s = Some(None);
+    out.push(Record::Agent(Box::new(no_rescan)));
+    let mut loss = agent("loss");
+    loss.source = Some(Source::Ebpf);
+    loss.reason = Some("ringbuf_drops".into());
+    loss.lost = Some(12);
+    out.push(Record::Agent(Box::new(loss)));
+    let mut online = agent("auto_online");
+    online.device = Some("memory40".into());
+    online.state = Some("online_movable".into());
+    out.push(Record::Agent(Box::new(online)));
+    let mut failed = agent("auto_online");
+    failed.device = Some("memory41".into());
+    failed.state = Some("online_movable".into());
+    failed.error = Some("writing \"online_movable\" to /sys/devices/system/memory/memory41/state: Device or resource busy (os error 16)".into());
+    out.push(Record::Agent(Box::new(failed)));
+    out.push(Record::Agent(Box::new(agent("stopped"))));
+
+    let mut startup = decision("episode", "settled", 0);
+    startup.trigger = Some("startup".into());
+    startup.events = Some(0);
+    out.push(Record::Decision(Box::new(startup)));
+    let mut settled = decision("episode", "settled", 1);
+    settled.trigger = Some("events".into());
+    settled.events = Some(1024);
+    settled.settle_ms = Some(302);
+    out.push(Record::Decision(Box::new(settled)));
+    let mut bounded = decision("episode", "settled", 2);
+    bounded.trigger = Some("events".into());
+    bounded.events = Some(80);
+    bounded.settle_ms = Some(5000);
+    bounded.reason = Some("max_wait".into());
+    out.push(Record::Decision(Box::new(bounded)));
+    let mut in_sync = decision("reconcile", "in_sync", 1);
+    in_sync.advertised = Some(advertised());
+    out.push(Record::Decision(Box::new(in_sync)));
+    let mut stale = decision("reconcile", "stale", 1);
+    stale.advertised = Some(advertised());
+    stale.differences = vec!["memory: node 4294967296 != machine 8589934592".into()];
+    out.push(Record::Decision(Box::new(stale)));
+    let mut down = decision("reconcile", "api_unreachable", 1);
+    down.message =
+        Some("connection refused; keeping the episode and retrying until the API answers".into());
+    out.push(Record::Decision(Box::new(down)));
+    let mut started = decision("refresh", "started", 1);
+    started.backend = Some("systemd".into());
+    out.push(Record::Decision(Box::new(started)));
+    let mut deferred = decision("refresh", "deferred", 1);
+    deferred.backend = Some("systemd".into());
+    deferred.reason = Some("min_interval".into());
+    deferred.until = Some("2026-11-30T12:00:02.123456Z".into());
+    out.push(Record::Decision(Box::new(deferred)));
+    let mut succeeded = decision("refresh", "succeeded", 1);
+    succeeded.backend = Some("systemd".into());
+    succeeded.duration_ms = Some(47);
+    succeeded.message = Some("RestartUnit kubelet.service: done".into());
+    out.push(Record::Decision(Box::new(succeeded)));
+    let mut skipped = decision("refresh", "skipped", 1);
+    skipped.backend = Some("none".into());
+    skipped.reason = Some("report_only".into());
+    out.push(Record::Decision(Box::new(skipped)));
+    let mut converged = decision("verify", "converged", 1);
+    converged.advertised = Some(advertised());
+    converged.advertised_after = Some(Advertised {
+        memory_bytes: Some(8_589_934_592),
+        ..advertised()
+    });
+    converged.duration_ms = Some(412);
+    converged.cgroup = Some(CgroupCheck {
+        path: "/sys/fs/cgroup/kubepods.slice/memory.max".into(),
+        before: Some(3_221_225_472),
+        after: Some(7_516_192_768),
+        expected_delta: Some(4_294_967_296),
+        ok: true,
+    });
+    out.push(Record::Decision(Box::new(converged)));
+    let mut timeout = decision("verify", "timeout", 1);
+    timeout.advertised = Some(advertised());
+    timeout.duration_ms = Some(120_000);
+    timeout.message = Some("the Node did not converge within 120s".into());
+    out.push(Record::Decision(Box::new(timeout)));
+    out
+}
+
+#[test]
+fn every_record_kind_serialises_exactly_as_the_golden_file() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/records.ndjson");
+    let mut lines = String::new();
+    for r in records() {
+        lines.push_str(&serde_json::to_string(&r).expect("serialising a record"));
+        lines.push('\n');
+    }
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, &lines).expect("writing the golden file");
+        eprintln!("rewrote {}", path.display());
+    }
+    let golden = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    for (n, (got, want)) in lines.lines().zip(golden.lines()).enumerate() {
+        assert_eq!(got, want, "line {} of {} differs", n + 1, path.display());
+    }
+    assert_eq!(
+        lines.lines().count(),
+        golden.lines().count(),
+        "record count differs from {}",
+        path.display()
+    );
+    // And every golden line reads back as the record it came from.
+    for (line, rec) in golden.lines().zip(records()) {
+        let back: Record = serde_json::from_str(line).expect("parsing a golden line");
+        assert_eq!(back, rec);
+    }
+}
