@@ -18,11 +18,16 @@
 //! The decision is pure ([`arrival`], [`decide`]); [`apply`] does the sysfs I/O.
 //! drivers/base/memory.c (v6.1) `state_store`: `online`, `online_kernel`, `online_movable`;
 //! drivers/base/core.c `online_store`: `1` onlines a CPU.
-use std::{io, path::Path};
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
+
+use tokio::sync::mpsc;
 
 use crate::{
     capacity::Summary,
-    record::{Action, AgentRecord, Kind, Source},
+    record::{Action, AgentRecord, Kind, Record, Source},
     sources::Change,
 };
 
@@ -160,33 +165,72 @@ impl Outcome {
     }
 }
 
+/// The agent's onlining, off the event pipeline: the pipeline queues each arrival and goes
+/// on reading events; one worker thread writes them in the order they came. Writes are not
+/// parallel on purpose: the kernel serialises onlining under its hotplug lock anyway, and
+/// one writer keeps the order (and the log) readable. A 512-block DIMM is 512 writes that
+/// take seconds on a slow VM; none of that time is spent inside the pipeline, so the
+/// events of the blocks onlined meanwhile are recorded as they happen.
+#[derive(Debug)]
+pub struct Onliner {
+    queue: std::sync::mpsc::Sender<Arrival>,
+}
+
+impl Onliner {
+    /// Starts the worker. Each write that happened becomes an `auto_online` record on
+    /// `out`, with the capacity right after it; the worker ends when `out` closes or the
+    /// onliner is dropped.
+    pub fn spawn(root: PathBuf, out: mpsc::Sender<Record>) -> io::Result<Self> {
+        let (queue, arrivals) = std::sync::mpsc::channel::<Arrival>();
+        std::thread::Builder::new()
+            .name("auto-online".into())
+            .spawn(move || {
+                let mut last = Summary::default();
+                for arrival in arrivals {
+                    let Some(outcome) = apply(&root, arrival) else {
+                        continue;
+                    };
+                    if let Ok(now) = crate::capacity::read_summary(&root) {
+                        last = now;
+                    }
+                    let record = Record::Agent(Box::new(outcome.record(last)));
+                    if out.blocking_send(record).is_err() {
+                        return;
+                    }
+                }
+            })?;
+        Ok(Self { queue })
+    }
+
+    /// Queues an arrival; never blocks.
+    pub fn queue(&self, arrival: Arrival) {
+        if let Err(e) = self.queue.send(arrival) {
+            tracing::warn!(device = %e.0.device, "auto-online worker gone; not onlined");
+        }
+    }
+}
+
 /// Onlines `arrival` if it is still offline. `None`: nothing was written (already online,
-/// or gone again). Runs on the blocking pool: onlining a CPU takes a while on a slow VM.
-pub async fn apply(root: &Path, arrival: Arrival) -> Option<Outcome> {
+/// or gone again). Blocking: onlining a CPU or a block takes a while on a slow VM.
+pub fn apply(root: &Path, arrival: Arrival) -> Option<Outcome> {
     let file = arrival.file(root);
-    let job = tokio::task::spawn_blocking(move || -> Option<Outcome> {
-        let current = match std::fs::read_to_string(&file) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::debug!(file = %file.display(), error = %e, "auto-online: cannot read the state; skipped");
-                return None;
-            }
-        };
-        if !decide(&arrival, &current) {
-            tracing::debug!(device = %arrival.device, state = current.trim(), "auto-online: not offline; left alone");
+    let current = match std::fs::read_to_string(&file) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(file = %file.display(), error = %e, "auto-online: cannot read the state; skipped");
             return None;
         }
-        let error = write(&file, arrival.value()).err().map(|e| {
-            let error = format!("writing {:?} to {}: {e}", arrival.value(), file.display());
-            tracing::warn!("auto-online: {error}");
-            error
-        });
-        Some(Outcome { arrival, error })
+    };
+    if !decide(&arrival, &current) {
+        tracing::debug!(device = %arrival.device, state = current.trim(), "auto-online: not offline; left alone");
+        return None;
+    }
+    let error = write(&file, arrival.value()).err().map(|e| {
+        let error = format!("writing {:?} to {}: {e}", arrival.value(), file.display());
+        tracing::warn!("auto-online: {error}");
+        error
     });
-    job.await.unwrap_or_else(|e| {
-        tracing::warn!(error = %e, "auto-online task failed");
-        None
-    })
+    Some(Outcome { arrival, error })
 }
 
 /// One `write(2)` of the whole value, opened as `echo value > file` opens it; sysfs takes
@@ -317,7 +361,6 @@ mod tests {
 
         let add = change(Source::Uevent, Kind::MemoryBlock, Action::Add, "memory40");
         let out = apply(root.path(), arrival(MOVABLE, &add).unwrap())
-            .await
             .expect("an offline block is onlined");
         assert_eq!(out.error, None);
         assert_eq!(
@@ -341,26 +384,16 @@ mod tests {
         assert!(v.get("error").is_none(), "{v}");
 
         let cpu_add = change(Source::Uevent, Kind::Cpu, Action::Add, "cpu1");
-        let out = apply(root.path(), arrival(MOVABLE, &cpu_add).unwrap())
-            .await
-            .unwrap();
+        let out = apply(root.path(), arrival(MOVABLE, &cpu_add).unwrap()).unwrap();
         assert_eq!(out.error, None);
         assert_eq!(std::fs::read_to_string(cpu.join("online")).unwrap(), "1");
 
         // Already online (a fixture file holds what was written): nothing to do.
         std::fs::write(block.join("state"), "online\n").unwrap();
-        assert!(
-            apply(root.path(), arrival(MOVABLE, &add).unwrap())
-                .await
-                .is_none()
-        );
+        assert!(apply(root.path(), arrival(MOVABLE, &add).unwrap()).is_none());
         // Gone before we got to it.
         let gone = change(Source::Uevent, Kind::MemoryBlock, Action::Add, "memory41");
-        assert!(
-            apply(root.path(), arrival(MOVABLE, &gone).unwrap())
-                .await
-                .is_none()
-        );
+        assert!(apply(root.path(), arrival(MOVABLE, &gone).unwrap()).is_none());
     }
 
     #[test]

@@ -118,9 +118,18 @@ struct RunArgs {
     /// An episode settles when no event came for this long (ms).
     #[arg(long, default_value_t = episode::DEFAULT_SETTLE.as_millis() as u64)]
     settle_ms: u64,
-    /// ...but never waits longer than this after its first event (ms).
+    /// ...but never waits longer than this after its first event (ms), unless memory
+    /// blocks are still on their way online.
     #[arg(long, default_value_t = episode::DEFAULT_MAX_WAIT.as_millis() as u64)]
     max_wait_ms: u64,
+    /// The bound while hot-added memory blocks are still coming online (ms): a 64 GiB DIMM
+    /// is 512 blocks, onlined one by one.
+    #[arg(long, default_value_t = episode::DEFAULT_IN_FLIGHT_MAX_WAIT.as_millis() as u64)]
+    in_flight_max_wait_ms: u64,
+    /// Blocks still offline after this long without any event are taken as left offline
+    /// on purpose, and the episode settles (ms).
+    #[arg(long, default_value_t = episode::DEFAULT_IN_FLIGHT_STALL.as_millis() as u64)]
+    in_flight_stall_ms: u64,
     /// How the kubelet is made to re-read the machine.
     #[arg(long, value_enum, default_value = "systemd")]
     refresh: RefreshKind,
@@ -325,8 +334,12 @@ async fn run_command(args: RunArgs) -> anyhow::Result<()> {
     };
     let config = run::Config {
         pipeline: args.sources.pipeline(),
-        settle: Duration::from_millis(args.settle_ms),
-        max_wait: Duration::from_millis(args.max_wait_ms),
+        timing: episode::Timing {
+            settle: Duration::from_millis(args.settle_ms),
+            max_wait: Duration::from_millis(args.max_wait_ms),
+            in_flight_max_wait: Duration::from_millis(args.in_flight_max_wait_ms),
+            in_flight_stall: Duration::from_millis(args.in_flight_stall_ms),
+        },
         node_name,
         backend,
         guard: refresh::guard::GuardConfig {

@@ -74,6 +74,8 @@ impl Default for Config {
 pub enum StartError {
     #[error("reading the machine's capacity at start-up")]
     Capacity(#[source] capacity::CapacityError),
+    #[error("starting the auto-online worker thread")]
+    AutoOnline(#[source] std::io::Error),
 }
 
 pub struct Pipeline {
@@ -167,6 +169,14 @@ pub async fn start(config: Config) -> Result<Pipeline, StartError> {
     ready.machine = Some(MachineSummary::of(&snapshot));
 
     let (out_tx, out_rx) = mpsc::channel(4096);
+    let onliner = if config.auto_online.is_off() {
+        None
+    } else {
+        Some(
+            auto_online::Onliner::spawn(config.root.clone(), out_tx.clone())
+                .map_err(StartError::AutoOnline)?,
+        )
+    };
     let core = Core {
         root: config.root,
         known: Known::from_snapshot(&snapshot),
@@ -175,6 +185,7 @@ pub async fn start(config: Config) -> Result<Pipeline, StartError> {
         coalescer: Coalescer::new(config.fold_window.as_nanos() as u64),
         names,
         auto_online: config.auto_online,
+        onliner,
         out: out_tx,
     };
     tokio::spawn(core.run(src_rx, ebpf_rx, rescan_every, config.fold_window));
@@ -194,6 +205,8 @@ struct Core {
     coalescer: Coalescer,
     names: Vec<(Probe, &'static str)>,
     auto_online: auto_online::Policy,
+    /// The auto-online worker, when the policy is on.
+    onliner: Option<auto_online::Onliner>,
     out: mpsc::Sender<Record>,
 }
 
@@ -300,14 +313,13 @@ impl Core {
         {
             return false;
         }
-        // Auto-online (opt-in): a block or CPU that just arrived is onlined once, here, in
-        // order with the events; its kernel `online` uevent follows as the next event.
-        let Some(arrival) = arrival else { return true };
-        let Some(outcome) = auto_online::apply(&self.root, arrival).await else {
-            return true;
-        };
-        let record = outcome.record(self.summary());
-        self.out.send(Record::Agent(Box::new(record))).await.is_ok()
+        // Auto-online (opt-in): a block or CPU that just arrived is queued for onlining,
+        // once, after its `add` record; the worker writes it while the pipeline goes on
+        // reading events, and the kernel's `online` uevent follows as an event.
+        if let (Some(arrival), Some(onliner)) = (arrival, &self.onliner) {
+            onliner.queue(arrival);
+        }
+        true
     }
 
     async fn loss(&mut self, source: Source, loss: Loss) -> bool {

@@ -20,6 +20,14 @@ pub struct Cluster {
 impl Cluster {
     /// Starts everything and waits until the stand-in registered the Node.
     pub fn start(node: &str) -> Self {
+        let cluster = Self::start_with(node, &[]);
+        cluster.wait_node_matches_machine(Duration::from_secs(30));
+        cluster
+    }
+
+    /// The same, with more flags for the stand-in (`--root DIR` for a fixture machine);
+    /// returns once the stand-in has posted its first status.
+    pub fn start_with(node: &str, standin: &[&str]) -> Self {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -32,21 +40,16 @@ impl Cluster {
             std::fs::create_dir_all(dir.path().join(sub)).expect("scratch dirs");
         }
         let cgroup_file = dir.path().join("cgroup/kubepods.slice/memory.max");
-        let kubelet = Kubelet::start(
-            &dir.path().join("kubeconfig"),
-            node,
-            dir.path(),
-            &["--cgroup-file", cgroup_file.to_str().expect("utf-8 path")],
-        );
-        let cluster = Self {
+        let mut flags = vec!["--cgroup-file", cgroup_file.to_str().expect("utf-8 path")];
+        flags.extend_from_slice(standin);
+        let kubelet = Kubelet::start(&dir.path().join("kubeconfig"), node, dir.path(), &flags);
+        Self {
             rt,
             api,
             kubelet,
             node: node.into(),
             dir,
-        };
-        cluster.wait_node_matches_machine(Duration::from_secs(30));
-        cluster
+        }
     }
 
     pub fn path(&self, p: &str) -> String {

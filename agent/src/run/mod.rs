@@ -13,7 +13,7 @@ use tokio::{sync::mpsc, time::Instant};
 use crate::{
     capacity::{self, Snapshot},
     checkpoint::{self, Verdict},
-    episode::{Episodes, Tracker},
+    episode::{Episode, Episodes, OpenWindow, Seen, Timing, Tracker, Window},
     node::{EventType, NodeApi},
     pipeline::{self, Pipeline},
     reconcile,
@@ -37,8 +37,8 @@ pub enum StaticPolicy {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub pipeline: pipeline::Config,
-    pub settle: Duration,
-    pub max_wait: Duration,
+    /// When a burst counts as over (episode.rs).
+    pub timing: Timing,
     pub node_name: String,
     pub backend: Backend,
     pub guard: refresh::guard::GuardConfig,
@@ -65,39 +65,53 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     after_batch: impl FnMut(),
 ) -> Result<(), RunError> {
-    let Pipeline {
-        ready, mut records, ..
-    } = pipeline::start(config.pipeline.clone()).await?;
+    let Pipeline { ready, records, .. } = pipeline::start(config.pipeline.clone()).await?;
+    control(
+        config,
+        client,
+        Record::Agent(Box::new(ready)),
+        records,
+        sinks,
+        shutdown,
+        after_batch,
+    )
+    .await
+}
+
+/// The loop over records that some pipeline produces: `first` (the `ready` record) and then
+/// `records`, every one logged, the events counted into episodes. [`run`] feeds it the
+/// machine's own pipeline; tests feed it records they make, over a fixture root
+/// (`config.pipeline.root`), which is how the controller is tested without root.
+pub async fn control(
+    config: Config,
+    client: Option<kube::Client>,
+    first: Record,
+    mut records: mpsc::Receiver<Record>,
+    sinks: &mut Sinks<'_>,
+    shutdown: impl Future<Output = ()>,
+    after_batch: impl FnMut(),
+) -> Result<(), RunError> {
     if let Some(m) = &sinks.metrics
         && client.is_some()
     {
         m.expect_reconcile();
     }
     let (tracker, episodes) = Tracker::new();
-    let episodes = episodes.with_timing(config.settle, config.max_wait);
+    let episodes = episodes.with(config.timing);
     let (log_tx, mut log_rx) = mpsc::channel::<Record>(4096);
     let decisions = log_tx.clone();
     // The pump: every pipeline record to the log, every event counted for the episodes.
     let pump = tokio::spawn(async move {
         while let Some(rec) = records.recv().await {
-            if matches!(rec, Record::Event(_)) {
-                tracker.event();
-            }
+            tracker.observe(&rec);
             if log_tx.send(rec).await.is_err() {
                 break;
             }
         }
     });
-    let controller = Controller::new(config, client, decisions);
+    let controller = Controller::new(config, client, decisions, episodes.window());
     let control = tokio::spawn(controller.run(episodes));
-    let result = drain(
-        sinks,
-        Record::Agent(Box::new(ready)),
-        &mut log_rx,
-        shutdown,
-        after_batch,
-    )
-    .await;
+    let result = drain(sinks, first, &mut log_rx, shutdown, after_batch).await;
     pump.abort();
     control.abort();
     result.map_err(RunError::Write)
@@ -113,6 +127,8 @@ struct Controller {
     config: Config,
     node: Option<NodeApi>,
     log: mpsc::Sender<Record>,
+    /// What the machine went through while a refresh and its verify ran.
+    window: Window,
     guard: Guard,
     episode: u64,
     /// The API failed and we said so; say it again only when it is back.
@@ -129,13 +145,19 @@ const API_RETRY_MIN: Duration = Duration::from_secs(1);
 const API_RETRY_MAX: Duration = Duration::from_secs(30);
 
 impl Controller {
-    fn new(config: Config, client: Option<kube::Client>, log: mpsc::Sender<Record>) -> Self {
+    fn new(
+        config: Config,
+        client: Option<kube::Client>,
+        log: mpsc::Sender<Record>,
+        window: Window,
+    ) -> Self {
         let node = client.map(|c| NodeApi::new(c, &config.node_name));
         let guard = Guard::new(config.guard.clone());
         Self {
             config,
             node,
             log,
+            window,
             guard,
             episode: 0,
             api_down: false,
@@ -159,14 +181,7 @@ impl Controller {
                     return;
                 };
                 self.episode += 1;
-                let settle_ms = (ep.settled - ep.first).as_millis() as u64;
-                self.decide("episode", "settled", |d| {
-                    d.trigger = Some("events".into());
-                    d.events = Some(ep.events);
-                    d.settle_ms = Some(settle_ms);
-                    d.reason = ep.bounded.then(|| "max_wait".to_string());
-                })
-                .await;
+                self.settled(&ep, true).await;
             }
             pending = false;
             match self.handle().await {
@@ -179,16 +194,32 @@ impl Controller {
                         ep = episodes.next() => {
                             let Some(ep) = ep else { return };
                             self.episode += 1;
-                            self.decide("episode", "settled", |d| {
-                                d.trigger = Some("events".into());
-                                d.events = Some(ep.events);
-                            })
-                            .await;
+                            self.settled(&ep, false).await;
                         }
                     }
                 }
             }
         }
+    }
+
+    /// The `episode` `settled` record. `timed`: the episode was waited for here (one that
+    /// joins pending work has no settle time of its own to report, as before).
+    async fn settled(&self, ep: &Episode, timed: bool) {
+        let settle_ms = (ep.settled - ep.first).as_millis() as u64;
+        self.decide("episode", "settled", |d| {
+            d.trigger = Some("events".into());
+            d.events = Some(ep.events);
+            if timed {
+                d.settle_ms = Some(settle_ms);
+                d.reason = ep.why.reason().map(str::to_string);
+            }
+            // Only where blocks were involved: other episodes' records stay as they were.
+            if ep.blocks_added > 0 || ep.waited_in_flight {
+                d.blocks_added = Some(ep.blocks_added);
+                d.blocks_pending = Some(ep.blocks_pending);
+            }
+        })
+        .await;
     }
 
     fn snapshot(&self) -> Option<Snapshot> {
@@ -343,6 +374,9 @@ impl Controller {
             return Next::Done;
         }
         let now = Instant::now();
+        // From here on, every capacity the machine goes through is one the kubelet may read
+        // when it starts: verify accepts any of them (episode.rs, `Seen`).
+        let window = self.window.open(machine.summary());
         // Read before anything restarts the kubelet: verify checks how far it moved.
         let cgroup_file = verify::pods_limit_file(&self.config.cgroup_root);
         let cgroup_before = cgroup_file
@@ -370,7 +404,9 @@ impl Controller {
             }
         };
         if reset {
-            return self.verify(before, cgroup_file, cgroup_before, now).await;
+            return self
+                .verify(before, window, cgroup_file, cgroup_before, now)
+                .await;
         }
         if let Err(deferred) = self.guard.check(now) {
             let wait = deferred.until.saturating_duration_since(now);
@@ -421,34 +457,46 @@ impl Controller {
                 return Next::RetryAt(retry);
             }
         }
-        self.verify(before, cgroup_file, cgroup_before, started)
+        self.verify(before, window, cgroup_file, cgroup_before, started)
             .await
     }
 
     async fn verify(
         &mut self,
         before: Advertised,
+        window: OpenWindow,
         cgroup_file: Option<PathBuf>,
         cgroup_before: Option<u64>,
         started: Instant,
     ) -> Next {
         let root = self.config.pipeline.root.clone();
+        if let Ok(now) = capacity::read_summary(&root) {
+            window.widen(now);
+        }
         let timeout = self.config.verify_timeout;
         let api = self
             .node
             .as_mut()
             .expect("verify is only called with a client");
-        // The machine is re-read at every Node update: verify converges to the truth now.
+        // The machine is re-read at every Node update. The Node converged when it shows the
+        // machine as it is now, or as it was at some instant since the refresh began: a
+        // kubelet that started while a CPU went away (or while blocks were still coming
+        // online) advertises what it read then, and waiting for it to show the machine of
+        // *now* would wait forever. The change since is the next episode's work.
         let result = api
             .wait_until(timeout, |n| {
                 let Ok(adv) = reconcile::advertised(n) else {
                     return false;
                 };
                 capacity::read_snapshot(&root).is_ok_and(|m| {
+                    window.widen(m.summary());
                     reconcile::differences(&reconcile::expected(&m), &adv).is_empty()
+                        || could_have_seen(&window.seen(), &m, &adv, &before)
                 })
             })
             .await;
+        let moved = !window.seen().is_point();
+        drop(window);
         let elapsed = started.elapsed().as_millis() as u64;
         match result {
             Ok(Some(node)) => {
@@ -467,11 +515,28 @@ impl Controller {
                 let cgroup_ok = cgroup.as_ref().is_none_or(|c| c.ok);
                 self.guard.finished(Instant::now(), true);
                 self.announced = None;
+                // Converged on what the kubelet read, while the machine kept moving: the Node
+                // is right for that instant and stale for now, so reconcile again at once.
+                let behind = moved
+                    && match (self.snapshot(), &after) {
+                        (Some(m), Some(a)) => {
+                            !reconcile::differences(&reconcile::expected(&m), a).is_empty()
+                        }
+                        _ => false,
+                    };
                 self.decide("verify", "converged", |d| {
                     d.advertised = Some(before.clone());
                     d.advertised_after = after.clone();
                     d.duration_ms = Some(elapsed);
                     d.cgroup = cgroup.clone();
+                    if behind {
+                        d.reason = Some("machine_moved".into());
+                        d.message = Some(
+                            "the kubelet read the machine while it was still changing; \
+                             reconciling again"
+                                .into(),
+                        );
+                    }
                 })
                 .await;
                 let message = format!(
@@ -503,7 +568,11 @@ impl Controller {
                     &message,
                 )
                 .await;
-                Next::Done
+                if behind {
+                    Next::RetryAt(Instant::now())
+                } else {
+                    Next::Done
+                }
             }
             Ok(None) => {
                 self.guard.finished(Instant::now(), false);
@@ -605,6 +674,25 @@ enum Blocking {
     No,
     Stop(Next),
     Reset(reset::Blocked),
+}
+
+/// Whether `adv` is what a kubelet that started inside the window could have posted: memory
+/// and CPU count within the range the machine went through, the rest as the machine is now,
+/// and not simply the Node's old values (a kubelet that has not posted yet).
+fn could_have_seen(seen: &Seen, now: &Snapshot, adv: &Advertised, before: &Advertised) -> bool {
+    let (Some(memory), Some(millis)) = (adv.memory_bytes, adv.cpu_millis) else {
+        return false;
+    };
+    if !millis.is_multiple_of(1000) || !seen.contains(memory, (millis / 1000) as u32) {
+        return false;
+    }
+    if (adv.memory_bytes, adv.cpu_millis) == (before.memory_bytes, before.cpu_millis) {
+        return false;
+    }
+    let mut then = reconcile::expected(now);
+    then.memory_bytes = adv.memory_bytes;
+    then.cpu_millis = adv.cpu_millis;
+    reconcile::differences(&then, adv).is_empty()
 }
 
 fn show(v: Option<u64>) -> String {

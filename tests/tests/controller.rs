@@ -1,0 +1,544 @@
+//! The controller (`hotplug_agent::run::control`) in-process, without root and without
+//! touching this machine: the machine is a fixture tree (`proc/meminfo`,
+//! `sys/devices/system/cpu/online`) that the test edits, the events are records the test
+//! makes (as the pipeline would for those edits), the API is the in-process fake, and the
+//! kubelet stand-in reads the fixture tree (`--root`) once per start, as the real kubelet
+//! reads the machine. Everything else — episodes, reconcile, the `command` refresh backend
+//! restarting the stand-in, verify watching the Node — is the agent's own code.
+//!
+//! What is tested here is timing: a second change landing at each point of an episode
+//! (while it settles, after it settled, after reconcile, while the kubelet restarts, after
+//! the refresh returned, after verify) must never wedge the loop, and a 512-block DIMM
+//! that comes online more slowly than the episode bound must still be one episode and one
+//! restart.
+use std::{
+    fs,
+    io::Write,
+    path::{Path, PathBuf},
+    sync::mpsc as std_mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use hotplug_agent::{
+    capacity::Summary,
+    episode::Timing,
+    pipeline::{self, event_record},
+    record::{Action, AgentRecord, Kind, Record, Source},
+    refresh::{Backend, command::CommandConfig, guard::GuardConfig},
+    report::{Format, sinks::Sinks},
+    run::{self, StaticPolicy},
+    sources::{Change, Detail},
+};
+use hotplug_tests::cluster::Cluster;
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+
+const NODE: &str = "controller-test";
+const GIB: u64 = 1 << 30;
+const BLOCK: u64 = 128 << 20;
+const BASE_MEMORY: u64 = 4 * GIB;
+/// Long enough that a verify wedged on an unreachable target shows as a test failure
+/// (the Node checks below give up well before it).
+const VERIFY_TIMEOUT: Duration = Duration::from_secs(60);
+const CONVERGE: Duration = Duration::from_secs(20);
+
+/// The machine as files: what `capacity::read_snapshot` and the stand-in's `--root` read.
+struct Machine {
+    dir: tempfile::TempDir,
+}
+
+impl Machine {
+    fn new() -> Self {
+        let m = Self {
+            dir: tempfile::tempdir().expect("fixture root"),
+        };
+        fs::create_dir_all(m.root().join("proc")).expect("mkdir");
+        fs::create_dir_all(m.root().join("sys/devices/system/cpu")).expect("mkdir");
+        m.set(Summary {
+            memory_bytes: BASE_MEMORY,
+            cpus_online: 2,
+        });
+        m
+    }
+
+    fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Rewrites the fixture; each file is replaced whole (rename), as sysfs and procfs
+    /// never show a half-written value.
+    fn set(&self, s: Summary) {
+        let write = |rel: &str, text: String| {
+            let path = self.root().join(rel);
+            let tmp = path.with_extension("tmp");
+            fs::write(&tmp, text).expect("writing the fixture");
+            fs::rename(&tmp, &path).expect("replacing the fixture");
+        };
+        write(
+            "proc/meminfo",
+            format!(
+                "MemTotal:       {} kB\nMemFree:        {} kB\n",
+                s.memory_bytes / 1024,
+                s.memory_bytes / 2048
+            ),
+        );
+        let online = match s.cpus_online {
+            1 => "0\n".to_owned(),
+            n => format!("0-{}\n", n - 1),
+        };
+        write("sys/devices/system/cpu/online", online);
+        write("sys/devices/system/cpu/possible", "0-3\n".into());
+    }
+}
+
+/// A line writer that hands each NDJSON record to the test thread.
+struct Lines {
+    tx: std_mpsc::Sender<Value>,
+    buf: Vec<u8>,
+}
+
+impl Write for Lines {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        while let Some(end) = self.buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.buf.drain(..=end).collect();
+            let v: Value = serde_json::from_slice(&line).expect("the agent writes JSON lines");
+            let _ = self.tx.send(v);
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Holds every refresh after the kubelet restarted, until the test lets it finish: the
+/// refresh command ends with `read < FIFO`, and a thread here opens the FIFO for writing
+/// once per refresh, the first time only after [`Gate::open`].
+struct Gate {
+    fifo: PathBuf,
+    open: Option<std_mpsc::Sender<()>>,
+}
+
+impl Gate {
+    fn new(dir: &Path) -> Self {
+        let fifo = dir.join("refresh-gate");
+        let c = std::ffi::CString::new(fifo.to_str().expect("utf-8")).expect("no NUL");
+        // SAFETY: a valid C string; mkfifo has no other preconditions.
+        let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+        assert_eq!(rc, 0, "mkfifo: {}", std::io::Error::last_os_error());
+        let (open, opened) = std_mpsc::channel::<()>();
+        let path = fifo.clone();
+        thread::spawn(move || {
+            if opened.recv().is_err() {
+                return;
+            }
+            // Each open(O_WRONLY) waits for the next refresh's reader.
+            while let Ok(mut f) = fs::OpenOptions::new().write(true).open(&path) {
+                if f.write_all(b"go\n").is_err() {
+                    return;
+                }
+            }
+        });
+        Self {
+            fifo,
+            open: Some(open),
+        }
+    }
+
+    fn open(&mut self) {
+        if let Some(tx) = self.open.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+struct Harness {
+    machine: Machine,
+    cluster: Cluster,
+    inject: mpsc::Sender<Record>,
+    lines: std_mpsc::Receiver<Value>,
+    seen: Vec<Value>,
+    stop: Option<oneshot::Sender<()>>,
+    agent: Option<thread::JoinHandle<()>>,
+    gate: Option<Gate>,
+}
+
+impl Harness {
+    /// A fixture machine (4 GiB, 2 CPUs), the fake API, the stand-in reading the fixture,
+    /// and the controller; returns after the start-up reconcile. `gated`: each refresh
+    /// waits, after the kubelet restarted, until the gate opens.
+    fn start(timing: Timing, gated: bool) -> Self {
+        let machine = Machine::new();
+        let root = machine.root().to_str().expect("utf-8").to_owned();
+        let cluster = Cluster::start_with(NODE, &["--root", &root, "--repost-ms", "200"]);
+        let gate = gated.then(|| Gate::new(Path::new(&cluster.path(""))));
+        let restart = cluster.kubelet.restart_command();
+        let script = match &gate {
+            Some(g) => format!("{restart} && read line < '{}'", g.fifo.display()),
+            None => restart,
+        };
+        let argv = vec!["/bin/sh".to_owned(), "-c".to_owned(), script];
+        let config = run::Config {
+            pipeline: pipeline::Config {
+                root: machine.root().to_owned(),
+                ebpf: false,
+                uevent: false,
+                ..pipeline::Config::default()
+            },
+            timing,
+            node_name: NODE.into(),
+            backend: Backend::Command(CommandConfig::new(argv)),
+            guard: GuardConfig::default(),
+            verify_timeout: VERIFY_TIMEOUT,
+            kubelet_root: cluster.path("kubelet-root").into(),
+            static_policy: StaticPolicy::Refuse,
+            cgroup_root: cluster.path("cgroup").into(),
+        };
+        let kubeconfig = PathBuf::from(cluster.path("kubeconfig"));
+        let (inject, records) = mpsc::channel(65536);
+        let (tx, lines) = std_mpsc::channel();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let ready = Record::Agent(Box::new(AgentRecord::new("ready", machine.summary())));
+        let agent = thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let kc = kube::config::Kubeconfig::read_from(&kubeconfig).expect("kubeconfig");
+                let kube_config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                    .await
+                    .expect("client config");
+                let client = kube::Client::try_from(kube_config).expect("client");
+                let mut out = Lines {
+                    tx,
+                    buf: Vec::new(),
+                };
+                let mut sinks = Sinks::new(&mut out, Format::Json);
+                let shutdown = async move {
+                    let _ = stopped.await;
+                };
+                run::control(
+                    config,
+                    Some(client),
+                    ready,
+                    records,
+                    &mut sinks,
+                    shutdown,
+                    || {},
+                )
+                .await
+                .expect("the controller runs until stopped");
+            });
+        });
+        let mut h = Self {
+            machine,
+            cluster,
+            inject,
+            lines,
+            seen: Vec::new(),
+            stop: Some(stop),
+            agent: Some(agent),
+            gate,
+        };
+        h.wait_for("the start-up reconcile", |r| {
+            r["kind"] == "reconcile" && r["episode"] == 0
+        });
+        h
+    }
+
+    /// The machine changes: the fixture first, then the record the pipeline would make.
+    fn change(&self, kind: Kind, action: Action, device: &str, to: Summary) {
+        self.machine.set(to);
+        let change = Change {
+            source: Source::Uevent,
+            kind,
+            action,
+            device: Some(device.into()),
+            detail: Detail::None,
+        };
+        self.inject
+            .blocking_send(Record::Event(Box::new(event_record(change, to))))
+            .expect("the controller takes records");
+    }
+
+    /// Waits for a record; every record read is kept in `seen`.
+    fn wait_for(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        if let Some(r) = self.seen.iter().find(|r| pred(r)) {
+            return r.clone();
+        }
+        let deadline = Instant::now() + CONVERGE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(r) => {
+                    self.seen.push(r.clone());
+                    if pred(&r) {
+                        return r;
+                    }
+                }
+                Err(_) => panic!(
+                    "no record: {what} within {CONVERGE:?}; log:\n{}",
+                    self.log()
+                ),
+            }
+        }
+    }
+
+    fn log(&self) -> String {
+        self.seen.iter().map(|r| format!("{r}\n")).collect()
+    }
+
+    /// Waits until the Node advertises the fixture machine as it is now.
+    fn wait_converged(&mut self) {
+        let want = self.machine.summary();
+        let node = self
+            .cluster
+            .rt
+            .block_on(self.cluster.api.wait_node(NODE, CONVERGE, |n| {
+                let Ok(node) = serde_json::from_value(n.clone()) else {
+                    return false;
+                };
+                let Ok(adv) = hotplug_agent::reconcile::advertised(&node) else {
+                    return false;
+                };
+                adv.memory_bytes == Some(want.memory_bytes)
+                    && adv.cpu_millis == Some(u64::from(want.cpus_online) * 1000)
+            }));
+        drop(node);
+        // Whatever the agent was doing when the Node got there is finished and said.
+        while let Ok(r) = self.lines.recv_timeout(Duration::from_millis(500)) {
+            self.seen.push(r);
+        }
+    }
+
+    fn records(&self, kind: &str, action: &str) -> Vec<&Value> {
+        self.seen
+            .iter()
+            .filter(|r| r["kind"] == kind && r["action"] == action)
+            .collect()
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(g) = self.gate.as_mut() {
+            g.open();
+        }
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(agent) = self.agent.take()
+            && agent.join().is_err()
+            && !thread::panicking()
+        {
+            panic!("the controller thread panicked; log:\n{}", self.log());
+        }
+    }
+}
+
+impl Machine {
+    fn summary(&self) -> Summary {
+        hotplug_agent::capacity::read_summary(self.root()).expect("reading the fixture")
+    }
+}
+
+fn timing() -> Timing {
+    Timing {
+        settle: Duration::from_millis(150),
+        max_wait: Duration::from_secs(1),
+        in_flight_max_wait: Duration::from_secs(30),
+        in_flight_stall: Duration::from_secs(2),
+    }
+}
+
+/// Where in the first episode the second change lands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Point {
+    /// Before the first has settled: the two are one episode.
+    Settling,
+    /// Right after `episode settled`.
+    Settled,
+    /// Right after `reconcile stale`.
+    Stale,
+    /// After the kubelet restarted (it read the machine before the change), before the
+    /// refresh returned.
+    KubeletRestarted,
+    /// Right after `refresh succeeded`, before verify saw the Node.
+    RefreshSucceeded,
+    /// After `verify converged`.
+    Converged,
+}
+
+/// Memory grows by 1 GiB, then at `point` cpu1 goes offline. Whatever the point: the Node
+/// ends at the final machine within seconds, no verify times out, no restart is wasted
+/// beyond one per change.
+fn second_change_at(point: Point) {
+    let mut h = Harness::start(timing(), point == Point::KubeletRestarted);
+    let grown = Summary {
+        memory_bytes: BASE_MEMORY + GIB,
+        cpus_online: 2,
+    };
+    let one_cpu = Summary {
+        memory_bytes: BASE_MEMORY + GIB,
+        cpus_online: 1,
+    };
+    let started = Instant::now();
+    h.change(Kind::MemoryBlock, Action::Online, "memory40", grown);
+    let ep1 = |r: &Value| r["episode"] == 1;
+    match point {
+        Point::Settling => {}
+        Point::Settled => {
+            h.wait_for("episode 1 settled", |r| ep1(r) && r["kind"] == "episode");
+        }
+        Point::Stale => {
+            h.wait_for("episode 1 stale", |r| ep1(r) && r["action"] == "stale");
+        }
+        Point::KubeletRestarted => {
+            // The restarted stand-in posted the grown machine; the refresh command is
+            // still running (held at the gate).
+            h.cluster
+                .rt
+                .block_on(h.cluster.api.wait_node(NODE, CONVERGE, |n| {
+                    n["status"]["capacity"]["memory"] == "5Gi"
+                }));
+            assert!(
+                h.records("refresh", "succeeded").is_empty(),
+                "the gate should hold the refresh; log:\n{}",
+                h.log()
+            );
+        }
+        Point::RefreshSucceeded => {
+            h.wait_for("refresh succeeded", |r| {
+                ep1(r) && r["action"] == "succeeded"
+            });
+        }
+        Point::Converged => {
+            h.wait_for("verify converged", |r| ep1(r) && r["action"] == "converged");
+        }
+    }
+    h.change(Kind::Cpu, Action::Offline, "cpu1", one_cpu);
+    if let Some(g) = h.gate.as_mut() {
+        g.open();
+    }
+    h.wait_converged();
+    let took = started.elapsed();
+    let log = h.log();
+    assert!(
+        h.records("verify", "timeout").is_empty(),
+        "{point:?}: a verify timed out; log:\n{log}"
+    );
+    assert!(
+        took < CONVERGE,
+        "{point:?}: the Node took {took:?} to converge; log:\n{log}"
+    );
+    // The stand-in's first start counts as 1: at most one restart per change.
+    let restarts = h.cluster.kubelet.restarts() - 1;
+    assert!(
+        (1..=2).contains(&restarts),
+        "{point:?}: {restarts} kubelet restarts; log:\n{log}\nrestarts:\n{}",
+        h.cluster.kubelet.restarts_log()
+    );
+    if point == Point::KubeletRestarted {
+        // The kubelet read the machine before cpu1 left: verify accepted that, said so,
+        // and the next episode restarted it again.
+        let moved = h
+            .records("verify", "converged")
+            .into_iter()
+            .any(|r| r["episode"] == 1 && r["reason"] == "machine_moved");
+        assert!(moved, "no `machine_moved` convergence; log:\n{log}");
+        assert_eq!(restarts, 2, "log:\n{log}");
+    }
+    eprintln!("{point:?}: converged in {took:?} with {restarts} restart(s)");
+}
+
+#[test]
+fn second_change_while_the_first_settles() {
+    second_change_at(Point::Settling);
+}
+
+#[test]
+fn second_change_after_the_episode_settled() {
+    second_change_at(Point::Settled);
+}
+
+#[test]
+fn second_change_after_reconcile() {
+    second_change_at(Point::Stale);
+}
+
+#[test]
+fn second_change_while_the_kubelet_restarts() {
+    second_change_at(Point::KubeletRestarted);
+}
+
+#[test]
+fn second_change_right_after_the_refresh() {
+    second_change_at(Point::RefreshSucceeded);
+}
+
+#[test]
+fn second_change_after_verify() {
+    second_change_at(Point::Converged);
+}
+
+/// The incident at its own scale, in-process: 512 `add`s at once, then the blocks come
+/// online one by one for longer than `max_wait` (1 s here). One episode that waited for
+/// the blocks, one restart, verify on the final capacity, nothing cut by the bound.
+#[test]
+fn a_512_block_dimm_onlined_slowly_is_one_episode_and_one_restart() {
+    let mut h = Harness::start(timing(), false);
+    let base = h.machine.summary();
+    for n in 0..512 {
+        h.change(
+            Kind::MemoryBlock,
+            Action::Add,
+            &format!("memory{}", 32 + n),
+            base,
+        );
+    }
+    let started = Instant::now();
+    for n in 0..512u64 {
+        // 512 × 4 ms ≈ 2 s of onlining: twice the bound of an episode without blocks.
+        thread::sleep(Duration::from_millis(4));
+        let now = Summary {
+            memory_bytes: base.memory_bytes + (n + 1) * BLOCK,
+            ..base
+        };
+        h.change(
+            Kind::MemoryBlock,
+            Action::Online,
+            &format!("memory{}", 32 + n),
+            now,
+        );
+    }
+    let onlining = started.elapsed();
+    assert!(
+        onlining > timing().max_wait,
+        "onlining took only {onlining:?}"
+    );
+    h.wait_converged();
+    let log = h.log();
+    let episodes = h.records("episode", "settled");
+    let burst: Vec<_> = episodes
+        .iter()
+        .filter(|r| r["trigger"] == "events")
+        .collect();
+    assert_eq!(burst.len(), 1, "one episode for the DIMM; log:\n{log}");
+    assert_eq!(burst[0]["events"], 1024);
+    assert_eq!(burst[0]["blocks_added"], 512);
+    assert_eq!(burst[0]["blocks_pending"], 0);
+    assert!(burst[0].get("reason").is_none(), "not cut: {}", burst[0]);
+    assert_eq!(h.cluster.kubelet.restarts() - 1, 1, "log:\n{log}");
+    assert!(h.records("verify", "timeout").is_empty(), "log:\n{log}");
+    let converged = h.records("verify", "converged");
+    assert_eq!(converged.len(), 1, "log:\n{log}");
+    assert!(converged[0].get("reason").is_none(), "{}", converged[0]);
+    assert_eq!(
+        converged[0]["advertised_after"]["memory_bytes"],
+        base.memory_bytes + 512 * BLOCK
+    );
+}
