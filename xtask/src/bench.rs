@@ -5,7 +5,10 @@
 //!
 //! - [`watch`]: toggles a CPU and a memory block under one `hotplug-agent watch` and measures
 //!   write → record per source (`ebpf`, `uevent`), then eBPF kernel-to-user delivery;
-//! - [`idle`]: a fresh agent left alone: RSS and context switches.
+//! - [`idle`]: a fresh agent left alone: RSS and context switches;
+//! - [`refresh`]: hot-add to Node through `hotplug-agent run`, and a burst's restarts;
+//! - [`seed_scale`]: the 64 GiB hot-add of `vm-test --scenario seed-scale` against a
+//!   per-block udev rule and KEP-3953's 5-minute poll.
 //!
 //! Each suite appends [`Section`]s (rows of p50/p99/max or single values, with targets);
 //! they are printed as one table and written to `target/bench/watch.json`. To add a suite,
@@ -31,6 +34,7 @@ mod idle;
 mod machine;
 mod refresh;
 mod report;
+mod seed_scale;
 mod stats;
 mod watch;
 
@@ -54,7 +58,7 @@ pub struct Args {
     /// compare two builds).
     #[arg(long, value_name = "PATH")]
     pub agent: Option<PathBuf>,
-    /// Run only these suites (`watch`, `idle`); all by default.
+    /// Run only these suites (`watch`, `idle`, `refresh`, `seed-scale`); all by default.
     #[arg(last = true)]
     pub suites: Vec<String>,
 }
@@ -76,6 +80,7 @@ const SUITES: &[(&str, Suite)] = &[
     ("watch", watch::sections),
     ("idle", idle::section),
     ("refresh", refresh::sections),
+    ("seed-scale", seed_scale::sections),
 ];
 
 pub fn run(args: Args) -> anyhow::Result<()> {

@@ -7,10 +7,11 @@
 //! 2. [`kernel`]: Debian's kernel (cached in `target/vm`); [`image`]: the initramfs;
 //! 3. [`qemu`]: boots the guest; [`guest`]: its control shell and the agent's records over
 //!    virtio-serial; [`qmp`]: the QMP client;
-//! 4. the scenarios ([`scenarios`], [`incident`]) over a [`session::Session`] and its
-//!    [`moves`] (plug, unplug), each asserting on the agent's own records; results print
-//!    as libtest does, so that `cargo xtask test` counts them, followed by the figures and
-//!    the probe coverage of the guest kernel against this host's.
+//! 4. the scenarios ([`scenarios`], [`incident`], [`seed_scale`]) over a
+//!    [`session::Session`] and its [`moves`] (plug, unplug), each asserting on the agent's
+//!    own records; results print as libtest does, so that `cargo xtask test` counts them,
+//!    followed by the figures and the probe coverage of the guest kernel against this
+//!    host's.
 //!
 //! Skips (and says so) only where QEMU cannot run at all: no `qemu-system-x86_64`.
 use std::{
@@ -33,13 +34,14 @@ mod moves;
 mod qemu;
 mod qmp;
 mod scenarios;
+mod seed_scale;
 mod session;
 
 /// Arguments of `cargo xtask vm-test`.
 #[derive(Debug, ClapArgs)]
 pub struct Args {
     /// Run only these scenarios (repeatable): dimm, virtio-mem, cpu, manual-offline,
-    /// unplug, incident. Default: all.
+    /// unplug, incident, seed-scale. Default: all.
     #[arg(long = "scenario", value_name = "NAME")]
     pub scenarios: Vec<String>,
     /// Run only the scenarios whose test name (`vm::dimm_hot_add`, ...) contains one of these.
@@ -57,6 +59,9 @@ enum Guest {
     Watch,
     /// A fresh guest; the scenario starts what it needs.
     Incident,
+    /// A fresh guest for each scenario, on [`seed_scale::MACHINE`] (room for 64 GiB):
+    /// the state a 64 GiB hot-add leaves is not worth undoing.
+    SeedScale,
 }
 
 struct Scenario {
@@ -67,7 +72,7 @@ struct Scenario {
 }
 
 /// In the order they run: unplug undoes what the plugs before it did.
-const SCENARIOS: [Scenario; 6] = [
+const SCENARIOS: [Scenario; 10] = [
     Scenario {
         name: "dimm",
         test: "vm::dimm_hot_add",
@@ -103,6 +108,30 @@ const SCENARIOS: [Scenario; 6] = [
         test: "vm::incident_end_to_end",
         guest: Guest::Incident,
         run: incident::incident,
+    },
+    Scenario {
+        name: "seed-scale",
+        test: "vm::seed_scale_dimm_agent_online",
+        guest: Guest::SeedScale,
+        run: seed_scale::dimm_agent_online,
+    },
+    Scenario {
+        name: "seed-scale",
+        test: "vm::seed_scale_dimm_kernel_online",
+        guest: Guest::SeedScale,
+        run: seed_scale::dimm_kernel_online,
+    },
+    Scenario {
+        name: "seed-scale",
+        test: "vm::seed_scale_dimm_paced_online",
+        guest: Guest::SeedScale,
+        run: seed_scale::dimm_paced_online,
+    },
+    Scenario {
+        name: "seed-scale",
+        test: "vm::seed_scale_virtio_mem_steps",
+        guest: Guest::SeedScale,
+        run: seed_scale::virtio_mem_steps,
     },
 ];
 
@@ -204,7 +233,7 @@ struct Outcome {
 /// the next scenario boots a fresh one.
 fn run_scenarios(selected: &[&'static Scenario], image: &image::Image, dir: &Path) -> Outcome {
     let mut out = Outcome::default();
-    for guest in [Guest::Watch, Guest::Incident] {
+    for guest in [Guest::Watch, Guest::Incident, Guest::SeedScale] {
         let group: Vec<&Scenario> = selected
             .iter()
             .copied()
@@ -212,10 +241,19 @@ fn run_scenarios(selected: &[&'static Scenario], image: &image::Image, dir: &Pat
             .collect();
         let mut session: Option<session::Session> = None;
         for scenario in group {
+            if guest == Guest::SeedScale {
+                // Dropped (QEMU quits) before the next one boots.
+                session = None;
+            }
             let t = Instant::now();
             let result = (|| {
                 if session.is_none() {
-                    session = Some(boot(image, guest, dir, scenario.name, &mut out.figures)?);
+                    // One guest per seed-scale variant: each its own logs.
+                    let name = match guest {
+                        Guest::SeedScale => scenario.test.trim_start_matches("vm::"),
+                        Guest::Watch | Guest::Incident => scenario.name,
+                    };
+                    session = Some(boot(image, guest, dir, name, &mut out.figures)?);
                 }
                 let s = session.as_mut().context("no session")?;
                 (scenario.run)(s, &mut out.figures)
@@ -265,10 +303,11 @@ fn print_result(passed: usize, failed: usize, ignored: usize, filtered: usize, t
 fn select(args: &Args) -> anyhow::Result<Vec<&'static Scenario>> {
     for name in &args.scenarios {
         if !SCENARIOS.iter().any(|s| s.name == name) {
-            anyhow::bail!(
-                "unknown scenario {name:?}; known: {}",
-                SCENARIOS.map(|s| s.name).join(", ")
-            );
+            anyhow::bail!("unknown scenario {name:?}; known: {}", {
+                let mut names = SCENARIOS.map(|s| s.name).to_vec();
+                names.dedup();
+                names.join(", ")
+            });
         }
     }
     Ok(SCENARIOS
@@ -308,15 +347,16 @@ fn boot(
     figures: &mut Figures,
 ) -> anyhow::Result<session::Session> {
     let logs: PathBuf = dir.join("logs").join(first);
-    let initrd = match guest {
-        Guest::Watch => &image.initrd,
-        Guest::Incident => &image.initrd_doubles,
+    let (initrd, machine) = match guest {
+        Guest::Watch => (&image.initrd, &qemu::Machine::DEFAULT),
+        Guest::Incident => (&image.initrd_doubles, &qemu::Machine::DEFAULT),
+        Guest::SeedScale => (&image.initrd_doubles, &seed_scale::MACHINE),
     };
     eprintln!(
         "vm: booting a guest for {first} (logs in {})",
         logs.display()
     );
-    let vm = qemu::Vm::boot(image, initrd, &logs)?;
+    let vm = qemu::Vm::boot(image, initrd, machine, &logs)?;
     figures.push(format!(
         "boot to /init answering ({first}): {:.1} s",
         vm.boot_time.as_secs_f64()

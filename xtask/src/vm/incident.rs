@@ -12,11 +12,11 @@ use super::{
     session::{MIB, Session, WAIT, ensure_records},
 };
 
-const NODE: &str = "vm-node";
-const DIR: &str = "/tmp/k";
+pub(super) const NODE: &str = "vm-node";
+pub(super) const DIR: &str = "/tmp/k";
 
 /// The stand-in's flags; `kubelet-standin restart` takes the same ones.
-fn standin_flags() -> String {
+pub(super) fn standin_flags() -> String {
     format!(
         "--kubeconfig {DIR}/kubeconfig --node-name {NODE} --pidfile {DIR}/kubelet.pid \
          --restarts-log {DIR}/restarts.log --repost-ms 500 \
@@ -25,25 +25,7 @@ fn standin_flags() -> String {
 }
 
 pub fn incident(s: &mut Session, figures: &mut Figures) -> anyhow::Result<()> {
-    let sh = &mut s.vm.shell;
-    sh.check(&format!(
-        "mkdir -p {DIR}/kubelet-root {DIR}/cgroup/kubepods.slice"
-    ))?;
-    sh.check(&format!(
-        "fake-apiserver --kubeconfig {DIR}/kubeconfig >{DIR}/api.log 2>&1 &"
-    ))?;
-    // The kubeconfig appears (atomically) once the server listens.
-    sh.check(&format!(
-        "for i in $(seq 400); do [ -f {DIR}/kubeconfig ] && exit 0; sleep 0.05; done; cat {DIR}/api.log; exit 1"
-    ))?;
-    let started = Instant::now();
-    let (rc, out) = sh.run(
-        &format!("kubelet-standin restart {}", standin_flags()),
-        Duration::from_secs(90),
-    )?;
-    ensure!(rc == 0, "the kubelet stand-in did not start ({rc}):\n{out}");
-    let standin_start = started.elapsed();
-
+    let standin_start = start_cluster(s)?;
     let refresh = format!("kubelet-standin restart {}", standin_flags());
     let ready = s.start_agent(&format!(
         "run --format json --kubeconfig {DIR}/kubeconfig --node-name {NODE} \
@@ -99,18 +81,10 @@ pub fn incident(s: &mut Session, figures: &mut Figures) -> anyhow::Result<()> {
     );
     let episodes = count("episode", "settled");
 
-    let node = s.vm.shell.check(&format!(
-        "wget -q -O - $(awk '/server:/ {{print $2}}' {DIR}/kubeconfig)/api/v1/nodes/{NODE}"
-    ))?;
-    let node: serde_json::Value =
-        serde_json::from_str(&node).with_context(|| format!("the Node from the API: {node}"))?;
-    let memory = node["status"]["capacity"]["memory"]
-        .as_str()
-        .and_then(quantity_bytes);
+    let memory = node_memory(s)?;
     ensure!(
         memory == Some(target),
-        "the Node's capacity.memory should be {target} bytes: {}",
-        node["status"]["capacity"]
+        "the Node's capacity.memory should be {target} bytes, not {memory:?}"
     );
     figures.push(format!(
         "incident: stand-in up in {:.1} s; DIMM 256 MiB device_add -> Node converged (verify record) {:.2} s, {episodes} episode(s), 1 restart",
@@ -120,8 +94,43 @@ pub fn incident(s: &mut Session, figures: &mut Figures) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The fake API server, then the kubelet stand-in, which registers the Node with the
+/// capacity it reads once; returns how long the stand-in took to start.
+pub(super) fn start_cluster(s: &mut Session) -> anyhow::Result<Duration> {
+    let sh = &mut s.vm.shell;
+    sh.check(&format!(
+        "mkdir -p {DIR}/kubelet-root {DIR}/cgroup/kubepods.slice"
+    ))?;
+    sh.check(&format!(
+        "fake-apiserver --kubeconfig {DIR}/kubeconfig >{DIR}/api.log 2>&1 &"
+    ))?;
+    // The kubeconfig appears (atomically) once the server listens.
+    sh.check(&format!(
+        "for i in $(seq 400); do [ -f {DIR}/kubeconfig ] && exit 0; sleep 0.05; done; cat {DIR}/api.log; exit 1"
+    ))?;
+    let started = Instant::now();
+    let (rc, out) = sh.run(
+        &format!("kubelet-standin restart {}", standin_flags()),
+        Duration::from_secs(90),
+    )?;
+    ensure!(rc == 0, "the kubelet stand-in did not start ({rc}):\n{out}");
+    Ok(started.elapsed())
+}
+
+/// The Node's `.status.capacity.memory` in bytes, read from the fake API in the guest.
+pub(super) fn node_memory(s: &mut Session) -> anyhow::Result<Option<u64>> {
+    let node = s.vm.shell.check(&format!(
+        "wget -q -O - $(awk '/server:/ {{print $2}}' {DIR}/kubeconfig)/api/v1/nodes/{NODE}"
+    ))?;
+    let node: serde_json::Value =
+        serde_json::from_str(&node).with_context(|| format!("the Node from the API: {node}"))?;
+    Ok(node["status"]["capacity"]["memory"]
+        .as_str()
+        .and_then(quantity_bytes))
+}
+
 /// Start-ups of the stand-in: one line each in its restarts log.
-fn restarts(s: &mut Session) -> anyhow::Result<usize> {
+pub(super) fn restarts(s: &mut Session) -> anyhow::Result<usize> {
     let log = s.vm.shell.check(&format!("cat {DIR}/restarts.log"))?;
     Ok(log.lines().filter(|l| !l.trim().is_empty()).count())
 }

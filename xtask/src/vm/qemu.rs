@@ -25,6 +25,27 @@ use super::{
 /// TCG boots the Debian kernel to `/init` in ~5 s here; leave room for a loaded machine.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// What differs between guests: the memory layout, the kernel's arguments, the size of
+/// virtio-mem's backend. [`Machine::DEFAULT`] is VM-HOTPLUG.md's recipe.
+pub struct Machine {
+    /// `-m`: base RAM, DIMM slots and the ceiling of all hot-added memory (DIMMs and
+    /// virtio-mem's region count against `maxmem`).
+    pub memory: &'static str,
+    /// Kernel arguments after the console and `panic=-1`.
+    pub append: &'static str,
+    /// virtio-mem's backend, the most it can grow to: `size=1G` or
+    /// `size=64G,reserve=false` (without `reserve=false` QEMU would have to commit it all).
+    pub vmem_backend: &'static str,
+}
+
+impl Machine {
+    pub const DEFAULT: Self = Self {
+        memory: "512M,slots=4,maxmem=4G",
+        append: "memhp_default_state=offline",
+        vmem_backend: "size=1G",
+    };
+}
+
 pub struct Vm {
     child: Child,
     /// The sockets (short paths: unix socket names are limited to 108 bytes).
@@ -39,8 +60,13 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Boots `image` with `initrd`; returns once `/init` reads commands.
-    pub fn boot(image: &Image, initrd: &Path, log_dir: &Path) -> anyhow::Result<Self> {
+    /// Boots `image` with `initrd` on `machine`; returns once `/init` reads commands.
+    pub fn boot(
+        image: &Image,
+        initrd: &Path,
+        machine: &Machine,
+        log_dir: &Path,
+    ) -> anyhow::Result<Self> {
         fs::create_dir_all(log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
         let sock_dir = unique_sock_dir()?;
         let qmp_sock = sock_dir.join("qmp");
@@ -51,23 +77,25 @@ impl Vm {
 
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(["-machine", "pc", "-accel", "tcg", "-cpu", "qemu64"])
-            .args(["-m", "512M,slots=4,maxmem=4G", "-smp", "1,maxcpus=4"])
+            .args(["-m", machine.memory, "-smp", "1,maxcpus=4"])
             .arg("-kernel")
             .arg(&image.kernel)
             .arg("-initrd")
             .arg(initrd)
             // panic=-1: a guest panic reboots at once, and -no-reboot turns that into an exit.
-            .args([
-                "-append",
-                "console=ttyS0 memhp_default_state=offline panic=-1",
-            ])
+            .arg("-append")
+            .arg(format!("console=ttyS0 panic=-1 {}", machine.append))
             .args(["-display", "none", "-monitor", "none", "-no-reboot"])
             .args(["-nic", "none"])
             .arg("-serial")
             .arg(format!("file:{}", console.display()))
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp_sock.display()))
-            .args(["-object", "memory-backend-ram,id=vmem0,size=1G"])
+            .arg("-object")
+            .arg(format!(
+                "memory-backend-ram,id=vmem0,{}",
+                machine.vmem_backend
+            ))
             .args([
                 "-device",
                 "virtio-mem-pci,id=vm0,memdev=vmem0,requested-size=0",
