@@ -23,7 +23,6 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Display,
-    fs, io,
     path::{Path, PathBuf},
 };
 
@@ -65,12 +64,8 @@ impl Verdict {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
-    #[error("reading {}", path.display())]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Read(#[from] crate::files::FileError),
     #[error("parsing {}", path.display())]
     Parse {
         path: PathBuf,
@@ -107,14 +102,16 @@ pub fn check(kubelet_root: &Path, machine: &Snapshot) -> Result<Vec<Verdict>, Ch
     Ok(verdicts)
 }
 
+/// A checkpoint is a few KiB even on a machine with hundreds of CPUs and pods.
+pub const MAX_CHECKPOINT_BYTES: u64 = 4 << 20;
+
+/// The checkpoint's bytes, `None` when there is none. Read without trusting the path: a
+/// FIFO or a device there is refused at once (files.rs), never waited on or read forever.
 fn read(path: &Path) -> Result<Option<Vec<u8>>, CheckpointError> {
-    match fs::read(path) {
+    match crate::files::read_regular(path, MAX_CHECKPOINT_BYTES) {
         Ok(bytes) => Ok(Some(bytes)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(CheckpointError::Read {
-            path: path.to_owned(),
-            source,
-        }),
+        Err(e) if e.is_missing() => Ok(None),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -403,7 +400,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         for (name, text) in [(CPU_MANAGER_STATE, cpu), (MEMORY_MANAGER_STATE, memory)] {
             if let Some(text) = text {
-                fs::write(dir.path().join(name), text).expect("writing the fixture");
+                std::fs::write(dir.path().join(name), text).expect("writing the fixture");
             }
         }
         dir
@@ -578,8 +575,23 @@ mod tests {
         assert!(matches!(err, CheckpointError::CpuSet { .. }), "{err:?}");
 
         let root = kubelet_root(None, None);
-        fs::create_dir(root.path().join(MEMORY_MANAGER_STATE)).expect("mkdir");
+        std::fs::create_dir(root.path().join(MEMORY_MANAGER_STATE)).expect("mkdir");
         let err = check(root.path(), &m).expect_err("a directory");
-        assert!(matches!(err, CheckpointError::Read { .. }), "{err:?}");
+        assert!(matches!(err, CheckpointError::Read(_)), "{err:?}");
+
+        // A FIFO would block open(2) and the controller with it; /dev/zero would be read
+        // until memory runs out. Both are refused at once.
+        let root = kubelet_root(None, None);
+        let fifo = root.path().join(CPU_MANAGER_STATE);
+        let c = std::ffi::CString::new(fifo.to_str().expect("utf-8")).expect("no NUL");
+        // SAFETY: a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let err = check(root.path(), &m).expect_err("a FIFO");
+        assert!(err.to_string().contains("FIFO"), "{err}");
+        let root = kubelet_root(None, None);
+        std::os::unix::fs::symlink("/dev/zero", root.path().join(MEMORY_MANAGER_STATE))
+            .expect("symlink");
+        let err = check(root.path(), &m).expect_err("/dev/zero");
+        assert!(err.to_string().contains("character device"), "{err}");
     }
 }

@@ -14,12 +14,8 @@ pub const ENV_PREFIX: &str = "HOTPLUG_AGENT_";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("reading the config file {path}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("reading the config file")]
+    Read(#[source] crate::files::FileError),
     #[error("{path}: not valid TOML: {message}")]
     Toml { path: PathBuf, message: String },
     #[error("{path}: unknown key {key:?} for `{subcommand}`{hint}")]
@@ -80,12 +76,14 @@ fn config_path(argv: &[OsString]) -> Option<PathBuf> {
     std::env::var_os(env_name("config")).map(PathBuf::from)
 }
 
+/// A config file of every setting is a few KiB.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
 /// Reads a config file into `key -> [flag values]`; `None` for a `false` switch.
 fn read_file(path: &PathBuf) -> Result<BTreeMap<String, Option<Vec<String>>>, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.clone(),
-        source,
-    })?;
+    // A FIFO or /dev/zero given as --config is refused at once, not read forever.
+    let text =
+        crate::files::read_regular_text(path, MAX_CONFIG_BYTES).map_err(ConfigError::Read)?;
     let table: toml::Table = text
         .parse()
         .map_err(|e: toml::de::Error| ConfigError::Toml {

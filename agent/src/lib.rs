@@ -24,6 +24,7 @@
 //! - [`events`]: the client of the live stream; `hotplug-agent events`.
 //! - [`status`]: the snapshot and which probes can attach; `hotplug-agent status`.
 //! - [`config`]: TOML file, environment and flags, in that order of precedence.
+//! - [`files`]: reading the small files the agent is pointed at, without trusting the path.
 //! - [`telemetry`]: diagnostics (tracing) on stderr, never mixed with the event log.
 pub mod auto_online;
 pub mod capacity;
@@ -31,6 +32,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod episode;
 pub mod events;
+pub mod files;
 pub mod node;
 pub mod pipeline;
 pub mod reconcile;
