@@ -155,6 +155,10 @@ struct RunArgs {
     /// How long the Node may take to advertise the new capacity after a refresh.
     #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
     verify_timeout: Duration,
+    /// The deadline of each Kubernetes API call: a server that accepts and never answers
+    /// becomes `api_unreachable` and a retry, not a wait forever.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    api_timeout: Duration,
     /// Guard rail: at least this long between two refreshes.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     min_refresh_interval: Duration,
@@ -348,10 +352,12 @@ async fn run_command(args: RunArgs) -> anyhow::Result<()> {
             ..refresh::guard::GuardConfig::default()
         },
         verify_timeout: args.verify_timeout,
+        api_timeout: args.api_timeout,
         kubelet_root: args.kubelet_root_dir,
         static_policy: args.static_policy,
         cgroup_root: args.cgroup_root,
     };
+    config.validate()?;
     let mut out = std::io::stdout().lock();
     let mut sinks = Sinks::new(&mut out, args.format);
     let metrics = Metrics::new();
@@ -468,6 +474,7 @@ fn main() -> anyhow::Result<()> {
                 Format::Json
             });
             let config = args.sources.pipeline();
+            config.validate()?;
             let mut out = std::io::stdout().lock();
             let mut sinks = Sinks::new(&mut out, format);
             runtime

@@ -1,6 +1,6 @@
 //! This node's object in the API: read it, watch it, and report on it (Events and the
 //! agent's own condition, in the style of node-problem-detector's conditions).
-use std::time::Duration;
+use std::{future::Future, time::Duration};
 
 use futures::{StreamExt, pin_mut};
 use k8s_openapi::{
@@ -22,18 +22,33 @@ pub const COMPONENT: &str = "hotplug-agent";
 /// The kubelet records node events in `default`; so do we, where `kubectl describe node` finds them.
 const EVENTS_NAMESPACE: &str = "default";
 
+/// Every API call has a deadline: a server that accepts the connection and never answers
+/// must become an error that the controller reports (`api_unreachable`) and retries, not a
+/// wait that wedges the controller for good.
+pub const DEFAULT_API_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Api(#[from] kube::Error),
+    #[error("the API server did not answer {call} within {after:?}")]
+    Timeout { call: &'static str, after: Duration },
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EventType {
     Normal,
     Warning,
 }
 
+#[derive(Clone)]
 pub struct NodeApi {
     client: Client,
     nodes: Api<Node>,
     events: Api<Event>,
     name: String,
     uid: Option<String>,
+    timeout: Duration,
 }
 
 impl NodeApi {
@@ -44,6 +59,27 @@ impl NodeApi {
             events: Api::namespaced(client, EVENTS_NAMESPACE),
             name: name.into(),
             uid: None,
+            timeout: DEFAULT_API_TIMEOUT,
+        }
+    }
+
+    /// The deadline of each call (a watch's wait for changes is bounded by its caller's).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    async fn within<T>(
+        &self,
+        call: &'static str,
+        request: impl Future<Output = Result<T, kube::Error>>,
+    ) -> Result<T, NodeError> {
+        match tokio::time::timeout(self.timeout, request).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(NodeError::Timeout {
+                call,
+                after: self.timeout,
+            }),
         }
     }
 
@@ -51,8 +87,8 @@ impl NodeApi {
         &self.name
     }
 
-    pub async fn get(&mut self) -> Result<Node, kube::Error> {
-        let node = self.nodes.get(&self.name).await?;
+    pub async fn get(&mut self) -> Result<Node, NodeError> {
+        let node = self.within("GET node", self.nodes.get(&self.name)).await?;
         self.uid = node.metadata.uid.clone();
         Ok(node)
     }
@@ -64,7 +100,7 @@ impl NodeApi {
         stale: bool,
         reason: &str,
         message: &str,
-    ) -> Result<(), kube::Error> {
+    ) -> Result<(), NodeError> {
         let status = if stale { "True" } else { "False" };
         let now = Timestamp::now();
         let previous = current
@@ -85,13 +121,13 @@ impl NodeApi {
             "lastHeartbeatTime": Time(now),
             "lastTransitionTime": Time(transition),
         }]}});
-        self.nodes
-            .patch_status(
-                &self.name,
-                &PatchParams::default(),
-                &Patch::Strategic(patch),
-            )
-            .await?;
+        let params = PatchParams::default();
+        let patch = Patch::Strategic(patch);
+        self.within(
+            "PATCH node status",
+            self.nodes.patch_status(&self.name, &params, &patch),
+        )
+        .await?;
         Ok(())
     }
 
@@ -101,7 +137,7 @@ impl NodeApi {
         kind: EventType,
         reason: &str,
         message: &str,
-    ) -> Result<(), kube::Error> {
+    ) -> Result<(), NodeError> {
         let now = Timestamp::now();
         let event = Event {
             metadata: ObjectMeta {
@@ -135,33 +171,36 @@ impl NodeApi {
             reporting_instance: Some(self.name.clone()),
             ..Event::default()
         };
-        self.events.create(&PostParams::default(), &event).await?;
+        let params = PostParams::default();
+        self.within("POST event", self.events.create(&params, &event))
+            .await?;
         Ok(())
     }
 
     /// Marks the Node (un)schedulable, as `kubectl cordon`/`uncordon` do.
-    pub async fn cordon(&self, unschedulable: bool) -> Result<(), kube::Error> {
-        let patch = json!({"spec": {"unschedulable": unschedulable}});
-        self.nodes
-            .patch(&self.name, &PatchParams::default(), &Patch::Merge(patch))
+    pub async fn cordon(&self, unschedulable: bool) -> Result<(), NodeError> {
+        let patch = Patch::Merge(json!({"spec": {"unschedulable": unschedulable}}));
+        let params = PatchParams::default();
+        self.within("PATCH node", self.nodes.patch(&self.name, &params, &patch))
             .await?;
         Ok(())
     }
 
     /// The pods bound to this Node.
-    pub async fn pods(&self) -> Result<Vec<Pod>, kube::Error> {
+    pub async fn pods(&self) -> Result<Vec<Pod>, NodeError> {
         let pods: Api<Pod> = Api::all(self.client.clone());
-        let list = pods
-            .list(&ListParams::default().fields(&format!("spec.nodeName={}", self.name)))
-            .await?;
+        let params = ListParams::default().fields(&format!("spec.nodeName={}", self.name));
+        let list = self.within("LIST pods", pods.list(&params)).await?;
         Ok(list.items)
     }
 
     /// Evicts a pod through the Eviction API, so PodDisruptionBudgets are honoured: the
     /// API answers 429 while a budget forbids it.
-    pub async fn evict(&self, namespace: &str, name: &str) -> Result<(), kube::Error> {
+    pub async fn evict(&self, namespace: &str, name: &str) -> Result<(), NodeError> {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
-        pods.evict(name, &EvictParams::default()).await?;
+        let params = EvictParams::default();
+        self.within("POST eviction", pods.evict(name, &params))
+            .await?;
         Ok(())
     }
 
@@ -171,7 +210,7 @@ impl NodeApi {
         &mut self,
         timeout: Duration,
         done: impl Fn(&Node) -> bool,
-    ) -> Result<Option<Node>, kube::Error> {
+    ) -> Result<Option<Node>, NodeError> {
         let deadline = Instant::now() + timeout;
         loop {
             let node = self.get().await?;
@@ -186,7 +225,9 @@ impl NodeApi {
             let params = WatchParams::default()
                 .fields(&format!("metadata.name={}", self.name))
                 .timeout(left.as_secs().clamp(1, 290) as u32);
-            let stream = self.nodes.watch(&params, &rv).await?;
+            let stream = self
+                .within("WATCH node", self.nodes.watch(&params, &rv))
+                .await?;
             pin_mut!(stream);
             loop {
                 match tokio::time::timeout_at(deadline, stream.next()).await {
@@ -200,7 +241,7 @@ impl NodeApi {
                         break;
                     }
                     Ok(Some(Ok(_))) => {}
-                    Ok(Some(Err(e))) => return Err(e),
+                    Ok(Some(Err(e))) => return Err(e.into()),
                     Ok(None) => break,
                 }
             }

@@ -70,6 +70,63 @@ impl Default for Config {
     }
 }
 
+/// The longest any duration setting may be. Beyond it a setting is a typo
+/// (`400000000000y`), and deadlines computed from it would overflow the clock and panic.
+pub const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+/// What `--uevent-rcvbuf` may ask for. The kernel clamps SO_RCVBUF(FORCE) silently (0 or 1
+/// became 2,304 bytes), which would lose a burst while the ready record says listening.
+pub const UEVENT_RCVBUF_RANGE: std::ops::RangeInclusive<usize> = (64 << 10)..=(1 << 30);
+
+/// A setting that cannot work, named by its flag, found at start-up.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("--{flag} {value} is {problem}")]
+pub struct InvalidSetting {
+    pub flag: &'static str,
+    pub value: String,
+    pub problem: &'static str,
+}
+
+impl InvalidSetting {
+    /// Checks durations: `nonzero` ones must not be zero; none may exceed [`MAX_DURATION`].
+    pub fn durations(
+        durations: impl IntoIterator<Item = (&'static str, Duration, bool)>,
+    ) -> Result<(), Self> {
+        for (flag, value, nonzero) in durations {
+            let problem = if value > MAX_DURATION {
+                "longer than 7 days"
+            } else if nonzero && value.is_zero() {
+                "zero"
+            } else {
+                continue;
+            };
+            return Err(Self {
+                flag,
+                value: format!("{value:?}"),
+                problem,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Every setting of the sources, checked once at start-up.
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        if self.uevent && !UEVENT_RCVBUF_RANGE.contains(&self.uevent_rcvbuf) {
+            return Err(InvalidSetting {
+                flag: "uevent-rcvbuf",
+                value: self.uevent_rcvbuf.to_string(),
+                problem: "outside 65536..=1073741824 bytes",
+            });
+        }
+        let rescan = match self.rescan {
+            Rescan::Every(every) => Some(("rescan-interval", every, true)),
+            Rescan::Auto | Rescan::Off => None,
+        };
+        InvalidSetting::durations(rescan)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("reading the machine's capacity at start-up")]

@@ -42,6 +42,8 @@ const BASE_MEMORY: u64 = 4 * GIB;
 /// (the Node checks below give up well before it).
 const VERIFY_TIMEOUT: Duration = Duration::from_secs(60);
 const CONVERGE: Duration = Duration::from_secs(20);
+/// Short, so that a hanging API server is noticed within the test's patience.
+const API_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The machine as files: what `capacity::read_snapshot` and the stand-in's `--root` read.
 struct Machine {
@@ -155,14 +157,80 @@ impl Gate {
     }
 }
 
+/// How a harness is set up beyond the defaults.
+#[derive(Default)]
+struct Options {
+    timing: Option<Timing>,
+    /// Each refresh waits, after the kubelet restarted, until the gate opens.
+    gated: bool,
+    guard: Option<GuardConfig>,
+    /// The agent reaches the API through a [`Proxy`] that can hang.
+    proxy: bool,
+}
+
+/// A TCP proxy in front of the fake API that can hang: frozen, it accepts connections and
+/// never answers, as a wedged API server or a dead load balancer does (and the connections
+/// it was forwarding are cut, so pooled keep-alive connections do not slip past); thawed,
+/// it forwards again.
+struct Proxy {
+    addr: std::net::SocketAddr,
+    frozen: tokio::sync::watch::Sender<bool>,
+}
+
+impl Proxy {
+    fn start(rt: &tokio::runtime::Runtime, upstream: std::net::SocketAddr) -> Self {
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("binding the proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let (frozen, watch) = tokio::sync::watch::channel(false);
+        rt.spawn(async move {
+            let mut live = tokio::task::JoinSet::new();
+            let mut freezes = watch.clone();
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => {
+                        let Ok((mut client, _)) = accepted else { return };
+                        if *watch.borrow() {
+                            // Hold it, answer nothing, until the test ends.
+                            live.spawn(async move {
+                                std::future::pending::<()>().await;
+                                drop(client);
+                            });
+                            continue;
+                        }
+                        live.spawn(async move {
+                            if let Ok(mut up) = tokio::net::TcpStream::connect(upstream).await {
+                                let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
+                            }
+                        });
+                    }
+                    changed = freezes.changed() => {
+                        if changed.is_err() { return; }
+                        if *freezes.borrow_and_update() {
+                            live.abort_all();
+                        }
+                    }
+                }
+            }
+        });
+        Self { addr, frozen }
+    }
+
+    fn freeze(&self, frozen: bool) {
+        let _ = self.frozen.send(frozen);
+    }
+}
+
 struct Harness {
+    proxy: Option<Proxy>,
     machine: Machine,
     cluster: Cluster,
     inject: mpsc::Sender<Record>,
     lines: std_mpsc::Receiver<Value>,
     seen: Vec<Value>,
     stop: Option<oneshot::Sender<()>>,
-    agent: Option<thread::JoinHandle<()>>,
+    agent: Option<thread::JoinHandle<Result<(), String>>>,
     gate: Option<Gate>,
 }
 
@@ -171,6 +239,16 @@ impl Harness {
     /// and the controller; returns after the start-up reconcile. `gated`: each refresh
     /// waits, after the kubelet restarted, until the gate opens.
     fn start(timing: Timing, gated: bool) -> Self {
+        Self::start_with(Options {
+            timing: Some(timing),
+            gated,
+            ..Options::default()
+        })
+    }
+
+    fn start_with(options: Options) -> Self {
+        let gated = options.gated;
+        let timing = options.timing.unwrap_or_else(self::timing);
         let machine = Machine::new();
         let root = machine.root().to_str().expect("utf-8").to_owned();
         let cluster = Cluster::start_with(NODE, &["--root", &root, "--repost-ms", "200"]);
@@ -191,18 +269,28 @@ impl Harness {
             timing,
             node_name: NODE.into(),
             backend: Backend::Command(CommandConfig::new(argv)),
-            guard: GuardConfig::default(),
+            guard: options.guard.unwrap_or_default(),
             verify_timeout: VERIFY_TIMEOUT,
+            api_timeout: API_TIMEOUT,
             kubelet_root: cluster.path("kubelet-root").into(),
             static_policy: StaticPolicy::Refuse,
             cgroup_root: cluster.path("cgroup").into(),
         };
-        let kubeconfig = PathBuf::from(cluster.path("kubeconfig"));
+        let mut kubeconfig = PathBuf::from(cluster.path("kubeconfig"));
+        let proxy = options
+            .proxy
+            .then(|| Proxy::start(&cluster.rt, cluster.api.addr()));
+        if let Some(p) = &proxy {
+            let text = fs::read_to_string(&kubeconfig).expect("kubeconfig");
+            let text = text.replace(&cluster.api.url(), &format!("http://{}", p.addr));
+            kubeconfig = PathBuf::from(cluster.path("kubeconfig-proxy"));
+            fs::write(&kubeconfig, text).expect("writing the proxied kubeconfig");
+        }
         let (inject, records) = mpsc::channel(65536);
         let (tx, lines) = std_mpsc::channel();
         let (stop, stopped) = oneshot::channel::<()>();
         let ready = Record::Agent(Box::new(AgentRecord::new("ready", machine.summary())));
-        let agent = thread::spawn(move || {
+        let agent = thread::spawn(move || -> Result<(), String> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -231,10 +319,11 @@ impl Harness {
                     || {},
                 )
                 .await
-                .expect("the controller runs until stopped");
-            });
+                .map_err(|e| e.to_string())
+            })
         });
         let mut h = Self {
+            proxy,
             machine,
             cluster,
             inject,
@@ -331,11 +420,15 @@ impl Drop for Harness {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        if let Some(agent) = self.agent.take()
-            && agent.join().is_err()
-            && !thread::panicking()
-        {
-            panic!("the controller thread panicked; log:\n{}", self.log());
+        if let Some(agent) = self.agent.take() {
+            let result = agent.join();
+            if !thread::panicking() {
+                match result {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => panic!("the controller failed: {e}; log:\n{}", self.log()),
+                    Err(_) => panic!("the controller thread panicked; log:\n{}", self.log()),
+                }
+            }
         }
     }
 }
@@ -541,4 +634,105 @@ fn a_512_block_dimm_onlined_slowly_is_one_episode_and_one_restart() {
         converged[0]["advertised_after"]["memory_bytes"],
         base.memory_bytes + 512 * BLOCK
     );
+}
+
+/// A server that accepts and never answers (issue: the controller waited 14 minutes, then
+/// compared a 14-minute-old snapshot and restarted the kubelet for nothing). Every call has
+/// a deadline: the hang becomes `api_unreachable` within the API timeout, the machine
+/// changes back meanwhile, and when the API answers again the agent compares the machine
+/// of *then*: in sync, no restart.
+#[test]
+fn a_hanging_api_is_reported_and_a_stale_snapshot_never_acted_on() {
+    let mut h = Harness::start_with(Options {
+        proxy: true,
+        ..Options::default()
+    });
+    let base = h.machine.summary();
+    h.proxy.as_ref().expect("proxy").freeze(true);
+    let started = Instant::now();
+    let one_cpu = Summary {
+        cpus_online: 1,
+        ..base
+    };
+    h.change(Kind::Cpu, Action::Offline, "cpu1", one_cpu);
+    h.wait_for("api_unreachable", |r| r["action"] == "api_unreachable");
+    let noticed = started.elapsed();
+    assert!(
+        noticed < API_TIMEOUT + Duration::from_secs(3),
+        "the hang was noticed after {noticed:?}"
+    );
+    // Still hung: cpu1 comes back.
+    h.change(Kind::Cpu, Action::Online, "cpu1", base);
+    h.proxy.as_ref().expect("proxy").freeze(false);
+    h.wait_for("api_reachable", |r| r["action"] == "api_reachable");
+    h.wait_for("a reconcile after the API came back", |r| {
+        r["kind"] == "reconcile" && r["action"] == "in_sync" && r["episode"] != 0
+    });
+    let log = h.log();
+    assert!(h.records("reconcile", "stale").is_empty(), "log:\n{log}");
+    assert!(h.records("refresh", "started").is_empty(), "log:\n{log}");
+    assert_eq!(h.cluster.kubelet.restarts(), 1, "no restart; log:\n{log}");
+    eprintln!("hang noticed after {noticed:?}");
+}
+
+/// After the hourly cap deferred a refresh, someone restarts the kubelet by hand: the
+/// agent notices on the Node (watched) and says in sync at once, instead of keeping the
+/// node stale for up to an hour.
+#[test]
+fn a_node_fixed_by_hand_during_a_deferral_is_seen_at_once() {
+    let mut h = Harness::start_with(Options {
+        guard: Some(GuardConfig {
+            max_per_hour: 1,
+            ..GuardConfig::default()
+        }),
+        ..Options::default()
+    });
+    let base = h.machine.summary();
+    let grown = Summary {
+        memory_bytes: base.memory_bytes + GIB,
+        ..base
+    };
+    h.change(Kind::MemoryBlock, Action::Online, "memory40", grown);
+    h.wait_for("episode 1 converged", |r| {
+        r["episode"] == 1 && r["kind"] == "verify" && r["action"] == "converged"
+    });
+    let one_cpu = Summary {
+        cpus_online: 1,
+        ..grown
+    };
+    h.change(Kind::Cpu, Action::Offline, "cpu1", one_cpu);
+    let deferred = h.wait_for("the hourly cap", |r| {
+        r["action"] == "deferred" && r["reason"] == "hourly_cap"
+    });
+    let episode = deferred["episode"].clone();
+    let started = Instant::now();
+    h.cluster.kubelet.restart();
+    h.wait_for("in sync after the manual restart", |r| {
+        r["episode"] == episode && r["kind"] == "reconcile" && r["action"] == "in_sync"
+    });
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(10), "seen after {took:?}");
+    // One restart by the agent, one by hand, after the first start.
+    assert_eq!(h.cluster.kubelet.restarts(), 3, "log:\n{}", h.log());
+}
+
+/// The pipeline's task ends (it panicked): the controller must not stay up doing nothing.
+/// It stops with a `stopped` record and an error, so the process exits non-zero and
+/// systemd or the kubelet restarts it.
+#[test]
+fn a_pipeline_that_stops_ends_the_agent_with_an_error() {
+    let mut h = Harness::start(timing(), false);
+    let (dead, _) = mpsc::channel(1);
+    drop(std::mem::replace(&mut h.inject, dead));
+    h.wait_for("the stopped record", |r| {
+        r["kind"] == "agent" && r["action"] == "stopped"
+    });
+    let result = h
+        .agent
+        .take()
+        .expect("agent thread")
+        .join()
+        .expect("no panic");
+    let err = result.expect_err("the controller must fail");
+    assert!(err.contains("the event pipeline stopped"), "{err}");
 }

@@ -38,6 +38,15 @@ impl Backend {
             Self::None => "none",
         }
     }
+
+    /// How long one refresh action may take; `None` for the `none` backend.
+    pub fn timeout(&self) -> Option<Duration> {
+        match self {
+            Self::Systemd(c) => Some(c.timeout),
+            Self::Command(c) => Some(c.timeout),
+            Self::None => None,
+        }
+    }
 }
 
 /// A finished refresh action.

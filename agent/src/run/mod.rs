@@ -15,7 +15,7 @@ use crate::{
     checkpoint::{self, Verdict},
     episode::{Episode, Episodes, OpenWindow, Seen, Timing, Tracker, Window},
     node::{EventType, NodeApi},
-    pipeline::{self, Pipeline},
+    pipeline::{self, InvalidSetting, Pipeline},
     reconcile,
     record::{Advertised, DecisionRecord, Record},
     refresh::{self, Backend, guard::Guard},
@@ -43,9 +43,33 @@ pub struct Config {
     pub backend: Backend,
     pub guard: refresh::guard::GuardConfig,
     pub verify_timeout: Duration,
+    /// The deadline of each API call (node.rs).
+    pub api_timeout: Duration,
     pub kubelet_root: PathBuf,
     pub static_policy: StaticPolicy,
     pub cgroup_root: PathBuf,
+}
+
+impl Config {
+    /// Every duration, checked once at start-up with the flag's name, so that none can
+    /// overflow a deadline later.
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        self.pipeline.validate()?;
+        let t = &self.timing;
+        let mut durations = vec![
+            ("settle-ms", t.settle, false),
+            ("max-wait-ms", t.max_wait, true),
+            ("in-flight-max-wait-ms", t.in_flight_max_wait, true),
+            ("in-flight-stall-ms", t.in_flight_stall, true),
+            ("verify-timeout", self.verify_timeout, true),
+            ("api-timeout", self.api_timeout, true),
+            ("min-refresh-interval", self.guard.min_interval, false),
+        ];
+        if let Some(timeout) = self.backend.timeout() {
+            durations.push(("refresh-timeout", timeout, true));
+        }
+        InvalidSetting::durations(durations)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +78,10 @@ pub enum RunError {
     Start(#[from] pipeline::StartError),
     #[error("writing the event log")]
     Write(#[source] std::io::Error),
+    /// A task the agent cannot run without ended: the process must end non-zero, so that
+    /// systemd or the kubelet restarts it, rather than stay "ready" and do nothing.
+    #[error("{0}")]
+    Fault(String),
 }
 
 /// Runs until `shutdown` completes. `client` is `None` where no cluster is configured:
@@ -111,10 +139,54 @@ pub async fn control(
     });
     let controller = Controller::new(config, client, decisions, episodes.window());
     let control = tokio::spawn(controller.run(episodes));
-    let result = drain(sinks, first, &mut log_rx, shutdown, after_batch).await;
-    pump.abort();
-    control.abort();
-    result.map_err(RunError::Write)
+    let tasks = [pump.abort_handle(), control.abort_handle()];
+    // Either task ending on its own is a fault: the pipeline's records stopped (its task
+    // panicked), or the controller panicked. Stop, with the `stopped` record, and fail.
+    let (fault_tx, fault_rx) = tokio::sync::oneshot::channel::<String>();
+    let watch_faults = tokio::spawn(async move {
+        let fault = tokio::select! {
+            r = pump => match r {
+                Ok(()) => "the event pipeline stopped".to_owned(),
+                Err(e) => format!("the record pump failed: {}", panic_text(e)),
+            },
+            r = control => match r {
+                Ok(()) => "the controller stopped".to_owned(),
+                Err(e) => format!("the controller failed: {}", panic_text(e)),
+            },
+        };
+        tracing::error!("{fault}; stopping");
+        let _ = fault_tx.send(fault);
+    });
+    let mut fault = None;
+    let stop = async {
+        tokio::select! {
+            () = shutdown => {}
+            f = fault_rx => fault = f.ok(),
+        }
+    };
+    let result = drain(sinks, first, &mut log_rx, stop, after_batch).await;
+    watch_faults.abort();
+    for task in tasks {
+        task.abort();
+    }
+    result.map_err(RunError::Write)?;
+    match fault {
+        Some(f) => Err(RunError::Fault(f)),
+        None => Ok(()),
+    }
+}
+
+/// What a task's panic said, for the record and the exit message.
+fn panic_text(e: tokio::task::JoinError) -> String {
+    if !e.is_panic() {
+        return e.to_string();
+    }
+    let payload = e.into_panic();
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".to_owned())
 }
 
 /// What to do after handling: done, or try again at a time.
@@ -151,7 +223,8 @@ impl Controller {
         log: mpsc::Sender<Record>,
         window: Window,
     ) -> Self {
-        let node = client.map(|c| NodeApi::new(c, &config.node_name));
+        let node =
+            client.map(|c| NodeApi::new(c, &config.node_name).with_timeout(config.api_timeout));
         let guard = Guard::new(config.guard.clone());
         Self {
             config,
@@ -188,9 +261,12 @@ impl Controller {
                 Next::Done => {}
                 Next::RetryAt(at) => {
                     pending = true;
-                    // Wait for the retry time; a new episode meanwhile joins the pending work.
+                    // Wait for the retry time; a new episode meanwhile joins the pending work,
+                    // and a Node that catches up on its own (someone restarted the kubelet
+                    // during an hour-long deferral) ends the wait: stale is not kept up.
                     tokio::select! {
                         () = tokio::time::sleep_until(at) => {}
+                        () = self.caught_up(at) => {}
                         ep = episodes.next() => {
                             let Some(ep) = ep else { return };
                             self.episode += 1;
@@ -198,6 +274,31 @@ impl Controller {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Completes when the Node advertises the machine as it is, watched (not polled) until
+    /// `until`; never completes otherwise (an error or the deadline leave the wait to the
+    /// caller's timer, so an API that is down cannot make it spin).
+    fn caught_up(&self, until: Instant) -> impl Future<Output = ()> + use<> {
+        let api = self.node.clone();
+        let root = self.config.pipeline.root.clone();
+        async move {
+            let Some(mut api) = api else {
+                return std::future::pending().await;
+            };
+            let left = until.saturating_duration_since(Instant::now());
+            let matches = |n: &Node| {
+                let (Ok(adv), Ok(m)) = (reconcile::advertised(n), capacity::read_snapshot(&root))
+                else {
+                    return false;
+                };
+                reconcile::differences(&reconcile::expected(&m), &adv).is_empty()
+            };
+            match api.wait_until(left, matches).await {
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => std::future::pending().await,
             }
         }
     }
@@ -297,9 +398,6 @@ impl Controller {
     }
 
     async fn handle(&mut self) -> Next {
-        let Some(machine) = self.snapshot() else {
-            return Next::RetryAt(Instant::now() + API_RETRY_MAX);
-        };
         if self.node.is_none() {
             self.decide("reconcile", "skipped", |d| {
                 d.reason = Some("no Kubernetes API configured".into())
@@ -310,6 +408,11 @@ impl Controller {
         let node = match self.fetch().await {
             Ok(n) => n,
             Err(next) => return next,
+        };
+        // The machine is read after the Node, never before a wait: a snapshot taken before
+        // an API call that hung would be compared, minutes later, with a fresh Node.
+        let Some(machine) = self.snapshot() else {
+            return Next::RetryAt(Instant::now() + API_RETRY_MAX);
         };
         let advertised = match reconcile::advertised(&node) {
             Ok(a) => a,

@@ -12,7 +12,11 @@ use k8s_openapi::{api::core::v1::Node, jiff::Timestamp};
 use tokio::time::Instant;
 
 use super::{Controller, Next};
-use crate::{node::EventType, refresh, sources::error_chain};
+use crate::{
+    node::{EventType, NodeError},
+    refresh,
+    sources::error_chain,
+};
 
 /// What the checkpoint check found.
 pub struct Blocked {
@@ -210,8 +214,8 @@ impl Controller {
             loop {
                 match api.evict(&ns, &name).await {
                     Ok(()) => break,
-                    Err(kube::Error::Api(status)) if status.code == 404 => break,
-                    Err(kube::Error::Api(status))
+                    Err(NodeError::Api(kube::Error::Api(status))) if status.code == 404 => break,
+                    Err(NodeError::Api(kube::Error::Api(status)))
                         if status.code == 429 && Instant::now() < deadline =>
                     {
                         tracing::info!(pod = %format!("{ns}/{name}"), "eviction refused by a PodDisruptionBudget; retrying");
