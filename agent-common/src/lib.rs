@@ -19,9 +19,9 @@ pub const GLOBAL_CPUHP_TEARDOWN: &str = "CPUHP_TEARDOWN";
 #[repr(u16)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Probe {
-    /// `tracepoint/cpuhp/cpuhp_exit`, filtered to finished transitions.
+    /// `cpuhp_exit` (tracepoint, raw or BTF tracepoint), filtered to finished transitions.
     CpuhpExit = 1,
-    /// `tracepoint/kmem/mm_setup_per_zone_wmarks`: one per zone, twice per memory change.
+    /// `mm_setup_per_zone_wmarks` (any tracepoint kind): one per zone, twice per memory change.
     ZoneWatermarks = 2,
     /// `online_pages(pfn, nr_pages, ...)`: a memory block (or part of one) goes online.
     OnlinePages = 3,
@@ -70,7 +70,8 @@ pub struct ProbeRecord {
     pub pid: u32,
     /// The CPU the hook ran on.
     pub cpu: u32,
-    /// The subject: the CPU that changed (cpuhp) or the NUMA node (watermarks).
+    /// The subject: the CPU that changed (cpuhp) or the NUMA node (watermarks; `u32::MAX`
+    /// where the hook cannot tell, i.e. the raw and BTF tracepoints).
     pub subject: u32,
     /// A [`Probe`] discriminant.
     pub probe: u16,

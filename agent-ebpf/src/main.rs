@@ -1,10 +1,16 @@
 //! Kernel side of hotplug-agent: hooks on CPU and memory hotplug that write
 //! [`ProbeRecord`]s into one ring buffer.
 //!
-//! - `tracepoint/cpuhp/cpuhp_exit`: filtered in the kernel to the two steps that finish a
-//!   CPU going online or offline ([`classify_cpuhp`], state numbers set by the loader).
-//! - `tracepoint/kmem/mm_setup_per_zone_wmarks`: fires on every memory online/offline
-//!   (once per zone, twice per change; user space folds the repeats).
+//! - `cpuhp_exit`: filtered in the kernel to the two steps that finish a CPU going online or
+//!   offline ([`classify_cpuhp`], state numbers set by the loader).
+//! - `mm_setup_per_zone_wmarks`: fires on every memory online/offline (once per zone,
+//!   twice per change; user space folds the repeats).
+//!
+//!   Each of these two tracepoints has three programs, one per attach method, and the loader
+//!   uses the first that attaches: the perf-event tracepoint (`tracepoint/...`, needs
+//!   perf_event_open), the raw tracepoint (`raw_tracepoint/...`, `BPF_RAW_TRACEPOINT_OPEN`)
+//!   and the BTF-enabled tracepoint (`tp_btf/...`, needs kernel BTF). The last two take the
+//!   tracepoint's `TP_PROTO` arguments instead of the trace record's fields.
 //! - fentry, else kprobe, on `online_pages`, `offline_pages`, `generic_online_page` and
 //!   `adjust_managed_page_count`: the functions through which MemTotal changes, with the
 //!   page counts. The same body serves both attach types.
@@ -19,9 +25,11 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
     },
-    macros::{fentry, kprobe, map, tracepoint},
+    macros::{btf_tracepoint, fentry, kprobe, map, raw_tracepoint, tracepoint},
     maps::{PerCpuArray, RingBuf},
-    programs::{FEntryContext, ProbeContext, TracePointContext},
+    programs::{
+        BtfTracePointContext, FEntryContext, ProbeContext, RawTracePointContext, TracePointContext,
+    },
 };
 
 /// 1 MiB: 18,724 records; a 64 GiB hot-add makes ~16 records per block on the precise path.
@@ -66,6 +74,23 @@ fn emit(probe: Probe, subject: u32, action: u16, pages: i64, pfn: u64) {
     }
 }
 
+/// One `cpuhp_exit` hit, whatever the attach method: emits a record for the two steps that
+/// finish a transition.
+#[inline(always)]
+fn cpuhp_hit(cpu: u32, state: i32, idx: i32, ret: i32) {
+    // SAFETY: read-only globals patched by the loader before the program is loaded.
+    let (online, teardown) = unsafe {
+        (
+            core::ptr::read_volatile(&CPUHP_ONLINE),
+            core::ptr::read_volatile(&CPUHP_TEARDOWN),
+        )
+    };
+    let action = classify_cpuhp(state, idx, ret, online, teardown);
+    if action != CpuAction::None {
+        emit(Probe::CpuhpExit, cpu, action as u16, 0, 0);
+    }
+}
+
 // include/trace/events/cpuhp.h (v6.18): after the common header,
 // `unsigned int cpu` @8, `int state` @12, `int idx` @16, `int ret` @20.
 #[tracepoint(category = "cpuhp", name = "cpuhp_exit")]
@@ -85,18 +110,33 @@ fn try_cpuhp_exit(ctx: &TracePointContext) -> Result<u32, u32> {
             ctx.read_at::<i32>(20).map_err(|_| 1u32)?,
         )
     };
-    // SAFETY: read-only globals patched by the loader before the program is loaded.
-    let (online, teardown) = unsafe {
-        (
-            core::ptr::read_volatile(&CPUHP_ONLINE),
-            core::ptr::read_volatile(&CPUHP_TEARDOWN),
-        )
-    };
-    let action = classify_cpuhp(state, idx, ret, online, teardown);
-    if action != CpuAction::None {
-        emit(Probe::CpuhpExit, cpu, action as u16, 0, 0);
-    }
+    cpuhp_hit(cpu, state, idx, ret);
     Ok(0)
+}
+
+// include/trace/events/cpuhp.h (v6.18): TP_PROTO(unsigned int cpu, int state, int idx,
+// int ret). Raw and BTF tracepoints get these as u64 slots; `as` keeps the low 32 bits,
+// which is the value whether the kernel widened it with or without sign.
+#[raw_tracepoint(tracepoint = "cpuhp_exit")]
+pub fn raw_cpuhp_exit(ctx: RawTracePointContext) -> i32 {
+    cpuhp_hit(
+        ctx.arg::<u64>(0) as u32,
+        ctx.arg::<u64>(1) as i32,
+        ctx.arg::<u64>(2) as i32,
+        ctx.arg::<u64>(3) as i32,
+    );
+    0
+}
+
+#[btf_tracepoint(function = "cpuhp_exit")]
+pub fn tp_btf_cpuhp_exit(ctx: BtfTracePointContext) -> i32 {
+    cpuhp_hit(
+        ctx.arg::<u64>(0) as u32,
+        ctx.arg::<u64>(1) as i32,
+        ctx.arg::<u64>(2) as i32,
+        ctx.arg::<u64>(3) as i32,
+    );
+    0
 }
 
 // include/trace/events/kmem.h (v6.18): `int node_id` @8.
@@ -105,6 +145,27 @@ pub fn mm_setup_per_zone_wmarks(ctx: TracePointContext) -> u32 {
     // SAFETY: offset from the tracepoint's format file.
     let node = unsafe { ctx.read_at::<i32>(8) }.unwrap_or(-1);
     emit(Probe::ZoneWatermarks, node as u32, 0, 0, 0);
+    0
+}
+
+/// The node of a watermark hit that came through a raw or BTF tracepoint: unknown.
+///
+/// TP_PROTO is `(struct zone *zone)` and the node id sits at `zone->node`, whose offset
+/// depends on the kernel's config (CONFIG_NUMA, the size of the watermark and lowmem arrays
+/// before it). Without CO-RE relocations (aya-ebpf 0.2 has none) a fixed offset would read
+/// the wrong field on some kernel, so the record says -1 (u32::MAX): user space only needs
+/// "memory changed" from this probe, and reads the nodes from sysfs.
+const NODE_UNKNOWN: u32 = u32::MAX;
+
+#[raw_tracepoint(tracepoint = "mm_setup_per_zone_wmarks")]
+pub fn raw_mm_setup_per_zone_wmarks(_ctx: RawTracePointContext) -> i32 {
+    emit(Probe::ZoneWatermarks, NODE_UNKNOWN, 0, 0, 0);
+    0
+}
+
+#[btf_tracepoint(function = "mm_setup_per_zone_wmarks")]
+pub fn tp_btf_mm_setup_per_zone_wmarks(_ctx: BtfTracePointContext) -> i32 {
+    emit(Probe::ZoneWatermarks, NODE_UNKNOWN, 0, 0, 0);
     0
 }
 

@@ -18,6 +18,8 @@
 //! - [`reconcile`]: the machine against the Node's advertised capacity.
 //! - [`refresh`]: making the kubelet re-read the machine (systemd, command), with guard rails;
 //!   [`checkpoint`]: the kubelet's static CPU/memory manager checkpoints that forbid it.
+//! - [`kube_client`]: the API client from a kubeconfig; where it cannot be built, a stand-in
+//!   that keeps trying while the agent runs report-only.
 //! - [`node`]: this node's object: get, watch, Events, the agent's condition.
 //! - [`verify`]: the pods' cgroup memory limit check.
 //! - [`run`]: the controller; `hotplug-agent run`.
@@ -33,6 +35,7 @@ pub mod config;
 pub mod episode;
 pub mod events;
 pub mod files;
+pub mod kube_client;
 pub mod node;
 pub mod pipeline;
 pub mod reconcile;

@@ -6,7 +6,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::sync::Arc;
 
 use hotplug_agent::{
-    config, episode, events,
+    config, episode, events, kube_client,
     pipeline::{self, Rescan},
     refresh,
     report::Format,
@@ -45,6 +45,10 @@ enum Command {
     Status {
         #[arg(long, value_enum, default_value = "text")]
         format: Format,
+        /// Try every attach method of every probe (perf-event, raw and BTF tracepoint;
+        /// fentry and kprobe), not only until one attaches as `run` does.
+        #[arg(long)]
+        every_method: bool,
         /// Filesystem root holding proc/ and sys/.
         #[arg(long, default_value = "/", hide = true)]
         root: PathBuf,
@@ -168,6 +172,11 @@ struct RunArgs {
     /// The kubelet's root dir, for its CPU and memory manager checkpoints.
     #[arg(long, default_value = "/var/lib/kubelet")]
     kubelet_root_dir: PathBuf,
+    /// Keep the refresh guard rails' history in DIR/guard.json, so that restarting the agent
+    /// (a crash loop included) does not reset the hourly cap or the back-off. Default:
+    /// $STATE_DIRECTORY (systemd's StateDirectory=), else kept in memory only.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
     /// With a static CPU/memory manager checkpoint that no longer matches the machine.
     #[arg(long, value_enum, default_value = "refuse")]
     static_policy: run::StaticPolicy,
@@ -241,8 +250,11 @@ impl SourceArgs {
     }
 }
 
-/// Under systemd (`Type=notify`): READY=1 once ready (sources listening, first reconcile
-/// done), and watchdog pings at half of `WatchdogSec`. Nothing at all elsewhere.
+/// Under systemd (`Type=notify`): READY=1 once running (sources listening, first reconcile
+/// tried, even if the API did not answer: the agent records events without it, and waiting
+/// for the API would have the start timeout kill and restart it in a loop), `STATUS=` with
+/// what `/readyz` says whenever that changes (`systemctl status` shows it), and watchdog
+/// pings at half of `WatchdogSec`. Nothing at all elsewhere.
 fn systemd_notify(metrics: Arc<Metrics>) -> impl FnMut() {
     if let Some(watchdog) = sd_notify::watchdog_enabled() {
         tokio::spawn(async move {
@@ -254,34 +266,38 @@ fn systemd_notify(metrics: Arc<Metrics>) -> impl FnMut() {
         });
     }
     let mut notified = false;
+    let mut last_status = String::new();
     move || {
-        if !notified && metrics.ready().is_ok() {
+        if !metrics.running() {
+            return;
+        }
+        let status = match metrics.ready() {
+            Ok(()) => "ready".to_string(),
+            Err(why) => format!("running, not ready: {why}"),
+        };
+        if status != last_status {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status)]);
+            last_status = status;
+        }
+        if !notified {
             notified = true;
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         }
     }
 }
 
+/// `--state-dir`, else the first directory systemd's StateDirectory= made.
+fn state_dir(flag: Option<PathBuf>) -> Option<PathBuf> {
+    flag.or_else(|| {
+        let dirs = std::env::var_os("STATE_DIRECTORY")?;
+        std::env::split_paths(&dirs).find(|p| !p.as_os_str().is_empty())
+    })
+}
+
 fn hostname() -> anyhow::Result<String> {
     let name =
         std::fs::read_to_string("/proc/sys/kernel/hostname").context("reading the hostname")?;
     Ok(name.trim().to_string())
-}
-
-async fn kube_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                .await
-                .with_context(|| format!("using {}", path.display()))?
-        }
-        None => kube::Config::infer()
-            .await
-            .context("no in-cluster config and no kubeconfig")?,
-    };
-    kube::Client::try_from(config).context("building the Kubernetes client")
 }
 
 async fn run_command(args: RunArgs) -> anyhow::Result<()> {
@@ -326,14 +342,21 @@ async fn run_command(args: RunArgs) -> anyhow::Result<()> {
     let client = if args.no_kubernetes {
         None
     } else {
-        match kube_client(args.kubeconfig.as_ref()).await {
+        match kube_client::build(args.kubeconfig.as_deref()).await {
             Ok(c) => Some(c),
             // A host outside any cluster: events, stream, metrics, nothing to reconcile.
             Err(e) if args.refresh == RefreshKind::None && args.kubeconfig.is_none() => {
-                tracing::info!("no Kubernetes configuration ({e:#}); running standalone");
+                tracing::info!(
+                    "no Kubernetes configuration ({}); running standalone",
+                    hotplug_agent::sources::error_chain(&e)
+                );
                 None
             }
-            Err(e) => return Err(e),
+            // A missing or broken kubeconfig, or no trust store: never fatal (a unit would
+            // crash-loop on it). The stand-in client fails every request with this error,
+            // which the first reconcile reports once (`api_unreachable`); the agent records
+            // events meanwhile, refreshes nothing, and picks up a fixed kubeconfig on a retry.
+            Err(_) => Some(kube_client::lazy(args.kubeconfig.clone())),
         }
     };
     let config = run::Config {
@@ -349,6 +372,8 @@ async fn run_command(args: RunArgs) -> anyhow::Result<()> {
         guard: refresh::guard::GuardConfig {
             min_interval: args.min_refresh_interval,
             max_per_hour: args.max_refreshes_per_hour,
+            state_file: state_dir(args.state_dir.clone())
+                .map(|d| d.join(refresh::guard::STATE_FILE)),
             ..refresh::guard::GuardConfig::default()
         },
         verify_timeout: args.verify_timeout,
@@ -511,9 +536,13 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Command::Config { .. } => unreachable!("handled before the runtime starts"),
-        Command::Status { format, root } => {
+        Command::Status {
+            format,
+            every_method,
+            root,
+        } => {
             let status = runtime
-                .block_on(async { status::collect(&root) })
+                .block_on(async { status::collect(&root, every_method) })
                 .context("reading the machine's capacity")?;
             status::write(&mut std::io::stdout().lock(), &status, format)
                 .context("writing the status")

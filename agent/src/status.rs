@@ -1,4 +1,5 @@
-//! `hotplug-agent status`: the capacity snapshot and which probes can attach here.
+//! `hotplug-agent status`: the capacity snapshot and which probes can attach here, with
+//! the attach methods `run` would use (or, `--every-method`, every one of them).
 use std::{io::Write, path::Path};
 
 use serde::Serialize;
@@ -20,10 +21,16 @@ pub struct Status {
     pub precise_memory_probes: bool,
 }
 
-pub fn collect(root: &Path) -> Result<Status, capacity::CapacityError> {
+/// `every_method`: try every attach method of every hook, not only until one attaches
+/// (what `run` does), to see which methods this kernel and these capabilities allow.
+pub fn collect(root: &Path, every_method: bool) -> Result<Status, capacity::CapacityError> {
     let capacity = capacity::read_snapshot(root)?;
     // Attaching and dropping again is the only honest answer to "can it attach".
-    let loaded = ebpf::load(root);
+    let loaded = if every_method {
+        ebpf::load_every_method(root)
+    } else {
+        ebpf::load(root)
+    };
     Ok(Status {
         capacity,
         probes: loaded.probes,

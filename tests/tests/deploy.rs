@@ -1256,6 +1256,8 @@ fn systemd_unit_has_the_directives_the_agent_needs() {
         ("Service", "Restart", "on-failure"),
         ("Service", "EnvironmentFile", "-/etc/default/hotplug-agent"),
         ("Service", "RuntimeDirectory", "hotplug-agent"),
+        // $STATE_DIRECTORY: the default --state-dir, the guard rails' history.
+        ("Service", "StateDirectory", "hotplug-agent"),
         ("Service", "ProtectSystem", "strict"),
         ("Service", "ProtectHome", "yes"),
         ("Service", "PrivateTmp", "yes"),

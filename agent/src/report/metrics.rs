@@ -331,6 +331,16 @@ impl Metrics {
         Ok(())
     }
 
+    /// Running: every source that could start listens and (in `run` mode) the first
+    /// reconcile was tried, whether or not the API answered. What systemd's READY=1 waits
+    /// for: an agent without its API still records events, and must not be killed by the
+    /// start timeout and restarted in a loop for it; `/readyz` tells the API apart.
+    pub fn running(&self) -> bool {
+        let h = &self.health;
+        h.sources_ready.load(Ordering::Relaxed)
+            && (!h.reconciling.load(Ordering::Relaxed) || h.first_reconcile.load(Ordering::Relaxed))
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::new();
         let _ = encode(&mut out, &self.registry);

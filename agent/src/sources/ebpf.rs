@@ -1,10 +1,10 @@
 //! The kernel probe source: loads `agent-ebpf` with aya, attaches what this kernel allows,
 //! and drains the ring buffer through tokio.
 //!
-//! Attach order: the two tracepoints always; for each memory function, fentry first (exact
-//! and cheap), then kprobe. On the 6.18 host here fentry fails with EPERM and kprobes are not
-//! built in, so the tracepoints carry the load; every attempt is reported in the ready
-//! record so an operator sees what is watching.
+//! Every hook has attach methods tried in order until one attaches ([`HOOKS`]); every
+//! attempt, failed or not, is reported in the ready record so an operator sees what is
+//! watching and why the rest is not. What each method needs, per kernel family, is in the
+//! README ("eBPF attach methods and capabilities").
 use std::{path::Path, sync::Arc};
 
 use agent_common::{
@@ -12,69 +12,209 @@ use agent_common::{
     ProbeRecord,
 };
 use aya::{
-    Btf, Ebpf, EbpfLoader,
+    Btf, BtfError, Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{FEntry, KProbe, TracePoint},
+    programs::{BtfTracePoint, FEntry, KProbe, ProgramError, RawTracePoint, TracePoint},
 };
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 
-use super::{Change, Counters, Detail, Loss, coalesce::ProbeEvent, cpuhp, error_chain};
+use super::{
+    Change, Counters, Detail, Loss, coalesce::ProbeEvent, cpuhp, cpuhp::CpuhpError, error_chain,
+};
 use crate::record::{Action, Kind, ProbeStatus, Source};
 
 /// The object aya-build left in OUT_DIR (empty when the eBPF build was switched off).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/hotplug-probes"));
 
-/// The memory functions, with their program names for each attach type.
-const MEMORY_FUNCTIONS: [(&str, Probe); 4] = [
-    ("online_pages", Probe::OnlinePages),
-    ("offline_pages", Probe::OfflinePages),
-    ("generic_online_page", Probe::GenericOnlinePage),
-    ("adjust_managed_page_count", Probe::AdjustManagedPageCount),
-];
-
-/// One way to attach a hook.
+/// How a program is attached to its hook.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AttachKind {
+pub enum Method {
+    /// `BPF_PROG_TYPE_TRACEPOINT` on a perf event: perf_event_open(2), which
+    /// `perf_event_paranoid` and Debian's CONFIG_SECURITY_PERF_EVENTS_RESTRICT gate.
+    Tracepoint { category: &'static str },
+    /// `BPF_PROG_TYPE_RAW_TRACEPOINT` through `BPF_RAW_TRACEPOINT_OPEN` (bpf(2) only, 4.17+).
+    RawTracepoint,
+    /// BTF-enabled tracepoint (`BPF_PROG_TYPE_TRACING`, `BPF_TRACE_RAW_TP`; bpf(2) only,
+    /// needs kernel BTF, 5.5+).
+    BtfTracepoint,
+    /// `BPF_TRACE_FENTRY` on a kernel function (bpf(2) only, needs BTF and a trampoline).
     Fentry,
+    /// A kprobe: perf_event_open(2) on the kprobe PMU, or tracefs `kprobe_events`.
     Kprobe,
 }
 
-impl AttachKind {
-    fn prefix(self) -> &'static str {
+impl Method {
+    /// The method's name: the first part of an attempt's name.
+    pub fn name(self) -> &'static str {
         match self {
+            Self::Tracepoint { .. } => "tracepoint",
+            Self::RawTracepoint => "raw_tracepoint",
+            Self::BtfTracepoint => "tp_btf",
             Self::Fentry => "fentry",
             Self::Kprobe => "kprobe",
         }
     }
 }
 
-/// Tries each way in order until one attaches; reports every attempt. Returns the way that
-/// worked, if any.
-pub fn attach_with_fallback(
-    function: &str,
-    ways: &[AttachKind],
-    mut attach: impl FnMut(AttachKind) -> Result<(), String>,
+/// Restricts the attach methods tried, by name (comma-separated, e.g.
+/// `raw_tracepoint,fentry`): for testing one method on its own, or for leaving out one
+/// that misbehaves on some kernel. Unset: every method, in [`HOOKS`] order.
+pub const METHODS_ENV: &str = "HOTPLUG_AGENT_EBPF_METHODS";
+
+/// Whether `method` may be tried under `allowed` (the value of [`METHODS_ENV`]).
+pub fn method_allowed(allowed: Option<&str>, method: Method) -> bool {
+    allowed.is_none_or(|list| list.split(',').any(|m| m.trim() == method.name()))
+}
+
+/// One way to attach one hook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attempt {
+    pub method: Method,
+    /// The program's name in the object (`agent-ebpf`'s function name).
+    pub program: &'static str,
+    /// The name the ready record and the event records carry (`probe`): the method, then
+    /// the hook (`raw_tracepoint/cpuhp_exit`); the part after the last `/` names the hook.
+    pub name: &'static str,
+}
+
+/// A kernel hook and the ways to attach it, in the order they are tried.
+#[derive(Clone, Copy, Debug)]
+pub struct Hook {
+    pub probe: Probe,
+    /// The tracepoint or kernel function.
+    pub target: &'static str,
+    pub attempts: &'static [Attempt],
+}
+
+/// A tracepoint: perf-event tracepoint, then raw tracepoint, then BTF tracepoint.
+///
+/// Why this order: the perf-event tracepoint first, so hosts where it attaches (root on
+/// most kernels) keep the `tracepoint/...` names their logs and dashboards already have.
+/// Where perf_event_open is refused (Debian's perf_event_paranoid 3 without
+/// CAP_SYS_ADMIN), the raw tracepoint next: it needs no perf event and no BTF, and has
+/// existed since 4.17. The BTF tracepoint last: it needs no perf event either but does need
+/// kernel BTF, and gives these hooks nothing the raw one does not; it is there for a kernel
+/// or LSM policy that allows `BPF_PROG_TYPE_TRACING` but not raw tracepoint programs.
+macro_rules! tracepoint_hook {
+    ($probe:expr, $category:literal, $tp:literal) => {
+        Hook {
+            probe: $probe,
+            target: $tp,
+            attempts: &[
+                Attempt {
+                    method: Method::Tracepoint {
+                        category: $category,
+                    },
+                    program: $tp,
+                    name: concat!("tracepoint/", $category, "/", $tp),
+                },
+                Attempt {
+                    method: Method::RawTracepoint,
+                    program: concat!("raw_", $tp),
+                    name: concat!("raw_tracepoint/", $tp),
+                },
+                Attempt {
+                    method: Method::BtfTracepoint,
+                    program: concat!("tp_btf_", $tp),
+                    name: concat!("tp_btf/", $tp),
+                },
+            ],
+        }
+    };
+}
+
+/// A kernel function: fentry (exact, cheap, no perf event), then kprobe.
+macro_rules! function_hook {
+    ($probe:expr, $function:literal) => {
+        Hook {
+            probe: $probe,
+            target: $function,
+            attempts: &[
+                Attempt {
+                    method: Method::Fentry,
+                    program: concat!("fentry_", $function),
+                    name: concat!("fentry/", $function),
+                },
+                Attempt {
+                    method: Method::Kprobe,
+                    program: concat!("kprobe_", $function),
+                    name: concat!("kprobe/", $function),
+                },
+            ],
+        }
+    };
+}
+
+/// Every hook, in the order they are attached.
+pub const HOOKS: [Hook; 6] = [
+    tracepoint_hook!(Probe::CpuhpExit, "cpuhp", "cpuhp_exit"),
+    tracepoint_hook!(Probe::ZoneWatermarks, "kmem", "mm_setup_per_zone_wmarks"),
+    function_hook!(Probe::OnlinePages, "online_pages"),
+    function_hook!(Probe::OfflinePages, "offline_pages"),
+    function_hook!(Probe::GenericOnlinePage, "generic_online_page"),
+    function_hook!(Probe::AdjustManagedPageCount, "adjust_managed_page_count"),
+];
+
+/// Why one attach attempt failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("program {program} not in the object")]
+    NotInObject { program: &'static str },
+    #[error("program {program} is not of the expected type")]
+    WrongType {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("no kernel BTF")]
+    NoBtf(#[source] Arc<BtfError>),
+    #[error("CPU hotplug state numbers unknown")]
+    CpuhpStates(#[source] Arc<CpuhpError>),
+    #[error("loading {program}")]
+    Load {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("attaching {program} to {target}")]
+    Attach {
+        program: &'static str,
+        target: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+}
+
+/// Tries each attempt in order until one attaches; reports every attempt. Returns the
+/// attempt that worked, if any. With `every`, tries all of them (`status --every-method`).
+pub fn attach_with_fallback<'a>(
+    attempts: &'a [Attempt],
+    every: bool,
+    mut attach: impl FnMut(&Attempt) -> Result<(), AttachError>,
     report: &mut Vec<ProbeStatus>,
-) -> Option<AttachKind> {
-    for &way in ways {
-        let name = format!("{}/{function}", way.prefix());
-        match attach(way) {
+) -> Option<&'a Attempt> {
+    let mut worked = None;
+    for attempt in attempts {
+        match attach(attempt) {
             Ok(()) => {
                 report.push(ProbeStatus {
-                    name,
+                    name: attempt.name.into(),
                     attached: true,
                     error: None,
                 });
-                return Some(way);
+                worked = worked.or(Some(attempt));
+                if !every {
+                    break;
+                }
             }
             Err(error) => report.push(ProbeStatus {
-                name,
+                name: attempt.name.into(),
                 attached: false,
-                error: Some(error),
+                error: Some(tidy(&error)),
             }),
         }
     }
-    None
+    worked
 }
 
 /// A loaded, attached probe set.
@@ -108,16 +248,6 @@ impl Loaded {
     }
 }
 
-const TRACEPOINTS: [(&str, &str, &str, Probe); 2] = [
-    ("cpuhp_exit", "cpuhp", "cpuhp_exit", Probe::CpuhpExit),
-    (
-        "mm_setup_per_zone_wmarks",
-        "kmem",
-        "mm_setup_per_zone_wmarks",
-        Probe::ZoneWatermarks,
-    ),
-];
-
 /// aya's errors end in `Verifier output: ` even when the verifier said nothing.
 fn tidy(e: &dyn std::error::Error) -> String {
     error_chain(e)
@@ -128,9 +258,19 @@ fn tidy(e: &dyn std::error::Error) -> String {
         .to_string()
 }
 
-/// Loads the embedded object and attaches what it can. Never fails: a source that cannot
-/// run says why in [`Loaded::error`].
+/// Loads the embedded object and attaches what it can, one method per hook. Never fails:
+/// a source that cannot run says why in [`Loaded::error`].
 pub fn load(root: &Path) -> Loaded {
+    load_with(root, false)
+}
+
+/// Loads the object and tries every attach method of every hook, not only until one
+/// attaches: what `hotplug-agent status --every-method` reports.
+pub fn load_every_method(root: &Path) -> Loaded {
+    load_with(root, true)
+}
+
+fn load_with(root: &Path, every: bool) -> Loaded {
     if OBJECT.is_empty() {
         return Loaded::off(
             "this binary was built without its eBPF object (AYA_BUILD_SKIP)".into(),
@@ -138,7 +278,7 @@ pub fn load(root: &Path) -> Loaded {
         );
     }
     let mut probes = Vec::new();
-    let states = cpuhp::read_states(root);
+    let states = cpuhp::read_states(root).map_err(Arc::new);
     let (online, teardown) = match &states {
         Ok(s) => (s.online, s.teardown),
         Err(_) => (0, 0),
@@ -159,46 +299,34 @@ pub fn load(root: &Path) -> Loaded {
             );
         }
     };
+    let btf = Btf::from_sys_fs().map_err(Arc::new);
+    let allowed = std::env::var(METHODS_ENV).ok();
     let mut names = Vec::new();
-    for (prog, category, name, probe) in TRACEPOINTS {
-        let full = format!("tracepoint/{category}/{name}");
-        let result = if probe == Probe::CpuhpExit
-            && let Err(e) = &states
-        {
-            Err(format!("CPU hotplug state numbers unknown: {e}"))
-        } else {
-            attach_tracepoint(&mut ebpf, prog, category, name)
-        };
-        match result {
-            Ok(()) => {
-                names.push((probe, hook_name(probe, None)));
-                probes.push(ProbeStatus {
-                    name: full,
-                    attached: true,
-                    error: None,
-                });
-            }
-            Err(error) => probes.push(ProbeStatus {
-                name: full,
-                attached: false,
-                error: Some(error),
-            }),
-        }
-    }
-    let btf = Btf::from_sys_fs().map_err(|e| format!("no kernel BTF: {}", error_chain(&e)));
     let mut precise = true;
-    for (function, probe) in MEMORY_FUNCTIONS {
-        let way = attach_with_fallback(
-            function,
-            &[AttachKind::Fentry, AttachKind::Kprobe],
-            |way| match way {
-                AttachKind::Fentry => attach_fentry(&mut ebpf, function, btf.as_ref()),
-                AttachKind::Kprobe => attach_kprobe(&mut ebpf, function),
+    for hook in &HOOKS {
+        let attempts: Vec<Attempt> = hook
+            .attempts
+            .iter()
+            .copied()
+            .filter(|a| method_allowed(allowed.as_deref(), a.method))
+            .collect();
+        let worked = attach_with_fallback(
+            &attempts,
+            every,
+            |attempt| {
+                if hook.probe == Probe::CpuhpExit
+                    && let Err(e) = &states
+                {
+                    // The kernel filter cannot tell a finished transition without them.
+                    return Err(AttachError::CpuhpStates(e.clone()));
+                }
+                attach(&mut ebpf, hook.target, attempt, btf.as_ref())
             },
             &mut probes,
         );
-        match way {
-            Some(way) => names.push((probe, hook_name(probe, Some(way)))),
+        match worked.map(|a| a.name) {
+            Some(name) => names.push((hook.probe, name)),
+            None if matches!(hook.probe, Probe::CpuhpExit | Probe::ZoneWatermarks) => {}
             None => precise = false,
         }
     }
@@ -242,74 +370,55 @@ pub fn load(root: &Path) -> Loaded {
     }
 }
 
-fn attach_tracepoint(
+/// Loads and attaches one attempt's program to `target`.
+fn attach(
     ebpf: &mut Ebpf,
-    prog: &str,
-    category: &str,
-    name: &str,
-) -> Result<(), String> {
-    let program: &mut TracePoint = ebpf
-        .program_mut(prog)
-        .ok_or_else(|| format!("program {prog} not in the object"))?
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| error_chain(&e))?;
-    program.load().map_err(|e| format!("load: {}", tidy(&e)))?;
-    program
-        .attach(category, name)
-        .map_err(|e| format!("attach: {}", error_chain(&e)))?;
-    Ok(())
-}
-
-fn attach_fentry(
-    ebpf: &mut Ebpf,
-    function: &str,
-    btf: Result<&Btf, &String>,
-) -> Result<(), String> {
-    let btf = btf.map_err(Clone::clone)?;
-    let prog = format!("fentry_{function}");
-    let program: &mut FEntry = ebpf
-        .program_mut(&prog)
-        .ok_or_else(|| format!("program {prog} not in the object"))?
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| error_chain(&e))?;
-    program
-        .load(function, btf)
-        .map_err(|e| format!("load: {}", tidy(&e)))?;
-    program
-        .attach()
-        .map_err(|e| format!("attach: {}", error_chain(&e)))?;
-    Ok(())
-}
-
-fn attach_kprobe(ebpf: &mut Ebpf, function: &str) -> Result<(), String> {
-    let prog = format!("kprobe_{function}");
-    let program: &mut KProbe = ebpf
-        .program_mut(&prog)
-        .ok_or_else(|| format!("program {prog} not in the object"))?
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| error_chain(&e))?;
-    program.load().map_err(|e| format!("load: {}", tidy(&e)))?;
-    program
-        .attach(function, 0)
-        .map_err(|e| format!("attach: {}", error_chain(&e)))?;
-    Ok(())
-}
-
-/// The name records carry for a hook: `tracepoint/...`, `fentry/...` or `kprobe/...`.
-pub fn hook_name(probe: Probe, way: Option<AttachKind>) -> &'static str {
-    use AttachKind::{Fentry, Kprobe};
-    match (probe, way) {
-        (Probe::CpuhpExit, _) => "tracepoint/cpuhp/cpuhp_exit",
-        (Probe::ZoneWatermarks, _) => "tracepoint/kmem/mm_setup_per_zone_wmarks",
-        (Probe::OnlinePages, Some(Kprobe)) => "kprobe/online_pages",
-        (Probe::OnlinePages, _) => "fentry/online_pages",
-        (Probe::OfflinePages, Some(Kprobe)) => "kprobe/offline_pages",
-        (Probe::OfflinePages, _) => "fentry/offline_pages",
-        (Probe::GenericOnlinePage, Some(Kprobe)) => "kprobe/generic_online_page",
-        (Probe::GenericOnlinePage, _) => "fentry/generic_online_page",
-        (Probe::AdjustManagedPageCount, Some(Kprobe)) => "kprobe/adjust_managed_page_count",
-        (Probe::AdjustManagedPageCount, Some(Fentry) | None) => "fentry/adjust_managed_page_count",
+    target: &'static str,
+    attempt: &Attempt,
+    btf: Result<&Btf, &Arc<BtfError>>,
+) -> Result<(), AttachError> {
+    let program = attempt.program;
+    let prog = ebpf
+        .program_mut(program)
+        .ok_or(AttachError::NotInObject { program })?;
+    let wrong = |source| AttachError::WrongType { program, source };
+    let load = |source| AttachError::Load { program, source };
+    let attach = |source| AttachError::Attach {
+        program,
+        target,
+        source,
+    };
+    let btf = || btf.map_err(|e| AttachError::NoBtf(e.clone()));
+    match attempt.method {
+        Method::Tracepoint { category } => {
+            let p: &mut TracePoint = prog.try_into().map_err(wrong)?;
+            p.load().map_err(load)?;
+            p.attach(category, target).map_err(attach)?;
+        }
+        Method::RawTracepoint => {
+            let p: &mut RawTracePoint = prog.try_into().map_err(wrong)?;
+            p.load().map_err(load)?;
+            p.attach(target).map_err(attach)?;
+        }
+        Method::BtfTracepoint => {
+            let btf = btf()?;
+            let p: &mut BtfTracePoint = prog.try_into().map_err(wrong)?;
+            p.load(target, btf).map_err(load)?;
+            p.attach().map_err(attach)?;
+        }
+        Method::Fentry => {
+            let btf = btf()?;
+            let p: &mut FEntry = prog.try_into().map_err(wrong)?;
+            p.load(target, btf).map_err(load)?;
+            p.attach().map_err(attach)?;
+        }
+        Method::Kprobe => {
+            let p: &mut KProbe = prog.try_into().map_err(wrong)?;
+            p.load().map_err(load)?;
+            p.attach(target, 0).map_err(attach)?;
+        }
     }
+    Ok(())
 }
 
 /// Decodes one ring-buffer item, with a length check.
@@ -434,33 +543,106 @@ impl EbpfSource {
 mod tests {
     use super::*;
 
+    fn denied(program: &'static str) -> AttachError {
+        AttachError::Attach {
+            program,
+            target: "cpuhp_exit",
+            source: ProgramError::SyscallError(aya::sys::SyscallError {
+                call: "perf_event_open",
+                io_error: std::io::Error::from_raw_os_error(libc::EACCES),
+            }),
+        }
+    }
+
+    fn hook(probe: Probe) -> &'static Hook {
+        HOOKS.iter().find(|h| h.probe == probe).unwrap()
+    }
+
     #[test]
-    fn falls_back_from_fentry_to_kprobe_and_reports_both() {
+    fn every_hook_has_its_methods_in_order_with_stable_names() {
+        let names = |p| -> Vec<&str> { hook(p).attempts.iter().map(|a| a.name).collect() };
+        // The perf-event tracepoint keeps the name records had before the fallback existed.
+        assert_eq!(
+            names(Probe::CpuhpExit),
+            [
+                "tracepoint/cpuhp/cpuhp_exit",
+                "raw_tracepoint/cpuhp_exit",
+                "tp_btf/cpuhp_exit"
+            ]
+        );
+        assert_eq!(
+            names(Probe::ZoneWatermarks),
+            [
+                "tracepoint/kmem/mm_setup_per_zone_wmarks",
+                "raw_tracepoint/mm_setup_per_zone_wmarks",
+                "tp_btf/mm_setup_per_zone_wmarks"
+            ]
+        );
+        assert_eq!(
+            names(Probe::OnlinePages),
+            ["fentry/online_pages", "kprobe/online_pages"]
+        );
+        for h in &HOOKS {
+            for a in h.attempts {
+                // The hook is the part after the last `/`, whatever the method.
+                assert_eq!(a.name.rsplit('/').next(), Some(h.target), "{a:?}");
+                assert!(a.program.ends_with(h.target), "{a:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_methods_variable_picks_methods_by_name() {
+        let raw = Method::RawTracepoint;
+        assert!(method_allowed(None, raw));
+        assert!(method_allowed(Some("tp_btf, raw_tracepoint"), raw));
+        assert!(!method_allowed(Some("tracepoint"), raw));
+        assert!(method_allowed(
+            Some("tracepoint"),
+            Method::Tracepoint { category: "kmem" }
+        ));
+        assert!(!method_allowed(Some(""), Method::Fentry));
+        for h in &HOOKS {
+            for a in h.attempts {
+                assert!(
+                    a.name.starts_with(&format!("{}/", a.method.name())),
+                    "{a:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_refused_perf_tracepoint_falls_back_to_the_raw_one_and_both_are_reported() {
         let mut report = Vec::new();
-        let way = attach_with_fallback(
-            "online_pages",
-            &[AttachKind::Fentry, AttachKind::Kprobe],
-            |way| match way {
-                AttachKind::Fentry => Err("load: Operation not permitted (os error 1)".into()),
-                AttachKind::Kprobe => Ok(()),
+        let worked = attach_with_fallback(
+            hook(Probe::CpuhpExit).attempts,
+            false,
+            |a| match a.method {
+                Method::Tracepoint { .. } => Err(denied(a.program)),
+                _ => Ok(()),
             },
             &mut report,
         );
-        assert_eq!(way, Some(AttachKind::Kprobe));
-        assert_eq!(report.len(), 2);
-        assert_eq!(report[0].name, "fentry/online_pages");
-        assert!(
-            !report[0].attached
-                && report[0]
-                    .error
-                    .as_deref()
-                    .unwrap()
-                    .contains("not permitted")
+        assert_eq!(worked.map(|a| a.name), Some("raw_tracepoint/cpuhp_exit"));
+        assert_eq!(
+            report.len(),
+            2,
+            "the BTF tracepoint is not tried: {report:?}"
+        );
+        assert_eq!(report[0].name, "tracepoint/cpuhp/cpuhp_exit");
+        assert!(!report[0].attached);
+        assert_eq!(
+            report[0].error.as_deref(),
+            Some(
+                "attaching cpuhp_exit to cpuhp_exit: `perf_event_open` failed: \
+                 Permission denied (os error 13)"
+            )
         );
         assert_eq!(
             report[1],
             ProbeStatus {
-                name: "kprobe/online_pages".into(),
+                name: "raw_tracepoint/cpuhp_exit".into(),
                 attached: true,
                 error: None
             }
@@ -468,31 +650,72 @@ mod tests {
     }
 
     #[test]
-    fn stops_at_the_first_way_that_works_and_reports_total_failure() {
+    fn falls_back_from_fentry_to_kprobe_and_reports_both() {
         let mut report = Vec::new();
-        let mut tried = Vec::new();
-        let way = attach_with_fallback(
-            "x",
-            &[AttachKind::Fentry, AttachKind::Kprobe],
-            |w| {
-                tried.push(w);
+        let worked = attach_with_fallback(
+            hook(Probe::OnlinePages).attempts,
+            false,
+            |a| match a.method {
+                Method::Fentry => Err(AttachError::NoBtf(Arc::new(BtfError::FileError {
+                    path: "/sys/kernel/btf/vmlinux".into(),
+                    error: std::io::Error::from_raw_os_error(libc::ENOENT),
+                }))),
+                _ => Ok(()),
+            },
+            &mut report,
+        );
+        assert_eq!(worked.map(|a| a.method), Some(Method::Kprobe));
+        assert_eq!(report.len(), 2);
+        assert_eq!(report[0].name, "fentry/online_pages");
+        let error = report[0].error.as_deref().unwrap();
+        assert!(
+            error.starts_with("no kernel BTF: ") && error.contains("/sys/kernel/btf/vmlinux"),
+            "{error}"
+        );
+        assert_eq!(report[1].name, "kprobe/online_pages");
+        assert!(report[1].attached);
+    }
+
+    #[test]
+    fn stops_at_the_first_method_that_works_unless_asked_for_every_one() {
+        let attempts = hook(Probe::ZoneWatermarks).attempts;
+        let mut report = Vec::new();
+        let mut tried = 0;
+        let worked = attach_with_fallback(
+            attempts,
+            false,
+            |_| {
+                tried += 1;
                 Ok(())
             },
             &mut report,
         );
         assert_eq!(
-            (way, tried.len(), report.len()),
-            (Some(AttachKind::Fentry), 1, 1)
+            (worked.map(|a| a.name), tried, report.len()),
+            (Some("tracepoint/kmem/mm_setup_per_zone_wmarks"), 1, 1)
         );
+        // --every-method: all three tried, the first that worked is the one used.
         let mut report = Vec::new();
-        let way = attach_with_fallback(
-            "x",
-            &[AttachKind::Fentry, AttachKind::Kprobe],
-            |_| Err("no".into()),
+        let worked = attach_with_fallback(
+            attempts,
+            true,
+            |a| match a.method {
+                Method::RawTracepoint => Err(denied(a.program)),
+                _ => Ok(()),
+            },
             &mut report,
         );
-        assert_eq!(way, None);
-        assert!(report.iter().all(|p| !p.attached));
+        assert_eq!(worked.map(|a| a.method), Some(attempts[0].method));
+        assert_eq!(
+            report.iter().map(|p| p.attached).collect::<Vec<_>>(),
+            [true, false, true]
+        );
+        // Nothing attaches: every attempt says why.
+        let mut report = Vec::new();
+        let worked = attach_with_fallback(attempts, false, |a| Err(denied(a.program)), &mut report);
+        assert_eq!(worked, None);
+        assert_eq!(report.len(), 3);
+        assert!(report.iter().all(|p| !p.attached && p.error.is_some()));
     }
 
     #[test]
@@ -520,7 +743,7 @@ mod tests {
         shifted.extend_from_slice(bytes);
         let ev = decode(&shifted[1..], 1_500).unwrap();
         assert_eq!((ev.pid, ev.subject, ev.comm.as_str()), (42, 3, "cpuhp/3"));
-        let c = change_of(&ev, "tracepoint/cpuhp/cpuhp_exit").unwrap();
+        let c = change_of(&ev, "raw_tracepoint/cpuhp_exit").unwrap();
         assert_eq!(
             (c.kind, c.action, c.device.as_deref()),
             (Kind::Cpu, Action::Online, Some("cpu3"))
