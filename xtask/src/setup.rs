@@ -11,8 +11,9 @@ use crate::process::{self, Privilege};
 const BPF_LINKER_VERSION: &str = "0.10.2";
 /// libudev-dev and pkg-config: the `udev` crate's build script finds libudev through
 /// pkg-config. dbus-daemon: the systemd refresh tests run a private bus. qemu-system-x86,
-/// busybox-static, kmod, cpio: `cargo xtask vm-test` boots a guest (VM-HOTPLUG.md).
-const DEBIAN_PACKAGES: [&str; 7] = [
+/// busybox-static, kmod, cpio: `cargo xtask vm-test` boots a guest (VM-HOTPLUG.md);
+/// mmdebstrap and qemu-utils (qemu-img): its systemd guest's image and per-boot overlay.
+const DEBIAN_PACKAGES: [&str; 9] = [
     "libudev-dev",
     "pkg-config",
     "dbus-daemon",
@@ -20,6 +21,8 @@ const DEBIAN_PACKAGES: [&str; 7] = [
     "busybox-static",
     "kmod",
     "cpio",
+    "mmdebstrap",
+    "qemu-utils",
 ];
 /// Where aya looks for tracefs first when it attaches tracepoints.
 const TRACEFS: &str = "/sys/kernel/tracing";

@@ -36,6 +36,7 @@ mod qmp;
 mod scenarios;
 mod seed_scale;
 mod session;
+mod systemd;
 
 /// Arguments of `cargo xtask vm-test`.
 #[derive(Debug, ClapArgs)]
@@ -139,9 +140,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     setup::run()?;
     let selected = select(&args)?;
-    let filtered_out = SCENARIOS.len() - selected.len();
-    println!("\nrunning {} VM scenarios", selected.len());
-    if selected.is_empty() {
+    let systemd_selected = systemd::select(&args);
+    let filtered_out =
+        SCENARIOS.len() + systemd::SCENARIOS.len() - selected.len() - systemd_selected.len();
+    let count = selected.len() + systemd_selected.len();
+    println!("\nrunning {count} VM scenarios");
+    if count == 0 {
         print_result(0, 0, 0, filtered_out, started.elapsed());
         return Ok(ExitCode::SUCCESS);
     }
@@ -150,14 +154,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             "\n!!! SKIP VM scenarios: qemu-system-x86_64 not found after setup \
              (install qemu-system-x86); QEMU cannot run here.\n"
         );
-        for s in &selected {
-            println!("test {} ... ignored (no qemu-system-x86_64)", s.test);
+        let tests = selected.iter().map(|s| s.test);
+        for test in tests.chain(systemd_selected.iter().map(|s| s.test)) {
+            println!("test {test} ... ignored (no qemu-system-x86_64)");
         }
-        print_result(0, 0, selected.len(), filtered_out, started.elapsed());
+        print_result(0, 0, count, filtered_out, started.elapsed());
         return Ok(ExitCode::SUCCESS);
     }
 
     let dir = workspace::target_dir().join("vm");
+    let systemd_image = systemd::prepare_image(&systemd_selected, &dir);
     let prepared = (|| {
         let bins = build()?;
         let image = image::prepare(&dir, &bins)?;
@@ -168,10 +174,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Err(e) => {
             // Nothing ran: every selected scenario failed to start.
             eprintln!("error: preparing the guest: {e:#}");
-            for s in &selected {
-                println!("test {} ... FAILED (guest not prepared)", s.test);
+            let tests = selected.iter().map(|s| s.test);
+            for test in tests.chain(systemd_selected.iter().map(|s| s.test)) {
+                println!("test {test} ... FAILED (guest not prepared)");
             }
-            print_result(0, selected.len(), 0, filtered_out, started.elapsed());
+            print_result(0, count, 0, filtered_out, started.elapsed());
             return Ok(ExitCode::FAILURE);
         }
     };
@@ -183,12 +190,15 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         image.initrd.display()
     );
 
+    let mut outcome = run_scenarios(&selected, &image, &dir);
+    systemd::run_group(&systemd_selected, systemd_image, &bins, &mut outcome);
     let Outcome {
         passed,
         failures,
         mut figures,
         guest_ready,
-    } = run_scenarios(&selected, &image, &dir);
+        ignored,
+    } = outcome;
     if !failures.is_empty() {
         println!("\nfailures:");
         for (test, message) in &failures {
@@ -203,7 +213,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     figures.push(format!(
         "VM suite wall time {:.1} s for {} scenarios: {:.1} s in guests, {:.1} s setup, build and image",
         wall.as_secs_f64(),
-        selected.len(),
+        count,
         (wall - prepared_in).as_secs_f64(),
         prepared_in.as_secs_f64()
     ));
@@ -212,7 +222,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         println!("  {line}");
     }
     probe_coverage(guest_ready.as_ref(), &bins.agent, &image.package);
-    print_result(passed, failures.len(), 0, filtered_out, wall);
+    print_result(passed, failures.len(), ignored, filtered_out, wall);
     Ok(if failures.is_empty() {
         ExitCode::SUCCESS
     } else {
@@ -227,6 +237,8 @@ struct Outcome {
     failures: Vec<(&'static str, String)>,
     figures: Figures,
     guest_ready: Option<Value>,
+    /// Scenarios that could not run here, said why.
+    ignored: usize,
 }
 
 /// Each group in one guest, booted for its first scenario; a failure costs the guest, and
@@ -302,10 +314,13 @@ fn print_result(passed: usize, failed: usize, ignored: usize, filtered: usize, t
 
 fn select(args: &Args) -> anyhow::Result<Vec<&'static Scenario>> {
     for name in &args.scenarios {
-        if !SCENARIOS.iter().any(|s| s.name == name) {
+        if !SCENARIOS.iter().any(|s| s.name == name)
+            && !systemd::SCENARIOS.iter().any(|s| s.name == name)
+        {
             anyhow::bail!("unknown scenario {name:?}; known: {}", {
                 let mut names = SCENARIOS.map(|s| s.name).to_vec();
                 names.dedup();
+                names.extend(systemd::SCENARIOS.map(|s| s.name));
                 names.join(", ")
             });
         }
