@@ -37,6 +37,8 @@ mod scenarios;
 mod seed_scale;
 mod session;
 mod systemd;
+// The container path: the image and the DaemonSet's pod under podman, in a systemd guest.
+mod container;
 
 /// Arguments of `cargo xtask vm-test`.
 #[derive(Debug, ClapArgs)]
@@ -141,9 +143,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     setup::run()?;
     let selected = select(&args)?;
     let systemd_selected = systemd::select(&args);
-    let filtered_out =
-        SCENARIOS.len() + systemd::SCENARIOS.len() - selected.len() - systemd_selected.len();
-    let count = selected.len() + systemd_selected.len();
+    let container_selected = container::select(&args);
+    let filtered_out = SCENARIOS.len() + systemd::SCENARIOS.len() + container::SCENARIOS.len()
+        - selected.len()
+        - systemd_selected.len()
+        - container_selected.len();
+    let count = selected.len() + systemd_selected.len() + container_selected.len();
     println!("\nrunning {count} VM scenarios");
     if count == 0 {
         print_result(0, 0, 0, filtered_out, started.elapsed());
@@ -155,7 +160,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
              (install qemu-system-x86); QEMU cannot run here.\n"
         );
         let tests = selected.iter().map(|s| s.test);
-        for test in tests.chain(systemd_selected.iter().map(|s| s.test)) {
+        let tests = tests.chain(systemd_selected.iter().map(|s| s.test));
+        for test in tests.chain(container_selected.iter().map(|s| s.test)) {
             println!("test {test} ... ignored (no qemu-system-x86_64)");
         }
         print_result(0, 0, count, filtered_out, started.elapsed());
@@ -175,7 +181,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             // Nothing ran: every selected scenario failed to start.
             eprintln!("error: preparing the guest: {e:#}");
             let tests = selected.iter().map(|s| s.test);
-            for test in tests.chain(systemd_selected.iter().map(|s| s.test)) {
+            let tests = tests.chain(systemd_selected.iter().map(|s| s.test));
+            for test in tests.chain(container_selected.iter().map(|s| s.test)) {
                 println!("test {test} ... FAILED (guest not prepared)");
             }
             print_result(0, count, 0, filtered_out, started.elapsed());
@@ -192,6 +199,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 
     let mut outcome = run_scenarios(&selected, &image, &dir);
     systemd::run_group(&systemd_selected, systemd_image, &bins, &mut outcome);
+    container::run_group(&container_selected, &dir, &bins, &mut outcome);
     let Outcome {
         passed,
         failures,
@@ -316,11 +324,13 @@ fn select(args: &Args) -> anyhow::Result<Vec<&'static Scenario>> {
     for name in &args.scenarios {
         if !SCENARIOS.iter().any(|s| s.name == name)
             && !systemd::SCENARIOS.iter().any(|s| s.name == name)
+            && !container::SCENARIOS.iter().any(|s| s.name == name)
         {
             anyhow::bail!("unknown scenario {name:?}; known: {}", {
                 let mut names = SCENARIOS.map(|s| s.name).to_vec();
                 names.dedup();
                 names.extend(systemd::SCENARIOS.map(|s| s.name));
+                names.push(container::SCENARIOS[0].name);
                 names.join(", ")
             });
         }
