@@ -284,9 +284,7 @@ pub(super) fn run_group(
         let t = Instant::now();
         let result = (|| {
             if guest.is_none() {
-                let logs = workspace::target_dir()
-                    .join("vm/logs")
-                    .join(format!("systemd-{name}"));
+                let logs = workspace::target_dir().join("vm/logs").join(name);
                 eprintln!(
                     "vm: booting a systemd guest for {name} (logs in {})",
                     logs.display()

@@ -197,7 +197,7 @@ pub fn enable_now(g: &mut Guest, figures: &mut Figures) -> anyhow::Result<()> {
         })
         .collect();
     figures.push(format!(
-        "systemd (a): probes attached under the unit {}/{}, as bare root {}/{}{}",
+        "systemd (a): kernel hooks watched under the unit {}/{}, as bare root {}/{}{}",
         count(&unit),
         unit.len(),
         count(&root),
@@ -229,16 +229,25 @@ pub fn enable_now(g: &mut Guest, figures: &mut Figures) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Probe name -> (attached by any method, the last error).
+/// Kernel hook -> (attached by any method, the errors of those that did not). The probe
+/// names are `METHOD/[CATEGORY/]HOOK` (`tracepoint/cpuhp/cpuhp_exit`,
+/// `raw_tracepoint/cpuhp_exit`): bare root and the unit may use different methods for the
+/// same hook, and what counts is whether the hook is watched.
 fn attached(v: &Value) -> BTreeMap<String, (bool, String)> {
     let mut out: BTreeMap<String, (bool, String)> = BTreeMap::new();
     for p in v["probes"].as_array().into_iter().flatten() {
-        let name = p["name"].as_str().unwrap_or("?").to_owned();
-        let entry = out.entry(name).or_default();
+        let name = p["name"].as_str().unwrap_or("?");
+        let hook = name.rsplit('/').next().unwrap_or(name).to_owned();
+        let entry = out.entry(hook).or_default();
         if p["attached"] == true {
             entry.0 = true;
         } else if let Some(e) = p["error"].as_str() {
-            entry.1 = e.to_owned();
+            let brief = format!("{}: {}", name, super::super::brief(e));
+            entry.1 = if entry.1.is_empty() {
+                brief
+            } else {
+                format!("{}; {brief}", entry.1)
+            };
         }
     }
     out
