@@ -50,9 +50,12 @@ struct Variant {
     blocks_per_s: Option<f64>,
     paced_blocks_per_s: Option<f64>,
     last_online_to_node_ms: Option<f64>,
+    /// Of that, the last restart (the kubelet's time) and the rest (the agent's).
+    last_restart_ms: Option<f64>,
+    agent_share_ms: Option<f64>,
     kubelet_restarts: u64,
     episodes: u64,
-    episodes_cut_by_max_wait: u64,
+    episodes_cut_short: u64,
     verify_timeouts: u64,
     restart_ms: Vec<u64>,
 }
@@ -159,18 +162,18 @@ fn scale_section(variants: &[(&str, Variant)], path: &Path) -> Section {
             None,
         );
         let within = v
-            .last_online_to_node_ms
+            .agent_share_ms
             .is_some_and(|ms| ms <= NODE_WITHIN_S * 1000.0);
         section.value(
-            format!("{name}: last online → Node"),
-            s(v.last_online_to_node_ms),
-            strict.then(|| Target::new(format!("≤ {NODE_WITHIN_S:.0} s"), within)),
+            format!("{name}: last online → Node (restart)"),
+            format!("{} ({})", s(v.last_online_to_node_ms), s(v.last_restart_ms)),
+            strict.then(|| Target::new(format!("≤ {NODE_WITHIN_S:.0} s + restart"), within)),
         );
         section.value(
             format!("{name}: restarts, episodes (cut), verify t/o"),
             format!(
                 "{}, {} ({}), {}",
-                v.kubelet_restarts, v.episodes, v.episodes_cut_by_max_wait, v.verify_timeouts
+                v.kubelet_restarts, v.episodes, v.episodes_cut_short, v.verify_timeouts
             ),
             Some(if strict {
                 Target::new("1, -, 0", v.kubelet_restarts == 1 && v.verify_timeouts == 0)
@@ -216,7 +219,9 @@ fn scale_section(variants: &[(&str, Variant)], path: &Path) -> Section {
     section.note(
         "last block online: the first agent record showing the final MemTotal; Node converged: \
          the `verify converged` record with that capacity; both host arrival times (TCG, \
-         1 vCPU shared by the kernel, the agent, the stand-in and the fake API server)",
+         1 vCPU shared by the kernel, the agent, the stand-in and the fake API server); in \
+         brackets the last restart (`refresh started` → `succeeded`), the stand-in's own \
+         time, which the target leaves out: the rest is settle, reconcile and verify",
     );
     section
 }
@@ -302,9 +307,11 @@ mod tests {
             blocks_per_s: Some(73.1),
             paced_blocks_per_s: None,
             last_online_to_node_ms: to_node_ms,
+            last_restart_ms: Some(200.0),
+            agent_share_ms: to_node_ms.map(|ms| ms - 200.0),
             kubelet_restarts: restarts,
             episodes: restarts,
-            episodes_cut_by_max_wait: restarts - 1,
+            episodes_cut_short: restarts - 1,
             verify_timeouts: restarts - 1,
             restart_ms: vec![200; restarts as usize],
         }
@@ -352,7 +359,8 @@ mod tests {
             serde_json::json!({"unix_time": t, "passed": true, "blocks": 512,
                 "device_add_to_last_online_ms": 7000.0, "blocks_per_s": 73.0,
                 "paced_blocks_per_s": null, "last_online_to_node_ms": 500.0,
-                "kubelet_restarts": 1, "episodes": 1, "episodes_cut_by_max_wait": 0,
+                "last_restart_ms": 200.0, "agent_share_ms": 300.0,
+                "kubelet_restarts": 1, "episodes": 1, "episodes_cut_short": 0,
                 "verify_timeouts": 0, "restart_ms": [200]})
         };
         let mut doc = serde_json::json!({});
