@@ -409,9 +409,7 @@ fn with_ca(kubeconfig: &str) -> anyhow::Result<String> {
 /// `2026-11-30T15:50:01.25Z` -> seconds into that day (the zone is the same on every line).
 fn day_seconds(rfc3339: &str) -> Option<f64> {
     let time = rfc3339.split_once('T')?.1;
-    let end = time
-        .find(|c: char| c == 'Z' || c == '+' || c == '-')
-        .unwrap_or(time.len());
+    let end = time.find(['Z', '+', '-']).unwrap_or(time.len());
     let mut parts = time[..end].split(':');
     let (h, m, s): (f64, f64, f64) = (
         parts.next()?.parse().ok()?,
