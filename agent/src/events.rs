@@ -45,22 +45,34 @@ pub enum EventsError {
     Status { status: u16, body: String },
     #[error("writing")]
     Write(#[source] std::io::Error),
+    #[error(
+        "the agent sent a line longer than {limit} bytes without ending it; this is not the stream of a hotplug-agent (or it is broken)"
+    )]
+    LineTooLong { limit: usize },
 }
 
+/// The longest record line accepted. Records are a few hundred bytes (a `ready` record a
+/// few KiB); whatever sends more without a newline is not the agent, and must not make
+/// this client grow without bound.
+pub const MAX_LINE: usize = 1 << 20;
+
 fn path_and_query(req: &StreamRequest) -> String {
-    let mut q = format!("/events?follow={}", u8::from(req.follow));
+    let mut q = form_urlencoded::Serializer::new(String::new());
+    q.append_pair("follow", if req.follow { "1" } else { "0" });
     match req.tail {
-        Some(n) => q.push_str(&format!("&replay={n}")),
-        None => q.push_str("&replay=all"),
-    }
+        Some(n) => q.append_pair("replay", &n.to_string()),
+        None => q.append_pair("replay", "all"),
+    };
     if !req.kinds.is_empty() {
-        q.push_str(&format!("&kind={}", req.kinds.join(",")));
+        q.append_pair("kind", &req.kinds.join(","));
     }
     if let Some(since) = req.since {
-        let t = humantime::format_rfc3339_micros(std::time::SystemTime::now() - since).to_string();
-        q.push_str(&format!("&since={t}"));
+        let at = std::time::SystemTime::now()
+            .checked_sub(since)
+            .unwrap_or(std::time::UNIX_EPOCH);
+        q.append_pair("since", &humantime::format_rfc3339_micros(at).to_string());
     }
-    q
+    format!("/events?{}", q.finish())
 }
 
 /// Colours by kind on a terminal; plain otherwise.
@@ -112,6 +124,13 @@ pub async fn follow(
             continue;
         };
         pending.extend_from_slice(&data);
+        let complete = pending
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
+        if pending.len() - complete > MAX_LINE {
+            return Err(EventsError::LineTooLong { limit: MAX_LINE });
+        }
         while let Some(end) = pending.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = pending.drain(..=end).collect();
             let line = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();

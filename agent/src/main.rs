@@ -12,7 +12,7 @@ use hotplug_agent::{
     report::Format,
     report::{
         metrics::{self, Metrics},
-        sinks::{FileSink, Sinks},
+        sinks::{self, FileSink, Sinks, StdoutGone},
         stream::{self, Hub},
     },
     run, status, telemetry, watch,
@@ -204,6 +204,10 @@ struct RunArgs {
     /// Rotated log files to keep.
     #[arg(long, default_value_t = 5)]
     log_file_keep: usize,
+    /// Records stdout and the log file may each hold while their reader or disk is slow;
+    /// beyond, records are counted as lost and a `loss` record says how many.
+    #[arg(long, default_value_t = sinks::DEFAULT_QUEUE, hide = true)]
+    output_queue: usize,
 }
 
 #[derive(Debug, clap::Args)]
@@ -383,8 +387,8 @@ async fn run_command(args: RunArgs) -> anyhow::Result<()> {
         cgroup_root: args.cgroup_root,
     };
     config.validate()?;
-    let mut out = std::io::stdout().lock();
-    let mut sinks = Sinks::new(&mut out, args.format);
+    let mut sinks = Sinks::stdout(args.format, args.output_queue, StdoutGone::CarryOn)
+        .context("starting the event log writer")?;
     let metrics = Metrics::new();
     sinks.metrics = Some(metrics.clone());
     if args.metrics_addr != "off" {
@@ -407,10 +411,11 @@ async fn run_command(args: RunArgs) -> anyhow::Result<()> {
         sinks.hub = Some(hub);
     }
     if let Some(path) = &args.log_file {
-        sinks.file = Some(
-            FileSink::open(path.clone(), args.log_file_max_bytes, args.log_file_keep)
-                .with_context(|| format!("opening {}", path.display()))?,
-        );
+        let file = FileSink::open(path.clone(), args.log_file_max_bytes, args.log_file_keep)
+            .with_context(|| format!("opening {}", path.display()))?;
+        sinks
+            .set_file(file, args.output_queue)
+            .context("starting the log file writer")?;
     }
     let notify = systemd_notify(metrics.clone());
     run::run(config, client, &mut sinks, shutdown_signal(), notify)
@@ -500,8 +505,8 @@ fn main() -> anyhow::Result<()> {
             });
             let config = args.sources.pipeline();
             config.validate()?;
-            let mut out = std::io::stdout().lock();
-            let mut sinks = Sinks::new(&mut out, format);
+            let mut sinks = Sinks::stdout(format, sinks::DEFAULT_QUEUE, StdoutGone::End)
+                .context("starting the event log writer")?;
             runtime
                 .block_on(watch::run(config, &mut sinks, shutdown_signal()))
                 .context("hotplug-agent watch")

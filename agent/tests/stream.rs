@@ -7,7 +7,7 @@ use hotplug_agent::{
     capacity::Summary,
     events::{self, Endpoint, StreamRequest},
     record::{AgentRecord, Record},
-    report::{Format, stream::Hub},
+    report::{Format, http::Limits, stream::Hub},
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -310,3 +310,247 @@ async fn bench_stream_throughput() {
 }
 
 const DEFAULT_REPLAY_FOR_BENCH: usize = hotplug_agent::report::stream::DEFAULT_REPLAY;
+
+/// One request over the socket as HTTP/1.0 (no chunked framing to undo); (status, body).
+async fn get(path: &std::path::Path, target: &str) -> (u16, String) {
+    let mut s = tokio::net::UnixStream::connect(path).await.unwrap();
+    // A refused connection may be closed before the request is written: read anyway.
+    let _ = s
+        .write_all(format!("GET {target} HTTP/1.0\r\n\r\n").as_bytes())
+        .await;
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
+        .await
+        .expect("the response ended")
+        .unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn at(time: &str, n: u64) -> Record {
+    let mut r = numbered(n);
+    if let Record::Agent(a) = &mut r {
+        a.time = time.into();
+    }
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn since_is_an_instant_and_a_bad_query_is_refused() {
+    let (hub, _dir, endpoint) = serve(100, 100).await;
+    let Endpoint::Unix(path) = endpoint else {
+        unreachable!()
+    };
+    hub.publish(&at("2026-01-02T03:04:31.999999Z", 0));
+    hub.publish(&at("2026-01-02T03:04:32.000000Z", 1));
+    hub.publish(&at("2026-01-02T03:04:32.500000Z", 2));
+    hub.publish(&at("2026-01-02T03:04:33.000000Z", 3));
+    let since = |s: &str| format!("/events?replay=all&follow=0&since={s}");
+    // Fractions in the same second are later, not earlier (text comparison got this wrong).
+    let (status, body) = get(&path, &since("2026-01-02T03:04:32Z")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(numbers(body.as_bytes()), [1, 2, 3]);
+    let (_, body) = get(&path, &since("2026-01-02T03:04:32.25Z")).await;
+    assert_eq!(numbers(body.as_bytes()), [2, 3]);
+    // An offset, percent-encoded as a form would send it: 08:04:32.6+05:00 is 03:04:32.6Z.
+    let (_, body) = get(&path, &since("2026-01-02T08%3A04%3A32.6%2B05%3A00")).await;
+    assert_eq!(numbers(body.as_bytes()), [3]);
+    // Garbage is a 400 that says what is expected, not an empty 200.
+    let (status, body) = get(&path, &since("garbage")).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("RFC 3339"), "{body}");
+    let (status, body) = get(&path, "/events?replay=ten").await;
+    assert_eq!(status, 400, "{body}");
+    let (status, _) = get(&path, "/nothing").await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_that_hang_up_are_let_go_even_when_nothing_matches() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.sock");
+    let hub = Hub::new(10, 100);
+    let limits = Limits {
+        max_connections: 300,
+        ..Limits::default()
+    };
+    hotplug_agent::report::stream::serve_unix_with(hub.clone(), &path, limits)
+        .await
+        .unwrap();
+    const N: usize = 200;
+    let mut conns = Vec::new();
+    for _ in 0..N {
+        let mut s = tokio::net::UnixStream::connect(&path).await.unwrap();
+        s.write_all(b"GET /events?follow=1&kind=nothing-matches HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        conns.push(s);
+    }
+    clients(&hub, N).await;
+    // They hang up; no record is ever published that they would want.
+    drop(conns);
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while hub.clients() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{} followers still held after they hung up", hub.clients()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_limited_and_slow_requests_are_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.sock");
+    let hub = Hub::new(10, 100);
+    let limits = Limits {
+        max_connections: 4,
+        header_read_timeout: Duration::from_millis(500),
+        ..Limits::default()
+    };
+    hotplug_agent::report::stream::serve_unix_with(hub.clone(), &path, limits)
+        .await
+        .unwrap();
+    // Four clients that send half a request head and then nothing (slowloris).
+    let mut slow = Vec::new();
+    for _ in 0..4 {
+        let mut s = tokio::net::UnixStream::connect(&path).await.unwrap();
+        s.write_all(b"GET /events?follow=1 HTTP/1.1\r\nhost:")
+            .await
+            .unwrap();
+        slow.push(s);
+    }
+    // Give the accept loop the four (it takes them in order; the fifth is then over).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = std::time::Instant::now();
+    let (status, body) = get(&path, "/events?follow=0").await;
+    assert_eq!(status, 503, "over the limit: {body}");
+    // The slow ones are closed by the header read timeout, not held for ever.
+    for s in &mut slow {
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+            .await
+            .expect("a slow request head was dropped")
+            .ok();
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    // And the listener serves again.
+    hub.publish(&numbered(7));
+    let (status, body) = get(&path, "/events?follow=0&replay=all").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(numbers(body.as_bytes()), [7]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_socket_path_is_never_taken_from_anyone() {
+    use hotplug_agent::report::stream::{SocketError, serve_unix};
+    let dir = tempfile::tempdir().unwrap();
+    // A regular file where the socket should go: refused, and left as it was.
+    let file = dir.path().join("precious");
+    std::fs::write(&file, "keep me").unwrap();
+    let err = serve_unix(Hub::new(1, 1), &file).await.unwrap_err();
+    assert!(matches!(err, SocketError::NotASocket { .. }), "{err}");
+    assert!(err.to_string().contains("regular file"), "{err}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
+
+    // A live socket of another agent: refused, naming its PID.
+    let path = dir.path().join("events.sock");
+    let first = Hub::new(10, 10);
+    serve_unix(first.clone(), &path).await.unwrap();
+    let err = serve_unix(Hub::new(1, 1), &path).await.unwrap_err();
+    assert!(matches!(err, SocketError::Held { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("PID {}", std::process::id())),
+        "{err}"
+    );
+    // ...which still serves, and its follower gets the last record before the end.
+    let mut follower = Buf::default();
+    let task = {
+        let (endpoint, mut out) = (Endpoint::Unix(path.clone()), follower.clone());
+        tokio::spawn(async move {
+            events::follow(&endpoint, &follow_request(), Format::Json, false, &mut out).await
+        })
+    };
+    clients(&first, 1).await;
+    first.publish(&numbered(42));
+    first.close();
+    assert!(
+        first.closed(Duration::from_secs(5)).await,
+        "the server ended"
+    );
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("the follower's stream ended with the hub")
+        .unwrap()
+        .unwrap();
+    assert_eq!(numbers(&follower.0.lock().unwrap()), [42]);
+    follower.flush().unwrap();
+    // Removed at exit: the socket and its lock file.
+    assert!(!path.exists(), "the socket is removed at exit");
+    assert!(!dir.path().join("events.sock.lock").exists());
+
+    // A stale socket (nobody listens, nobody holds the lock) is replaced.
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    assert!(path.exists());
+    let hub = Hub::new(10, 10);
+    serve_unix(hub.clone(), &path).await.unwrap();
+    hub.publish(&numbered(1));
+    let (status, body) = get(&path, "/events?follow=0&replay=all").await;
+    assert_eq!((status, numbers(body.as_bytes())), (200, vec![1]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_refuses_a_line_that_never_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("not-an-agent.sock");
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut head = [0u8; 1024];
+        let _ = s.read(&mut head).await;
+        s.write_all(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let chunk = vec![b'x'; 64 * 1024];
+        // Far more than the client may hold, never a newline; ends when the client leaves.
+        for _ in 0..1024 {
+            if s.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut out = Buf::default();
+    let err = tokio::time::timeout(
+        Duration::from_secs(20),
+        events::follow(
+            &Endpoint::Unix(path),
+            &follow_request(),
+            Format::Json,
+            false,
+            &mut out,
+        ),
+    )
+    .await
+    .expect("the client gave up on the endless line")
+    .unwrap_err();
+    assert!(
+        matches!(err, events::EventsError::LineTooLong { .. }),
+        "{err}"
+    );
+    assert!(out.0.lock().unwrap().is_empty());
+    server.abort();
+}

@@ -3,18 +3,12 @@
 //!
 //! `/healthz`: the process answers. `/readyz`: every source listens (the `ready` record)
 //! and, in `run` mode, the first reconcile is done and the API answered last time.
-use std::{
-    convert::Infallible,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
+use std::sync::{
+    Arc, Mutex,
+    atomic::{AtomicBool, Ordering},
 };
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Request, Response, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper::{Request, Response};
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{
@@ -25,8 +19,9 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::watch};
 
+use super::http::{self, Body, Limits};
 use crate::record::Record;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -52,6 +47,20 @@ struct SourceLabels {
     source: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutputLabels {
+    output: String,
+}
+
+/// `loss` reasons of the outputs (sinks.rs): counted as they happen by
+/// [`Metrics::output_lost`], not again from the record, and no source's loss.
+pub const OUTPUT_LOSS_REASONS: [&str; 4] = [
+    "stdout_stalled",
+    "stdout_failed",
+    "log_file_stalled",
+    "log_file_failed",
+];
+
 pub struct Metrics {
     registry: Registry,
     events: Family<EventLabels, Counter>,
@@ -66,6 +75,7 @@ pub struct Metrics {
     probes_attached: Gauge,
     losses: Family<SourceLabels, Counter>,
     ringbuf_drops: Counter,
+    output_lost: Family<OutputLabels, Counter>,
     health: Health,
 }
 
@@ -153,6 +163,12 @@ impl Metrics {
             "Records the eBPF ring buffer had no room for",
             ringbuf_drops.clone(),
         );
+        let output_lost = Family::<OutputLabels, Counter>::default();
+        registry.register(
+            "output_lost_records",
+            "Records an output (stdout, log_file) could not take: queue full behind a stalled reader, or a failed write",
+            output_lost.clone(),
+        );
         Arc::new(Self {
             registry,
             events,
@@ -167,8 +183,18 @@ impl Metrics {
             probes_attached,
             losses,
             ringbuf_drops,
+            output_lost,
             health: Health::default(),
         })
+    }
+
+    /// `n` records that `output` (`stdout`, `log_file`) could not take.
+    pub fn output_lost(&self, output: &str, n: u64) {
+        self.output_lost
+            .get_or_create(&OutputLabels {
+                output: output.into(),
+            })
+            .inc_by(n);
     }
 
     /// `run` mode: readiness also waits for the first reconcile.
@@ -224,6 +250,11 @@ impl Metrics {
                             self.set_why(format!("sources off: {}", off.join(", ")));
                         }
                     }
+                    // An output's loss: already counted by `output_lost`.
+                    "loss"
+                        if a.reason
+                            .as_deref()
+                            .is_some_and(|r| OUTPUT_LOSS_REASONS.contains(&r)) => {}
                     "loss" => {
                         let source = a.source.map_or("unknown", |s| s.as_str());
                         self.losses
@@ -348,57 +379,46 @@ impl Metrics {
     }
 }
 
-fn reply(status: u16, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
-    *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::OK);
-    r.headers_mut().insert(
-        "content-type",
-        hyper::header::HeaderValue::from_static(content_type),
-    );
-    r
-}
-
-async fn handle(
-    m: Arc<Metrics>,
-    req: Request<hyper::body::Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    Ok(match req.uri().path() {
-        "/metrics" => reply(
+fn handle(m: &Metrics, req: &Request<hyper::body::Incoming>) -> Response<Body> {
+    match req.uri().path() {
+        "/metrics" => http::text(
             200,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             m.render(),
         ),
-        "/healthz" => reply(200, "text/plain", "ok\n".into()),
+        "/healthz" => http::text(200, "text/plain", "ok\n"),
         "/readyz" => match m.ready() {
-            Ok(()) => reply(200, "text/plain", "ready\n".into()),
-            Err(why) => reply(503, "text/plain", format!("not ready: {why}\n")),
+            Ok(()) => http::text(200, "text/plain", "ready\n"),
+            Err(why) => http::text(503, "text/plain", format!("not ready: {why}\n")),
         },
-        _ => reply(
-            404,
-            "text/plain",
-            "try /metrics, /healthz, /readyz\n".into(),
-        ),
-    })
+        _ => http::text(404, "text/plain", "try /metrics, /healthz, /readyz\n"),
+    }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on `addr`.
+/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` with the default limits, until
+/// the runtime ends.
 pub async fn serve(
     metrics: Arc<Metrics>,
     addr: &str,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let (_never, shutdown) = watch::channel(false);
+    serve_with(metrics, addr, Limits::default(), shutdown).await
+}
+
+/// [`serve`] with chosen limits, until `shutdown` says true.
+pub async fn serve_with(
+    metrics: Arc<Metrics>,
+    addr: &str,
+    limits: Limits,
+    shutdown: watch::Receiver<bool>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = TcpListener::bind(addr).await?;
-    Ok(tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let m = metrics.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |req| handle(m.clone(), req));
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    }))
+    let name = listener.local_addr()?.to_string();
+    let handler: http::Handler = Arc::new(move |req: Request<hyper::body::Incoming>| {
+        let r = handle(&metrics, &req);
+        Box::pin(async move { r })
+    });
+    Ok(tokio::spawn(http::serve(
+        listener, name, limits, handler, shutdown,
+    )))
 }

@@ -3,6 +3,7 @@ use std::io::{self, Write};
 
 use crate::record::Record;
 
+pub mod http;
 pub mod metrics;
 pub mod sinks;
 pub mod stream;

@@ -6,20 +6,34 @@
 //! broadcast queue, and one that falls behind by more than the queue is cut off with a final
 //! `{"kind":"agent","action":"cut_off","missed":N}` record. Replay and subscription are
 //! taken under one lock, so a reconnecting client sees every record exactly once.
+//!
+//! Served through the one HTTP layer ([`super::http`]: connection limit, timeouts, accept
+//! back-off, graceful shutdown). A following client that hangs up is noticed at once, even
+//! when its filter matches nothing (hyper watches the connection for EOF while the response
+//! is in flight). [`Hub::close`] ends every stream after the records already published (the
+//! `stopped` record among them).
 use std::{
     collections::VecDeque,
-    path::Path,
+    fs::File,
+    io::{Read as _, Seek as _, Write as _},
+    os::{
+        fd::AsRawFd,
+        unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt},
+    },
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use bytes::Bytes;
-use serde::Deserialize;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::{Request, Response, body::Frame};
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{TcpListener, UnixListener},
-    sync::broadcast,
+    sync::{broadcast, watch},
 };
 
+use super::http::{self, Body, Handler, Limits};
 use crate::record::{Record, now_rfc3339};
 
 pub const DEFAULT_SOCKET: &str = "/run/hotplug-agent/events.sock";
@@ -34,6 +48,9 @@ pub struct Line {
     pub seq: u64,
     pub kind: Arc<str>,
     pub time: Arc<str>,
+    /// `time` parsed, for `since`; `None` for a time that does not parse (kept by `since`:
+    /// a record is never hidden for its own time being odd).
+    pub at: Option<jiff::Timestamp>,
     pub json: Bytes,
 }
 
@@ -47,41 +64,115 @@ pub struct Hub {
     held: Mutex<Held>,
     capacity: usize,
     tx: broadcast::Sender<Line>,
+    /// True once the agent is stopping: servers stop accepting, streams end after what was
+    /// published. Every server and stream holds a receiver, so `closed()` on the sender
+    /// says when they are all gone.
+    closing: watch::Sender<bool>,
 }
 
-/// What a client asks for.
-#[derive(Clone, Debug, Default, Deserialize)]
+/// How many held records a client asks for first.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Replay {
+    #[default]
+    None,
+    Last(usize),
+    All,
+}
+
+/// What a client asks for, parsed from the query string.
+#[derive(Clone, Debug, PartialEq)]
 pub struct Query {
-    /// `all` or a number of held records to send first; default none.
-    pub replay: Option<String>,
-    /// Keep the connection open for new records (`1`/`true`); default on.
-    pub follow: Option<String>,
-    /// Comma-separated `kind`s to keep.
-    pub kind: Option<String>,
-    /// Only records at or after this RFC 3339 time.
-    pub since: Option<String>,
+    pub replay: Replay,
+    /// Keep the connection open for new records; default on.
+    pub follow: bool,
+    /// Only these `kind`s (empty: all).
+    pub kinds: Vec<String>,
+    /// Only records made at or after this instant.
+    pub since: Option<jiff::Timestamp>,
+}
+
+impl Default for Query {
+    fn default() -> Self {
+        Self {
+            replay: Replay::None,
+            follow: true,
+            kinds: Vec::new(),
+            since: None,
+        }
+    }
+}
+
+/// A query the stream does not understand: answered 400 with this text.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum QueryError {
+    #[error("unknown parameter {0:?}; known: replay, follow, kind, since")]
+    Unknown(String),
+    #[error("replay={0:?}: expected a number of records or `all`")]
+    Replay(String),
+    #[error("follow={0:?}: expected 1/true/yes or 0/false/no")]
+    Follow(String),
+    #[error(
+        "since={value:?}: expected an RFC 3339 time such as 2026-01-02T03:04:05.5Z or 2026-01-02T08:04:05+05:00 ({why})"
+    )]
+    Since { value: String, why: String },
 }
 
 impl Query {
-    fn follow(&self) -> bool {
-        !matches!(self.follow.as_deref(), Some("0" | "false" | "no"))
+    /// Parses `replay=N|all&follow=0|1&kind=K,K&since=RFC3339` (percent-encoded, `+` as
+    /// space, as a form would send it).
+    pub fn parse(query: &str) -> Result<Self, QueryError> {
+        let mut q = Self::default();
+        for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+            match &*k {
+                "replay" => {
+                    q.replay = match &*v {
+                        "all" => Replay::All,
+                        n => {
+                            Replay::Last(n.parse().map_err(|_| QueryError::Replay(v.to_string()))?)
+                        }
+                    }
+                }
+                "follow" => {
+                    q.follow = match &*v {
+                        "1" | "true" | "yes" | "" => true,
+                        "0" | "false" | "no" => false,
+                        _ => return Err(QueryError::Follow(v.to_string())),
+                    }
+                }
+                "kind" => q.kinds.extend(
+                    v.split(',')
+                        .map(str::trim)
+                        .filter(|k| !k.is_empty())
+                        .map(String::from),
+                ),
+                "since" => {
+                    q.since = Some(v.trim().parse::<jiff::Timestamp>().map_err(|e| {
+                        QueryError::Since {
+                            value: v.to_string(),
+                            why: e.to_string(),
+                        }
+                    })?)
+                }
+                _ => return Err(QueryError::Unknown(k.into_owned())),
+            }
+        }
+        Ok(q)
     }
 
     fn replay(&self, held: usize) -> usize {
-        match self.replay.as_deref() {
-            Some("all") => held,
-            Some(n) => n.parse().unwrap_or(0).min(held),
-            None => 0,
+        match self.replay {
+            Replay::All => held,
+            Replay::Last(n) => n.min(held),
+            Replay::None => 0,
         }
     }
 
     fn keeps(&self, line: &Line) -> bool {
-        let kind_ok = self
-            .kind
-            .as_deref()
-            .is_none_or(|k| k.split(',').any(|k| k.trim() == &*line.kind));
-        // RFC 3339 UTC with a fixed width sorts as text.
-        let time_ok = self.since.as_deref().is_none_or(|s| &*line.time >= s);
+        let kind_ok = self.kinds.is_empty() || self.kinds.iter().any(|k| **k == *line.kind);
+        let time_ok = match (self.since, line.at) {
+            (Some(since), Some(at)) => at >= since,
+            _ => true,
+        };
         kind_ok && time_ok
     }
 }
@@ -97,6 +188,7 @@ impl Hub {
             }),
             capacity: replay,
             tx,
+            closing: watch::Sender::new(false),
         })
     }
 
@@ -112,12 +204,14 @@ impl Hub {
             Err(_) => return,
         };
         json.push(b'\n');
+        let at = time.parse().ok();
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         held.seq += 1;
         let line = Line {
             seq: held.seq,
             kind: kind.into(),
             time: time.into(),
+            at,
             json: json.into(),
         };
         held.bytes += line.json.len();
@@ -149,8 +243,26 @@ impl Hub {
         self.held.lock().map(|h| h.bytes).unwrap_or(0)
     }
 
+    /// Following clients connected now.
     pub fn clients(&self) -> usize {
         self.tx.receiver_count()
+    }
+
+    /// Stops the servers and ends every stream once it has sent what was published before.
+    pub fn close(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// After [`Hub::close`]: waits (at most `limit`) until every server has let go of its
+    /// socket and every stream has ended. True when they all did.
+    pub async fn closed(&self, limit: Duration) -> bool {
+        tokio::time::timeout(limit, self.closing.closed())
+            .await
+            .is_ok()
+    }
+
+    fn closing(&self) -> watch::Receiver<bool> {
+        self.closing.subscribe()
     }
 }
 
@@ -166,170 +278,389 @@ fn cut_off(missed: u64) -> Bytes {
     Bytes::from(format!("{rec}\n"))
 }
 
-/// Reads the request head (bounded), returns the request target.
-async fn read_request<S: AsyncRead + Unpin>(io: &mut S) -> std::io::Result<String> {
-    let mut head = Vec::with_capacity(512);
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if head.len() > 8192 || io.read(&mut byte).await? == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "incomplete request head",
-            ));
+const USAGE: &str = "GET /events?replay=N|all&follow=0|1&kind=K,K&since=RFC3339\n";
+
+/// One following client: its backlog, then every new record it keeps, until the hub
+/// closes (after sending what was published before), it falls behind (a `cut_off`
+/// record), or it hangs up (hyper drops the body).
+struct Stream {
+    backlog: VecDeque<Line>,
+    rx: Option<broadcast::Receiver<Line>>,
+    query: Query,
+    closing: watch::Receiver<bool>,
+}
+
+impl Stream {
+    async fn next(&mut self) -> Option<Bytes> {
+        if let Some(line) = self.backlog.pop_front() {
+            return Some(line.json);
         }
-        head.push(byte[0]);
-    }
-    let line = String::from_utf8_lossy(&head);
-    let mut parts = line.lines().next().unwrap_or_default().split_whitespace();
-    match (parts.next(), parts.next()) {
-        (Some("GET"), Some(target)) => Ok(target.to_string()),
-        _ => Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "only GET is served",
-        )),
-    }
-}
-
-async fn respond<S: AsyncWrite + Unpin>(
-    io: &mut S,
-    status: &str,
-    body: &str,
-) -> std::io::Result<()> {
-    let msg = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    io.write_all(msg.as_bytes()).await
-}
-
-/// One client: a minimal HTTP/1.1 exchange, then the records, delimited by the close of
-/// the connection. Written by hand rather than through an HTTP server so that a stalled
-/// client is nothing but a pending `write_all` on its own task.
-async fn client<S: AsyncRead + AsyncWrite + Unpin>(
-    hub: Arc<Hub>,
-    mut io: S,
-) -> std::io::Result<()> {
-    let target = read_request(&mut io).await?;
-    let (path, query) = target.split_once('?').unwrap_or((&target, ""));
-    if path != "/events" {
-        return respond(
-            &mut io,
-            "404 Not Found",
-            "GET /events?replay=N|all&follow=0|1&kind=K,K&since=RFC3339\n",
-        )
-        .await;
-    }
-    let query = match parse_query(query) {
-        Ok(q) => q,
-        Err(e) => return respond(&mut io, "400 Bad Request", &format!("{e}\n")).await,
-    };
-    let (backlog, mut rx) = hub.subscribe(&query);
-    io.write_all(
-        b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\nconnection: close\r\n\r\n",
-    )
-    .await?;
-    for line in backlog {
-        io.write_all(&line.json).await?;
-    }
-    if query.follow() {
+        let rx = self.rx.as_mut()?;
         loop {
-            match rx.recv().await {
-                Ok(line) if query.keeps(&line) => io.write_all(&line.json).await?,
-                Ok(_) => {}
-                Err(broadcast::error::RecvError::Lagged(missed)) => {
-                    io.write_all(&cut_off(missed)).await?;
-                    break;
+            tokio::select! {
+                // What was published before the hub closed goes out first.
+                biased;
+                r = rx.recv() => match r {
+                    Ok(line) if self.query.keeps(&line) => return Some(line.json),
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        self.rx = None;
+                        return Some(cut_off(missed));
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                },
+                r = self.closing.wait_for(|&c| c) => {
+                    let _ = r;
+                    self.rx = None;
+                    return None;
                 }
-                Err(broadcast::error::RecvError::Closed) => break,
             }
         }
     }
-    io.shutdown().await
 }
 
-fn parse_query(q: &str) -> Result<Query, String> {
-    let mut query = Query::default();
-    for pair in q.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let v = percent_decode(v);
-        match k {
-            "replay" => query.replay = Some(v),
-            "follow" => query.follow = Some(v),
-            "kind" => query.kind = Some(v),
-            "since" => query.since = Some(v),
-            other => return Err(format!("unknown parameter {other:?}")),
-        }
+fn respond(hub: &Hub, req: &Request<hyper::body::Incoming>) -> Response<Body> {
+    if req.method() != hyper::Method::GET {
+        return http::text(405, "text/plain", USAGE);
     }
-    Ok(query)
+    if req.uri().path() != "/events" {
+        return http::text(404, "text/plain", USAGE);
+    }
+    let query = match Query::parse(req.uri().query().unwrap_or("")) {
+        Ok(q) => q,
+        Err(e) => return http::text(400, "text/plain", format!("{e}\n")),
+    };
+    let (backlog, rx) = hub.subscribe(&query);
+    let state = Stream {
+        backlog: backlog.into(),
+        rx: query.follow.then_some(rx),
+        query,
+        closing: hub.closing(),
+    };
+    let frames = futures::stream::unfold(state, |mut s| async move {
+        let data = s.next().await?;
+        Some((Ok::<_, std::convert::Infallible>(Frame::data(data)), s))
+    });
+    let mut r = Response::new(StreamBody::new(frames).boxed_unsync());
+    let h = r.headers_mut();
+    h.insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/x-ndjson"),
+    );
+    // One stream per connection, as before: the body ends with the connection.
+    h.insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("close"),
+    );
+    r
 }
 
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(b)) => {
-                out.push(b);
-                i += 3;
-                continue;
+fn handler(hub: Arc<Hub>) -> Handler {
+    Arc::new(move |req| {
+        let r = respond(&hub, &req);
+        Box::pin(async move { r })
+    })
+}
+
+/// Why the stream socket cannot be served. Nothing the agent did not create is removed.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    #[error(
+        "{path} exists and is not a socket ({what}); refusing to replace it: move it away or choose another --stream-socket"
+    )]
+    NotASocket { path: PathBuf, what: &'static str },
+    #[error(
+        "{path} is served by another hotplug-agent (PID {pid}, which holds {lock}); stop it or give this one another --stream-socket"
+    )]
+    Held {
+        path: PathBuf,
+        lock: PathBuf,
+        pid: String,
+    },
+    #[error(
+        "{path}: something is listening on this socket although nobody holds {lock}; refusing to take it over"
+    )]
+    Live { path: PathBuf, lock: PathBuf },
+    #[error("{what} {path}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The lock file next to the stream socket and the socket itself, both the agent's own
+/// while this lives; both removed on drop (only if they are still the ones it made).
+pub struct SocketGuard {
+    path: PathBuf,
+    lock_path: PathBuf,
+    lock: File,
+    socket_id: Option<(u64, u64)>,
+}
+
+fn lock_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".lock");
+    p.into()
+}
+
+fn file_id(m: &std::fs::Metadata) -> (u64, u64) {
+    (m.dev(), m.ino())
+}
+
+fn what(t: std::fs::FileType) -> &'static str {
+    if t.is_file() {
+        "a regular file"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_block_device() || t.is_char_device() {
+        "a device"
+    } else {
+        "not a socket"
+    }
+}
+
+impl SocketGuard {
+    /// Takes `<path>.lock` (flock, our PID inside), then makes `path` free to bind: absent,
+    /// or a stale socket (nobody holds the lock, nothing listens) which is removed.
+    fn take(path: &Path) -> Result<Self, SocketError> {
+        let io = |what: &'static str, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| SocketError::Io { what, path, source }
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
+        }
+        let lock_path = lock_path(path);
+        let lock = Self::lock(path, &lock_path)?;
+        let guard = Self {
+            path: path.to_path_buf(),
+            lock_path,
+            lock,
+            socket_id: None,
+        };
+        match std::fs::symlink_metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("inspecting", path)(e)),
+            Ok(m) if !m.file_type().is_socket() => {
+                return Err(SocketError::NotASocket {
+                    path: path.to_path_buf(),
+                    what: what(m.file_type()),
+                });
             }
-            (b'+', _) => out.push(b' '),
-            (b, _) => out.push(b),
+            Ok(_) => {
+                // A socket nobody holds the lock for: an agent that died, or something
+                // else entirely. Only a socket that refuses connections is stale.
+                match std::os::unix::net::UnixStream::connect(path) {
+                    Ok(_) => {
+                        return Err(SocketError::Live {
+                            path: path.to_path_buf(),
+                            lock: guard.lock_path.clone(),
+                        });
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                        tracing::info!(path = %path.display(), "replacing a stale stream socket");
+                        std::fs::remove_file(path)
+                            .map_err(io("removing the stale socket", path))?;
+                    }
+                    Err(e) => return Err(io("probing the existing socket", path)(e)),
+                }
+            }
         }
-        i += 1;
+        Ok(guard)
     }
-    String::from_utf8_lossy(&out).into_owned()
+
+    fn lock(path: &Path, lock_path: &Path) -> Result<File, SocketError> {
+        let io = |what: &'static str| {
+            let path = lock_path.to_path_buf();
+            move |source| SocketError::Io { what, path, source }
+        };
+        // The lock file can be unlinked by an agent that is just exiting between our open
+        // and our flock: then we hold a lock on a file nobody else can find. Retry.
+        for _ in 0..5 {
+            let mut file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+                .open(lock_path)
+                .map_err(io("opening the lock file"))?;
+            let meta = file.metadata().map_err(io("inspecting the lock file"))?;
+            if !meta.file_type().is_file() {
+                return Err(SocketError::NotASocket {
+                    path: lock_path.to_path_buf(),
+                    what: what(meta.file_type()),
+                });
+            }
+            // SAFETY: flock on a descriptor we own.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::WouldBlock {
+                    return Err(io("locking the lock file")(e));
+                }
+                let mut pid = String::new();
+                let _ = std::io::Read::by_ref(&mut file)
+                    .take(32)
+                    .read_to_string(&mut pid);
+                let pid = pid.trim();
+                return Err(SocketError::Held {
+                    path: path.to_path_buf(),
+                    lock: lock_path.to_path_buf(),
+                    pid: if pid.is_empty() {
+                        "unknown".into()
+                    } else {
+                        pid.into()
+                    },
+                });
+            }
+            match std::fs::symlink_metadata(lock_path) {
+                Ok(now) if file_id(&now) == file_id(&meta) => {}
+                _ => continue,
+            }
+            file.set_len(0).map_err(io("writing the lock file"))?;
+            file.rewind().map_err(io("writing the lock file"))?;
+            writeln!(file, "{}", std::process::id()).map_err(io("writing the lock file"))?;
+            return Ok(file);
+        }
+        Err(io("locking the lock file")(std::io::Error::other(
+            "it kept being replaced by another process",
+        )))
+    }
 }
 
-/// Serves the stream on a unix socket (mode 0600: the records are the node's business).
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        let ours = |p: &Path, id: Option<(u64, u64)>| {
+            id.is_some() && std::fs::symlink_metadata(p).ok().map(|m| file_id(&m)) == id
+        };
+        if ours(&self.path, self.socket_id) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+        let lock_id = self.lock.metadata().ok().map(|m| file_id(&m));
+        if ours(&self.lock_path, lock_id) {
+            let _ = std::fs::remove_file(&self.lock_path);
+        }
+    }
+}
+
+/// Serves the stream on a unix socket (mode 0600: the records are the node's business),
+/// with the default limits.
 pub async fn serve_unix(
     hub: Arc<Hub>,
     path: &Path,
-) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+) -> Result<tokio::task::JoinHandle<()>, SocketError> {
+    serve_unix_with(hub, path, Limits::default()).await
+}
+
+/// [`serve_unix`] with chosen limits. The socket and its lock file are removed when the
+/// server ends (after [`Hub::close`]) or is dropped with the runtime.
+pub async fn serve_unix_with(
+    hub: Arc<Hub>,
+    path: &Path,
+    limits: Limits,
+) -> Result<tokio::task::JoinHandle<()>, SocketError> {
+    let mut guard = SocketGuard::take(path)?;
+    let io = |what: &'static str| {
+        let path = path.to_path_buf();
+        move |source| SocketError::Io { what, path, source }
+    };
+    let listener = UnixListener::bind(path).map_err(io("binding"))?;
+    guard.socket_id = std::fs::symlink_metadata(path).ok().map(|m| file_id(&m));
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .map_err(io("restricting the mode of"))?;
+    let (shutdown, keep) = (hub.closing(), hub.closing());
+    let name = path.display().to_string();
     Ok(tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            spawn_connection(hub.clone(), stream);
-        }
+        http::serve(listener, name, limits, handler(hub), shutdown).await;
+        // The socket goes before the hub hears that this server is done.
+        drop(guard);
+        drop(keep);
     }))
 }
 
 /// Serves the stream on TCP as well (opt-in).
 pub async fn serve_tcp(hub: Arc<Hub>, addr: &str) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    let listener = TcpListener::bind(addr).await?;
-    Ok(tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            spawn_connection(hub.clone(), stream);
-        }
-    }))
+    serve_tcp_with(hub, addr, Limits::default()).await
 }
 
-fn spawn_connection<S>(hub: Arc<Hub>, io: S)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    tokio::spawn(async move {
-        if let Err(e) = client(hub, io).await {
-            tracing::debug!(error = %e, "stream client connection ended");
-        }
-    });
+/// [`serve_tcp`] with chosen limits.
+pub async fn serve_tcp_with(
+    hub: Arc<Hub>,
+    addr: &str,
+    limits: Limits,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = TcpListener::bind(addr).await?;
+    let shutdown = hub.closing();
+    let name = listener.local_addr()?.to_string();
+    Ok(tokio::spawn(http::serve(
+        listener,
+        name,
+        limits,
+        handler(hub),
+        shutdown,
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ts(s: &str) -> jiff::Timestamp {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn queries_are_parsed_and_bad_ones_named() {
+        let q = Query::parse(
+            "replay=all&follow=0&kind=cpu,memory%5Fblock&since=2026-01-02T08%3A04%3A05.5%2B05%3A00",
+        )
+        .unwrap();
+        assert_eq!(q.replay, Replay::All);
+        assert!(!q.follow);
+        assert_eq!(q.kinds, ["cpu", "memory_block"]);
+        assert_eq!(q.since, Some(ts("2026-01-02T03:04:05.5Z")));
+        assert_eq!(Query::parse("").unwrap(), Query::default());
+        assert!(matches!(
+            Query::parse("since=garbage"),
+            Err(QueryError::Since { .. })
+        ));
+        assert!(matches!(
+            Query::parse("replay=ten"),
+            Err(QueryError::Replay(_))
+        ));
+        assert!(matches!(
+            Query::parse("follow=maybe"),
+            Err(QueryError::Follow(_))
+        ));
+        assert!(matches!(
+            Query::parse("tail=3"),
+            Err(QueryError::Unknown(_))
+        ));
+    }
+
+    #[test]
+    fn since_compares_instants_not_text() {
+        let line = |time: &str| Line {
+            seq: 0,
+            kind: "cpu".into(),
+            time: time.into(),
+            at: time.parse().ok(),
+            json: Bytes::new(),
+        };
+        let q = Query::parse("since=2026-01-02T03:04:32Z").unwrap();
+        // Same second, later: kept (as text, "…32.5Z" < "…32Z").
+        assert!(q.keeps(&line("2026-01-02T03:04:32.500000Z")));
+        assert!(!q.keeps(&line("2026-01-02T03:04:31.999999Z")));
+        // An offset: 08:04:33+05:00 is 03:04:33Z.
+        let q = Query::parse("since=2026-01-02T08:04:33%2B05:00").unwrap();
+        assert!(!q.keeps(&line("2026-01-02T03:04:32.900000Z")));
+        assert!(q.keeps(&line("2026-01-02T03:04:33.000000Z")));
+    }
 }
