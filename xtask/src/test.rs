@@ -5,7 +5,8 @@
 //! 3. the privileged integration tests (`hotplug-tests`) one at a time: they take CPUs and
 //!    memory blocks offline, which tests running side by side would see;
 //! 4. the VM scenarios (`cargo xtask vm-test`, all of them: ~30 s here on an idle
-//!    machine, ~90 s on a busy one), whose hotplug happens inside a QEMU guest, never here.
+//!    machine, ~90 s on a busy one, plus seed-scale's four 64 GiB guests, 4.6 min at load
+//!    9), whose hotplug happens inside a QEMU guest, never here.
 //!
 //! libtest's `test result:` lines are counted while the output streams through, and a last
 //! line `test: N passed, N failed` sums them.
