@@ -48,15 +48,22 @@ pub struct Activity {
     pub added: u64,
 }
 
-/// What both halves share: the blocks in flight and the capacity window.
-#[derive(Debug)]
+/// What both halves share: the blocks in flight and the capacity window. The activity
+/// channel's sender is the tracker's alone, so that dropping the tracker ends the stream.
+#[derive(Debug, Default)]
 struct Shared {
-    tx: watch::Sender<Activity>,
     flight: Mutex<BTreeSet<String>>,
     window: Mutex<Option<Seen>>,
 }
 
-impl Shared {
+/// The publishing side, held by whoever reads the event stream.
+#[derive(Debug)]
+pub struct Tracker {
+    tx: watch::Sender<Activity>,
+    shared: Arc<Shared>,
+}
+
+impl Tracker {
     fn publish_flight(&self, flight: &BTreeSet<String>, event: bool, added: bool) {
         let n = flight.len() as u64;
         self.tx.send_modify(|a| {
@@ -70,15 +77,7 @@ impl Shared {
             a.in_flight = n;
         });
     }
-}
 
-/// The publishing side, held by whoever reads the event stream.
-#[derive(Debug)]
-pub struct Tracker {
-    shared: Arc<Shared>,
-}
-
-impl Tracker {
     pub fn new() -> (Self, Episodes) {
         let (tx, rx) = watch::channel(Activity {
             count: 0,
@@ -86,13 +85,10 @@ impl Tracker {
             in_flight: 0,
             added: 0,
         });
-        let shared = Arc::new(Shared {
-            tx,
-            flight: Mutex::default(),
-            window: Mutex::default(),
-        });
+        let shared = Arc::new(Shared::default());
         (
             Self {
+                tx,
                 shared: shared.clone(),
             },
             Episodes {
@@ -107,7 +103,7 @@ impl Tracker {
 
     /// One more event, now, that says nothing about blocks or capacity.
     pub fn event(&self) {
-        self.shared.tx.send_modify(|a| {
+        self.tx.send_modify(|a| {
             a.count += 1;
             a.last = Instant::now();
         });
@@ -135,14 +131,14 @@ impl Tracker {
                         Action::Change | Action::Resize => {}
                     }
                 }
-                self.shared.publish_flight(&flight, true, added);
+                self.publish_flight(&flight, true, added);
             }
             Record::Agent(a) if a.action == "auto_online" && a.error.is_some() => {
                 // The write failed: nobody is bringing this block online any more.
                 if let Some(device) = &a.device {
                     let mut flight = lock(&self.shared.flight);
                     if flight.remove(device) {
-                        self.shared.publish_flight(&flight, false, false);
+                        self.publish_flight(&flight, false, false);
                     }
                 }
             }
@@ -263,6 +259,10 @@ impl Episodes {
         self.rx.borrow().count - self.consumed
     }
 
+    fn in_flight(&self) -> u64 {
+        lock(&self.shared.flight).len() as u64
+    }
+
     /// The capacity window the controller opens around a refresh.
     pub fn window(&self) -> Window {
         Window {
@@ -284,7 +284,9 @@ impl Episodes {
         let why = loop {
             let activity = *self.rx.borrow_and_update();
             let last = activity.last.max(first);
-            let in_flight = activity.in_flight > 0;
+            // The set, not the published count: blocks given up on below are gone from it
+            // at once, before the tracker publishes again.
+            let in_flight = self.in_flight() > 0;
             waited_in_flight |= in_flight;
             let bound = first
                 + if waited_in_flight {
@@ -310,11 +312,10 @@ impl Episodes {
             }
         };
         let activity = *self.rx.borrow();
+        let blocks_pending = self.in_flight();
         if why == Settled::InFlightStalled {
             // Nobody is onlining them: later episodes must not wait for them again.
-            let mut flight = lock(&self.shared.flight);
-            flight.clear();
-            self.shared.publish_flight(&flight, false, false);
+            lock(&self.shared.flight).clear();
         }
         let events = activity.count - self.consumed;
         self.consumed = activity.count;
@@ -327,7 +328,7 @@ impl Episodes {
             bounded: why == Settled::MaxWait,
             why,
             blocks_added,
-            blocks_pending: activity.in_flight,
+            blocks_pending,
             waited_in_flight,
         })
     }
@@ -664,7 +665,8 @@ mod tests {
         let start = Instant::now();
         let ep = episodes.next().await.unwrap();
         assert_eq!((ep.why, ep.blocks_pending), (Settled::Quiet, 0));
-        assert_eq!(ep.settled - start, SETTLE - Duration::from_millis(50));
+        // Quiet is counted from the later of the last event and the start of the wait.
+        assert_eq!(ep.settled - start, SETTLE);
     }
 
     /// Blocks keep arriving and never all get online: the generous bound cuts it.
@@ -695,11 +697,13 @@ mod tests {
     async fn two_bursts_separated_by_quiet_are_two_episodes() {
         let (tracker, episodes) = Tracker::new();
         let mut episodes = episodes.with(timing());
-        let task = tokio::spawn(async move {
-            let a = episodes.next().await.unwrap();
-            let b = episodes.next().await.unwrap();
-            (a, b)
+        let (tx, mut settled) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(ep) = episodes.next().await {
+                let _ = tx.send(ep);
+            }
         });
+        let mut got = Vec::new();
         for burst in 0..2u32 {
             for n in 0..16 {
                 tracker.observe(&block(Action::Add, burst * 16 + n, mem(0)));
@@ -708,11 +712,13 @@ mod tests {
                 advance(10).await;
                 tracker.observe(&block(Action::Online, burst * 16 + n, mem(1)));
             }
-            advance(1000).await;
+            // The quiet between the bursts: the first settles before the second begins.
+            got.push(settled.recv().await.unwrap());
         }
-        let (a, b) = task.await.unwrap();
+        let (a, b) = (got[0], got[1]);
         assert_eq!((a.blocks_added, b.blocks_added), (16, 16));
         assert_eq!((a.events, b.events), (32, 32));
+        assert!(b.first > a.settled);
     }
 
     #[tokio::test(start_paused = true)]
