@@ -166,6 +166,11 @@ struct Options {
     guard: Option<GuardConfig>,
     /// The agent reaches the API through a [`Proxy`] that can hang.
     proxy: bool,
+    /// The refresh command instead of restarting the stand-in, and its timeout.
+    refresh: Option<(Vec<String>, Duration)>,
+    verify_timeout: Option<Duration>,
+    /// The kubelet's CPU manager checkpoint, in its root dir.
+    cpu_manager_state: Option<&'static str>,
 }
 
 /// A TCP proxy in front of the fake API that can hang: frozen, it accepts connections and
@@ -258,7 +263,15 @@ impl Harness {
             Some(g) => format!("{restart} && read line < '{}'", g.fifo.display()),
             None => restart,
         };
-        let argv = vec!["/bin/sh".to_owned(), "-c".to_owned(), script];
+        let mut command = CommandConfig::new(vec!["/bin/sh".to_owned(), "-c".to_owned(), script]);
+        if let Some((argv, timeout)) = options.refresh {
+            command.argv = argv;
+            command.timeout = timeout;
+        }
+        if let Some(state) = options.cpu_manager_state {
+            fs::write(cluster.path("kubelet-root/cpu_manager_state"), state)
+                .expect("writing the checkpoint");
+        }
         let config = run::Config {
             pipeline: pipeline::Config {
                 root: machine.root().to_owned(),
@@ -268,9 +281,9 @@ impl Harness {
             },
             timing,
             node_name: NODE.into(),
-            backend: Backend::Command(CommandConfig::new(argv)),
+            backend: Backend::Command(command),
             guard: options.guard.unwrap_or_default(),
-            verify_timeout: VERIFY_TIMEOUT,
+            verify_timeout: options.verify_timeout.unwrap_or(VERIFY_TIMEOUT),
             api_timeout: API_TIMEOUT,
             kubelet_root: cluster.path("kubelet-root").into(),
             static_policy: StaticPolicy::Refuse,
@@ -735,4 +748,146 @@ fn a_pipeline_that_stops_ends_the_agent_with_an_error() {
         .expect("no panic");
     let err = result.expect_err("the controller must fail");
     assert!(err.contains("the event pipeline stopped"), "{err}");
+}
+
+impl Harness {
+    /// Waits until the agent's condition on the Node has this status and reason.
+    fn wait_condition(&self, status: &str, reason: &str) {
+        self.cluster
+            .rt
+            .block_on(self.cluster.api.wait_node(NODE, CONVERGE, |n| {
+                n["status"]["conditions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|c| {
+                        c["type"] == hotplug_agent::node::CONDITION
+                            && c["status"] == status
+                            && c["reason"] == reason
+                    })
+            }));
+    }
+
+    /// The Events posted for the Node with this reason.
+    fn events(&self, reason: &str) -> Vec<Value> {
+        self.cluster
+            .api
+            .events()
+            .into_iter()
+            .filter(|e| e["reason"] == reason)
+            .collect()
+    }
+
+    fn cpu1_offline(&self) {
+        let base = self.machine.summary();
+        let one_cpu = Summary {
+            cpus_online: 1,
+            ..base
+        };
+        self.change(Kind::Cpu, Action::Offline, "cpu1", one_cpu);
+    }
+}
+
+/// A refresh that fails: recorded with the command's exit, a Warning Event, the condition
+/// says RefreshFailed, and the kubelet is left as it was.
+#[test]
+fn a_failing_refresh_is_recorded_warned_and_set_on_the_node() {
+    let mut h = Harness::start_with(Options {
+        refresh: Some((vec!["/bin/false".into()], Duration::from_secs(10))),
+        ..Options::default()
+    });
+    h.cpu1_offline();
+    let failed = h.wait_for("refresh failed", |r| {
+        r["kind"] == "refresh" && r["action"] == "failed"
+    });
+    assert!(
+        failed["message"].as_str().unwrap_or("").contains("exit"),
+        "{failed}"
+    );
+    h.cluster
+        .rt
+        .block_on(h.cluster.api.wait_event(CONVERGE, |e| {
+            e["reason"] == "KubeletRefreshFailed" && e["type"] == "Warning"
+        }));
+    h.wait_condition("True", "RefreshFailed");
+    assert_eq!(h.cluster.kubelet.restarts(), 1);
+}
+
+/// A refresh that hangs is ended at its timeout and recorded as failed.
+#[test]
+fn a_hanging_refresh_is_ended_at_its_timeout() {
+    let mut h = Harness::start_with(Options {
+        refresh: Some((
+            vec!["/bin/sleep".into(), "600".into()],
+            Duration::from_secs(1),
+        )),
+        ..Options::default()
+    });
+    h.cpu1_offline();
+    let started = h.wait_for("refresh started", |r| r["action"] == "started");
+    assert_eq!(started["backend"], "command");
+    let t = Instant::now();
+    let failed = h.wait_for("refresh failed", |r| {
+        r["kind"] == "refresh" && r["action"] == "failed"
+    });
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(5), "ended after {took:?}");
+    let message = failed["message"].as_str().unwrap_or("");
+    assert!(
+        message.contains("1s") || message.contains("time"),
+        "{failed}"
+    );
+}
+
+/// A refresh that "works" but the kubelet never picks anything up: verify times out at
+/// its deadline with a Warning Event and the condition RefreshNotConverged.
+#[test]
+fn a_node_that_never_converges_times_out_verify() {
+    let mut h = Harness::start_with(Options {
+        refresh: Some((vec!["/bin/true".into()], Duration::from_secs(10))),
+        verify_timeout: Some(Duration::from_secs(2)),
+        ..Options::default()
+    });
+    h.cpu1_offline();
+    h.wait_for("refresh succeeded", |r| r["action"] == "succeeded");
+    let t = Instant::now();
+    let timeout = h.wait_for("verify timeout", |r| {
+        r["kind"] == "verify" && r["action"] == "timeout"
+    });
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(6),
+        "timed out after {took:?}: {timeout}"
+    );
+    h.cluster
+        .rt
+        .block_on(h.cluster.api.wait_event(CONVERGE, |e| {
+            e["reason"] == "CapacityNotConverged" && e["type"] == "Warning"
+        }));
+    h.wait_condition("True", "RefreshNotConverged");
+    assert!(h.events("CapacityConverged").is_empty());
+}
+
+/// A static CPU manager whose checkpoint no longer matches the machine: with the default
+/// policy (`refuse`) the kubelet is not restarted (it would crash-loop); a Warning says
+/// what to do and the condition names the checkpoint.
+#[test]
+fn a_static_cpu_manager_checkpoint_blocks_the_restart() {
+    let mut h = Harness::start_with(Options {
+        cpu_manager_state: Some(r#"{"policyName":"static","defaultCpuSet":"0-1","checksum":0}"#),
+        ..Options::default()
+    });
+    h.cpu1_offline();
+    let skipped = h.wait_for("refresh skipped", |r| {
+        r["kind"] == "refresh" && r["action"] == "skipped"
+    });
+    assert_eq!(skipped["reason"], "static_policy", "{skipped}");
+    h.cluster
+        .rt
+        .block_on(h.cluster.api.wait_event(CONVERGE, |e| {
+            e["reason"] == "StaticPolicyBlocksRefresh" && e["type"] == "Warning"
+        }));
+    h.wait_condition("True", "StaticPolicyCheckpoint");
+    assert_eq!(h.cluster.kubelet.restarts(), 1, "log:\n{}", h.log());
+    assert!(h.records("refresh", "started").is_empty());
 }
