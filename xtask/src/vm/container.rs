@@ -120,9 +120,14 @@ pub(super) fn run_group(
         return;
     }
     let mut host: Option<Host> = None;
+    // Without the image no pod can run: the overlays then fail at once, saying why.
+    let mut no_image: Option<String> = None;
     for &&Scenario { name, test, run } in group {
         let t = Instant::now();
         let result = (|| {
+            if let Some(why) = &no_image {
+                anyhow::bail!("no image: {why}");
+            }
             if host.is_none() {
                 host = Some(Host::boot(vm_dir, bins, &mut out.figures)?);
             }
@@ -142,6 +147,9 @@ pub(super) fn run_group(
                     "test {test} ... FAILED ({:.1} s)",
                     t.elapsed().as_secs_f64()
                 );
+                if test == SCENARIOS[0].test || host.as_ref().is_some_and(|h| h.image.is_none()) {
+                    no_image.get_or_insert_with(|| format!("{e:#}"));
+                }
                 let diag = host.as_mut().map(Host::diagnostics).unwrap_or_default();
                 out.failures.push((test, format!("{name}: {e:#}\n{diag}")));
                 // The guest's state is unknown now: the next scenario boots a fresh one.

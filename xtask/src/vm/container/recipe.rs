@@ -254,22 +254,32 @@ impl Recipe {
 /// the build time when it was built now.
 pub fn build_base(recipe: &Recipe, dir: &Path) -> anyhow::Result<(PathBuf, Option<Duration>)> {
     let tar = dir.join(format!("{}.tar", recipe.base_key()));
-    if tar.exists() {
+    if tar.is_file() {
         return Ok((tar, None));
     }
     if process::which("mmdebstrap").is_none() {
         bail!("mmdebstrap not found (Debian package mmdebstrap; `cargo xtask setup` installs it)");
     }
     fs::create_dir_all(dir)?;
-    let tmp = tar.with_extension(format!("tmp-{}", std::process::id()));
+    // mmdebstrap picks its output format from the name: keep `.tar` at the end.
+    let tmp = dir.join(format!(
+        "{}.tmp-{}.tar",
+        recipe.base_key(),
+        std::process::id()
+    ));
     let t = Instant::now();
     let mut cmd = Command::new("mmdebstrap");
-    cmd.args(["--variant=minbase", "--mode=root", "--quiet"])
-        // /usr merged by a hook, not by the usrmerge package (which pulls in perl):
-        // what the -slim images have.
-        .arg("--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr")
-        // The Dockerfile's --no-install-recommends.
-        .arg("--aptopt=APT::Install-Recommends \"false\"");
+    cmd.args([
+        "--variant=minbase",
+        "--mode=root",
+        "--format=tar",
+        "--quiet",
+    ])
+    // /usr merged by a hook, not by the usrmerge package (which pulls in perl):
+    // what the -slim images have.
+    .arg("--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr")
+    // The Dockerfile's --no-install-recommends.
+    .arg("--aptopt=APT::Install-Recommends \"false\"");
     for exclude in SLIM_EXCLUDES {
         cmd.arg(format!("--dpkgopt={exclude}"));
     }
