@@ -3,7 +3,9 @@
 //!
 //! What it guards against, because any local user can connect (issue: hostile input):
 //! - too many connections: at most [`Limits::max_connections`] per listener; the excess is
-//!   answered `503` without a task or a read, and closed;
+//!   answered `503` and closed (as many again get the 503 written, their request read
+//!   and dropped within a second, so that the close is no reset; beyond those, the 503
+//!   is written if it fits and the connection closed at once);
 //! - a client that never finishes its request head (slowloris) or sits idle between
 //!   requests: hyper's header read timeout closes it;
 //! - a client that stops reading: a write that makes no progress for
@@ -123,6 +125,9 @@ pub async fn serve<L: Listen>(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    // Refusals answered properly (503, then the request read and dropped, so that the
+    // close is not a reset that hides the 503); beyond these, a best-effort write and close.
+    let refusals = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     // Connections watch this to shut down gracefully.
     let (closing_tx, closing_rx) = watch::channel(false);
     let mut backoff = BACKOFF_MIN;
@@ -158,7 +163,15 @@ pub async fn serve<L: Listen>(
                             );
                             refusing = true;
                         }
-                        L::try_write(&io, BUSY);
+                        match refusals.clone().try_acquire_owned() {
+                            Ok(permit) => {
+                                tokio::spawn(async move {
+                                    refuse(io).await;
+                                    drop(permit);
+                                });
+                            }
+                            Err(_) => L::try_write(&io, BUSY),
+                        }
                     }
                 }
             }
@@ -186,6 +199,19 @@ pub async fn serve<L: Listen>(
     // Every permit back: every connection has ended.
     let all = u32::try_from(limits.max_connections.max(1)).unwrap_or(u32::MAX);
     let _ = tokio::time::timeout(limits.grace, permits.acquire_many(all)).await;
+}
+
+/// Answers 503 to a connection over the limit, within a second at most.
+async fn refuse<I: AsyncRead + AsyncWrite + Unpin>(mut io: I) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        io.write_all(BUSY).await?;
+        io.shutdown().await?;
+        let mut sink = [0u8; 1024];
+        while io.read(&mut sink).await? > 0 {}
+        Ok::<_, io::Error>(())
+    })
+    .await;
 }
 
 /// Completes when `shutdown` says true; never, if its sender is gone without saying it.
