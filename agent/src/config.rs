@@ -80,20 +80,20 @@ fn config_path(argv: &[OsString]) -> Option<PathBuf> {
 pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 /// Reads a config file into `key -> [flag values]`; `None` for a `false` switch.
-fn read_file(path: &PathBuf) -> Result<BTreeMap<String, Option<Vec<String>>>, ConfigError> {
+fn read_file(path: &std::path::Path) -> Result<BTreeMap<String, Option<Vec<String>>>, ConfigError> {
     // A FIFO or /dev/zero given as --config is refused at once, not read forever.
     let text =
         crate::files::read_regular_text(path, MAX_CONFIG_BYTES).map_err(ConfigError::Read)?;
     let table: toml::Table = text
         .parse()
         .map_err(|e: toml::de::Error| ConfigError::Toml {
-            path: path.clone(),
+            path: path.to_path_buf(),
             message: e.to_string(),
         })?;
     let mut out = BTreeMap::new();
     for (key, value) in table {
         let bad = |message: &str| ConfigError::BadValue {
-            path: path.clone(),
+            path: path.to_path_buf(),
             key: key.clone(),
             message: message.into(),
         };
