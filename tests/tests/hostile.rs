@@ -100,7 +100,7 @@ fn durations_that_would_overflow_a_deadline_are_refused_by_name() {
 
 #[test]
 fn a_receive_buffer_the_kernel_would_shrink_silently_is_refused() {
-    for value in ["0", "1", "18446744073709551615"] {
+    for value in ["0", "18446744073709551615"] {
         refused(&["watch", "--uevent-rcvbuf", value], &["--uevent-rcvbuf"]);
     }
 }
