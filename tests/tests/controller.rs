@@ -411,10 +411,14 @@ impl Harness {
                     && adv.cpu_millis == Some(u64::from(want.cpus_online) * 1000)
             }));
         drop(node);
-        // Whatever the agent was doing when the Node got there is finished and said.
-        while let Ok(r) = self.lines.recv_timeout(Duration::from_millis(500)) {
-            self.seen.push(r);
-        }
+        // And the agent said so: its verify of the final machine.
+        self.wait_for("the agent's verify of the final machine", |r| {
+            r["kind"] == "verify"
+                && r["action"] == "converged"
+                && r.get("reason").is_none()
+                && r["advertised_after"]["memory_bytes"] == want.memory_bytes
+                && r["advertised_after"]["cpu_millis"] == u64::from(want.cpus_online) * 1000
+        });
     }
 
     fn records(&self, kind: &str, action: &str) -> Vec<&Value> {
@@ -551,11 +555,12 @@ fn second_change_at(point: Point) {
     if point == Point::KubeletRestarted {
         // The kubelet read the machine before cpu1 left: verify accepted that, said so,
         // and the next episode restarted it again.
-        let moved = h
-            .records("verify", "converged")
-            .into_iter()
-            .any(|r| r["episode"] == 1 && r["reason"] == "machine_moved");
-        assert!(moved, "no `machine_moved` convergence; log:\n{log}");
+        h.wait_for("episode 1 converged on what the kubelet read", |r| {
+            r["episode"] == 1
+                && r["kind"] == "verify"
+                && r["action"] == "converged"
+                && r["reason"] == "machine_moved"
+        });
         assert_eq!(restarts, 2, "log:\n{log}");
     }
     eprintln!("{point:?}: converged in {took:?} with {restarts} restart(s)");
