@@ -137,11 +137,11 @@ impl Gate {
             if opened.recv().is_err() {
                 return;
             }
-            // Each open(O_WRONLY) waits for the next refresh's reader.
+            // Each open(O_WRONLY) waits for the next refresh's reader. A write can meet
+            // the previous reader on its way out (EPIPE): that reader is done, so go on
+            // and wait for the next one rather than leave it stuck.
             while let Ok(mut f) = fs::OpenOptions::new().write(true).open(&path) {
-                if f.write_all(b"go\n").is_err() {
-                    return;
-                }
+                let _ = f.write_all(b"go\n");
             }
         });
         Self {
