@@ -150,7 +150,9 @@ pub async fn control(
                 Err(e) => format!("the record pump failed: {}", panic_text(e)),
             },
             r = control => match r {
-                Ok(()) => "the controller stopped".to_owned(),
+                // It returns only when its episodes end, i.e. when the pump (and so the
+                // pipeline) has; which of the two is noticed first is a race.
+                Ok(()) => "the event pipeline stopped".to_owned(),
                 Err(e) => format!("the controller failed: {}", panic_text(e)),
             },
         };
