@@ -5,44 +5,9 @@
 //!
 //! The real binary against the fake API server and the kubelet stand-in (tests/src). No
 //! root needed: eBPF is off and nothing on the machine changes.
-use std::{
-    io::{Read, Write},
-    net::{TcpListener, TcpStream},
-    process::Command,
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
-use hotplug_tests::{Agent, agent_bin, cluster::Cluster};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// `GET path` on loopback: (status, body).
-fn get(addr: &str, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
+use hotplug_tests::{Agent, agent_bin, cluster::Cluster, free_port, http_get};
 
 #[test]
 fn a_missing_kubeconfig_runs_report_only_and_is_picked_up_when_it_appears() {
@@ -87,7 +52,7 @@ fn a_missing_kubeconfig_runs_report_only_and_is_picked_up_when_it_appears() {
         "says exactly what is wrong: {down}"
     );
     // Running, not ready, and saying why.
-    let (status, body) = get(&addr, "/readyz");
+    let (status, body) = http_get(&addr, "/readyz");
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("unreachable"), "{body}");
 
@@ -102,7 +67,7 @@ fn a_missing_kubeconfig_runs_report_only_and_is_picked_up_when_it_appears() {
     agent.wait_for("in_sync", Duration::from_secs(15), |v| {
         v["kind"] == "reconcile" && v["action"] == "in_sync"
     });
-    let (status, body) = get(&addr, "/readyz");
+    let (status, body) = http_get(&addr, "/readyz");
     assert_eq!(status, 200, "{body}");
     let unreachable = agent
         .seen

@@ -1,42 +1,13 @@
 //! Running it in production, as root on this machine: `/metrics` and `/readyz` follow real
 //! hotplug, `hotplug-agent events` reads the live stream of a running agent, the log file
 //! sink gets the same records, and bad configuration is rejected at start-up.
-use std::{io::Read, net::TcpListener, process::Command, time::Duration};
+use std::{io::Read, process::Command, time::Duration};
 
-use hotplug_tests::{Agent, CpuOffline, MachineLock, agent_bin, can_change_machine, is_event};
+use hotplug_tests::{
+    Agent, CpuOffline, MachineLock, agent_bin, can_change_machine, free_port, http_get, is_event,
+};
 
 const WAIT: Duration = Duration::from_secs(10);
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A plain HTTP GET on loopback; returns (status, body).
-fn get(addr: &str, path: &str) -> (u16, String) {
-    use std::io::Write;
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
 
 fn metric(body: &str, line_start: &str) -> Option<f64> {
     body.lines()
@@ -70,10 +41,10 @@ fn metrics_stream_and_file_follow_real_hotplug() {
         log.to_str().unwrap(),
     ]);
     agent.wait_for("start-up reconcile", WAIT, |v| v["kind"] == "reconcile");
-    let (status, body) = get(&addr, "/readyz");
+    let (status, body) = http_get(&addr, "/readyz");
     assert_eq!(status, 200, "{body}");
-    assert_eq!(get(&addr, "/healthz").0, 200);
-    let (_, before) = get(&addr, "/metrics");
+    assert_eq!(http_get(&addr, "/healthz").0, 200);
+    let (_, before) = http_get(&addr, "/metrics");
     let key = r#"hotplug_agent_events_total{source="uevent",kind="cpu",action="offline"}"#;
     assert_eq!(metric(&before, key), None, "no CPU went offline yet");
     assert!(
@@ -95,7 +66,7 @@ fn metrics_stream_and_file_follow_real_hotplug() {
     agent.wait_for("uevent offline", WAIT, |v| {
         is_event(v, "uevent", "cpu", "offline", Some(&dev))
     });
-    let (_, after) = get(&addr, "/metrics");
+    let (_, after) = http_get(&addr, "/metrics");
     assert_eq!(metric(&after, key), Some(1.0), "{after}");
     let cpus_before = metric(&before, r#"hotplug_agent_machine_capacity{resource="cpu"}"#).unwrap();
     assert_eq!(
@@ -326,7 +297,7 @@ fn idle_connections_and_hung_up_followers_cost_the_agent_nothing() {
     args.push(socket.to_str().unwrap());
     let (agent, _ready) = Agent::start(&args);
     let pid = agent.pid();
-    assert_eq!(get(&addr, "/healthz").0, 200);
+    assert_eq!(http_get(&addr, "/healthz").0, 200);
     let (fd0, rss0) = (fds(pid), rss_kib(pid));
 
     // 1,000 connections to the metrics port that never send a byte.
@@ -347,7 +318,7 @@ fn idle_connections_and_hung_up_followers_cost_the_agent_nothing() {
         Duration::from_secs(30),
         || fds(pid) <= fd0 + 1,
     );
-    assert_eq!(get(&addr, "/healthz").0, 200);
+    assert_eq!(http_get(&addr, "/healthz").0, 200);
     drop(idle);
 
     // 1,000 followers whose filter matches nothing, each hanging up after its 200.
@@ -406,7 +377,7 @@ fn accept_failing_for_want_of_descriptors_backs_off_instead_of_spinning() {
     args.extend(["--metrics-addr", &addr, "--stream-socket", "off"]);
     let (agent, _ready) = Agent::start_with(cmd, &args);
     let pid = agent.pid();
-    assert_eq!(get(&addr, "/healthz").0, 200);
+    assert_eq!(http_get(&addr, "/healthz").0, 200);
     // More connections than the agent has descriptors: accept fails with EMFILE while
     // the rest wait in the backlog.
     let held: Vec<std::net::TcpStream> = (0..40)
@@ -427,7 +398,7 @@ fn accept_failing_for_want_of_descriptors_backs_off_instead_of_spinning() {
     // Descriptors come back: it accepts again, and says so.
     drop(held);
     until("/healthz answers again", Duration::from_secs(15), || {
-        std::net::TcpStream::connect(&addr).is_ok() && get(&addr, "/healthz").0 == 200
+        std::net::TcpStream::connect(&addr).is_ok() && http_get(&addr, "/healthz").0 == 200
     });
     until("it says it accepts again", WAIT, || {
         agent.stderr().contains("accepting connections again")
@@ -585,14 +556,14 @@ fn a_stdout_nobody_reads_does_not_stop_the_agent() {
             is_event(v, "uevent", "cpu", "online", Some(&dev))
         }) + 1;
     }
-    let (_, metrics) = get(&addr, "/metrics");
+    let (_, metrics) = http_get(&addr, "/metrics");
     let lost = metric(
         &metrics,
         r#"hotplug_agent_output_lost_records_total{output="stdout"}"#,
     )
     .unwrap_or(0.0) as u64;
     assert!(lost > 0, "stdout never filled up:\n{metrics}");
-    assert_eq!(get(&addr, "/healthz").0, 200);
+    assert_eq!(http_get(&addr, "/healthz").0, 200);
 
     // Someone reads stdout again: what it held, then the loss record, which the stream
     // carries too.
