@@ -179,19 +179,25 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        // `quit` over QMP is the clean way; killing is as good for a throw-away guest.
-        let _ = self.qmp.execute("quit", serde_json::json!({}));
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop(&mut self.qmp, &mut self.child);
         let _ = fs::remove_dir_all(&self.sock_dir);
     }
+}
+
+/// Ends a guest: `quit` over QMP is the clean way, and QEMU gets 5 s to exit; then it is
+/// killed (by its own child handle), which is as good for a throw-away guest. Both guest
+/// kinds (this initramfs one and the systemd one) end this way.
+pub fn stop(qmp: &mut Qmp, child: &mut Child) {
+    let _ = qmp.execute("quit", serde_json::json!({}));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// `/tmp/hotplug-vm-PID-N`, fresh.

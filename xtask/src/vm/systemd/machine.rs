@@ -25,7 +25,7 @@ use crate::{
     process,
     vm::{
         guest::{Records, Shell},
-        qemu::tail,
+        qemu::{self, tail},
         qmp::Qmp,
     },
 };
@@ -322,16 +322,7 @@ impl Machine {
 
 impl Drop for Machine {
     fn drop(&mut self) {
-        let _ = self.qmp.execute("quit", serde_json::json!({}));
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        qemu::stop(&mut self.qmp, &mut self.child);
         let _ = fs::remove_dir_all(&self.sock_dir);
         // The overlay is as large as what the guest wrote; the logs stay.
         let _ = fs::remove_file(self.log_dir.join("overlay.qcow2"));
