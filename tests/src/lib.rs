@@ -249,6 +249,33 @@ impl BlocksOffline {
         guard
     }
 
+    /// Finds up to `n` blocks that can go offline and puts them back online at once: they
+    /// come back empty, so [`BlocksOffline::take_these`] can offline them back to back.
+    /// (Finding them is slow on a machine whose memory is in use: each refused block can
+    /// take seconds to refuse, longer than an episode's settle window.)
+    pub fn rehearse(n: usize) -> Vec<u32> {
+        let mut probe = Self::take(n);
+        let ids = probe.blocks.clone();
+        probe.restore();
+        ids
+    }
+
+    /// Offlines the blocks `ids`, in order, skipping any the kernel now refuses.
+    pub fn take_these(ids: &[u32]) -> Self {
+        let mut guard = Self { blocks: Vec::new() };
+        for &id in ids {
+            if write_sysfs(
+                &PathBuf::from(format!("{MEM_DIR}/memory{id}/state")),
+                "offline",
+            )
+            .is_ok()
+            {
+                guard.blocks.push(id);
+            }
+        }
+        guard
+    }
+
     /// Puts every block back online now.
     pub fn restore(&mut self) {
         for id in self.blocks.drain(..) {

@@ -741,12 +741,13 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
-        // The stream had everything; stdout holds its queue (8, and maybe one batch in
-        // the writer's hands), the rest is counted.
+        // The stream had everything; stdout holds its queue (8) plus at most one batch
+        // in the writer's hands (the writer takes whatever was queued when it woke: 0 to
+        // 8 lines, depending on when its thread ran), the rest is counted.
         let (all, _) = hub.subscribe(&crate::report::stream::Query::parse("replay=all").unwrap());
         assert_eq!(all.len(), 100);
         let lost = lost_metric(&metrics, "stdout");
-        assert!((91..=92).contains(&lost), "{lost}");
+        assert!((100 - 16..=100 - 8).contains(&lost), "{lost}");
         // The reader moves again: what was queued arrives, then the loss record, everywhere.
         gate.open();
         until_note(&mut sinks, &gate, |l| {
