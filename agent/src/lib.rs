@@ -27,12 +27,17 @@
 //! - [`status`]: the snapshot and which probes can attach; `hotplug-agent status`.
 //! - [`config`]: TOML file, environment and flags, in that order of precedence.
 //! - [`files`]: reading the small files the agent is pointed at, without trusting the path.
+//! - [`cli`]: the command line; [`app`]: what each command wires together.
+//! - [`error`]: why `watch` or `run` ended.
 //! - [`telemetry`]: diagnostics (tracing) on stderr, never mixed with the event log.
+pub mod app;
 pub mod auto_online;
 pub mod capacity;
 pub mod checkpoint;
+pub mod cli;
 pub mod config;
 pub mod episode;
+pub mod error;
 pub mod events;
 pub mod files;
 pub mod kube_client;

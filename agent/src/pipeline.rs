@@ -35,6 +35,24 @@ pub enum Rescan {
     Every(Duration),
 }
 
+impl Rescan {
+    /// `auto`, `off` (or `0`), or a number of seconds: the `--rescan-interval` value.
+    pub fn parse(s: &str) -> Result<Self, BadRescan> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "off" | "0" => Ok(Self::Off),
+            secs => secs
+                .parse::<u64>()
+                .map(|n| Self::Every(Duration::from_secs(n)))
+                .map_err(|_| BadRescan(s.to_owned())),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?}: expected auto, off, or a number of seconds")]
+pub struct BadRescan(String);
+
 pub const DEFAULT_RESCAN: Duration = Duration::from_secs(60);
 /// 128 MiB: a burst of 1,152 memory uevents arrived whole with this (DESIGN.md).
 pub const DEFAULT_UEVENT_RCVBUF: usize = 128 << 20;

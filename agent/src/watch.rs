@@ -2,25 +2,18 @@
 use std::future::Future;
 
 use crate::{
+    error::RunError,
     pipeline::{self, Pipeline},
     record::Record,
     report::sinks::{Sinks, drain},
 };
-
-#[derive(Debug, thiserror::Error)]
-pub enum WatchError {
-    #[error(transparent)]
-    Start(#[from] pipeline::StartError),
-    #[error("writing the event log")]
-    Write(#[source] std::io::Error),
-}
 
 /// Runs until `shutdown` completes or the output goes away (a closed pipe ends quietly).
 pub async fn run(
     config: pipeline::Config,
     sinks: &mut Sinks<'_>,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), WatchError> {
+) -> Result<(), RunError> {
     let Pipeline {
         ready, mut records, ..
     } = pipeline::start(config).await?;
@@ -32,5 +25,5 @@ pub async fn run(
         || {},
     )
     .await
-    .map_err(WatchError::Write)
+    .map_err(RunError::Write)
 }

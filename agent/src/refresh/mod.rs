@@ -29,14 +29,41 @@ pub enum Backend {
     None,
 }
 
-impl Backend {
-    /// `"systemd"`, `"command"` or `"none"`: the `--refresh` value and the event log's name.
-    pub fn name(&self) -> &'static str {
+/// Which way the kubelet is made to re-read the machine: the `--refresh` value, and the
+/// event log's `backend` name. One type for both, so the two cannot drift apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Kind {
+    /// RestartUnit of the kubelet's unit over the system D-Bus.
+    Systemd,
+    /// Run `--refresh-command`.
+    Command,
+    /// Report only.
+    None,
+}
+
+impl Kind {
+    /// `"systemd"`, `"command"` or `"none"`.
+    pub fn name(self) -> &'static str {
         match self {
-            Self::Systemd(_) => "systemd",
-            Self::Command(_) => "command",
+            Self::Systemd => "systemd",
+            Self::Command => "command",
             Self::None => "none",
         }
+    }
+}
+
+impl Backend {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Self::Systemd(_) => Kind::Systemd,
+            Self::Command(_) => Kind::Command,
+            Self::None => Kind::None,
+        }
+    }
+
+    /// The `--refresh` value and the event log's name.
+    pub fn name(&self) -> &'static str {
+        self.kind().name()
     }
 
     /// How long one refresh action may take; `None` for the `none` backend.

@@ -72,17 +72,7 @@ impl Config {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error(transparent)]
-    Start(#[from] pipeline::StartError),
-    #[error("writing the event log")]
-    Write(#[source] std::io::Error),
-    /// A task the agent cannot run without ended: the process must end non-zero, so that
-    /// systemd or the kubelet restarts it, rather than stay "ready" and do nothing.
-    #[error("{0}")]
-    Fault(String),
-}
+pub use crate::error::{Fault, RunError};
 
 /// Runs until `shutdown` completes. `client` is `None` where no cluster is configured:
 /// episodes are still recorded and reconcile says it has nothing to compare with.
@@ -142,18 +132,18 @@ pub async fn control(
     let tasks = [pump.abort_handle(), control.abort_handle()];
     // Either task ending on its own is a fault: the pipeline's records stopped (its task
     // panicked), or the controller panicked. Stop, with the `stopped` record, and fail.
-    let (fault_tx, fault_rx) = tokio::sync::oneshot::channel::<String>();
+    let (fault_tx, fault_rx) = tokio::sync::oneshot::channel::<Fault>();
     let watch_faults = tokio::spawn(async move {
         let fault = tokio::select! {
             r = pump => match r {
-                Ok(()) => "the event pipeline stopped".to_owned(),
-                Err(e) => format!("the record pump failed: {}", panic_text(e)),
+                Ok(()) => Fault::PipelineStopped,
+                Err(e) => Fault::Pump(panic_text(e)),
             },
             r = control => match r {
                 // It returns only when its episodes end, i.e. when the pump (and so the
                 // pipeline) has; which of the two is noticed first is a race.
-                Ok(()) => "the event pipeline stopped".to_owned(),
-                Err(e) => format!("the controller failed: {}", panic_text(e)),
+                Ok(()) => Fault::PipelineStopped,
+                Err(e) => Fault::Controller(panic_text(e)),
             },
         };
         tracing::error!("{fault}; stopping");
@@ -173,7 +163,7 @@ pub async fn control(
     }
     result.map_err(RunError::Write)?;
     match fault {
-        Some(f) => Err(RunError::Fault(f)),
+        Some(f) => Err(f.into()),
         None => Ok(()),
     }
 }

@@ -1,0 +1,345 @@
+//! What each command wires together: sources, sinks, listeners, the kube client and the
+//! controller. `main` parses the command line ([`crate::cli`]) and calls [`main`].
+use std::{
+    io::{self, IsTerminal},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use crate::{
+    cli::{Cli, Command, EventsArgs, RunArgs},
+    episode,
+    error::RunError,
+    events, kube_client,
+    pipeline::InvalidSetting,
+    refresh::{self, command::CommandParseError},
+    report::{
+        Format,
+        metrics::{self, Metrics},
+        sinks::{self, FileSink, Sinks, StdoutGone},
+        stream::{self, Hub, SocketError},
+    },
+    run, sources, status, watch,
+};
+
+/// Why a command could not start, or ended with an error. Each says what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("starting the tokio runtime")]
+    Runtime(#[source] io::Error),
+    #[error(transparent)]
+    Setting(#[from] InvalidSetting),
+    #[error("--refresh command needs --refresh-command 'PROGRAM ARG...'")]
+    NoRefreshCommand,
+    #[error("{flag} {line:?}")]
+    CommandLine {
+        flag: &'static str,
+        line: String,
+        #[source]
+        source: CommandParseError,
+    },
+    #[error("reading the hostname (set --node-name or NODE_NAME)")]
+    Hostname(#[source] io::Error),
+    #[error("starting the {0} writer")]
+    Output(&'static str, #[source] io::Error),
+    #[error("opening the log file {path}")]
+    LogFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("serving {what} on {addr}")]
+    Listen {
+        what: &'static str,
+        addr: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("serving the event stream")]
+    StreamSocket(#[from] SocketError),
+    #[error("hotplug-agent {0}")]
+    Run(&'static str, #[source] RunError),
+    #[error("hotplug-agent events")]
+    Events(#[source] events::EventsError),
+    #[error("reading the machine's capacity")]
+    Status(#[source] crate::capacity::CapacityError),
+    #[error("writing the {0}")]
+    Write(&'static str, #[source] io::Error),
+    #[error("hotplug-agent config")]
+    Describe(#[from] crate::cli::DescribeError),
+}
+
+/// Runs the command `cli` asks for, to its end.
+pub fn main(cli: Cli) -> Result<(), AppError> {
+    if let Command::Config { run_args } = cli.command {
+        print!("{}", crate::cli::describe_run(run_args)?);
+        return Ok(());
+    }
+    crate::telemetry::init();
+    // One thread: the agent's work is waiting; blocking work has threads of its own.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(AppError::Runtime)?;
+    match cli.command {
+        Command::Watch(args) => {
+            let format = args.format.unwrap_or(if io::stdout().is_terminal() {
+                Format::Text
+            } else {
+                Format::Json
+            });
+            let config = args.sources.pipeline();
+            config.validate()?;
+            let mut sinks = Sinks::stdout(format, sinks::DEFAULT_QUEUE, StdoutGone::End)
+                .map_err(|e| AppError::Output("event log", e))?;
+            runtime
+                .block_on(watch::run(config, &mut sinks, shutdown_signal()))
+                .map_err(|e| AppError::Run("watch", e))
+        }
+        Command::Run(args) => runtime.block_on(run_command(*args)),
+        Command::Events(args) => runtime.block_on(events_command(args)),
+        Command::Config { .. } => unreachable!("handled before the runtime starts"),
+        Command::Status {
+            format,
+            every_method,
+            root,
+        } => {
+            let status = runtime
+                .block_on(async { status::collect(&root, every_method) })
+                .map_err(AppError::Status)?;
+            status::write(&mut io::stdout().lock(), &status, format)
+                .map_err(|e| AppError::Write("status", e))
+        }
+    }
+}
+
+async fn events_command(args: EventsArgs) -> Result<(), AppError> {
+    let endpoint = match args.addr {
+        Some(addr) => events::Endpoint::Tcp(addr),
+        None => events::Endpoint::Unix(args.socket),
+    };
+    let request = events::StreamRequest {
+        follow: args.follow,
+        since: args.since,
+        tail: args.tail,
+        kinds: args.kind,
+    };
+    let colour = args.format == Format::Text && io::stdout().is_terminal();
+    let mut out = io::stdout().lock();
+    match events::follow(&endpoint, &request, args.format, colour, &mut out).await {
+        // `hotplug-agent events | head`: the reader had enough.
+        Err(events::EventsError::Write(e)) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.map_err(AppError::Events),
+    }
+}
+
+/// `--refresh` and its flags, as the backend that acts.
+fn backend(args: &RunArgs) -> Result<refresh::Backend, AppError> {
+    let command = |flag: &'static str, line: &str| {
+        refresh::command::parse(line).map_err(|source| AppError::CommandLine {
+            flag,
+            line: line.to_owned(),
+            source,
+        })
+    };
+    Ok(match args.refresh {
+        refresh::Kind::None => refresh::Backend::None,
+        refresh::Kind::Systemd => refresh::Backend::Systemd(refresh::systemd::SystemdConfig {
+            unit: args.kubelet_unit.clone(),
+            bus_address: args.systemd_bus.clone(),
+            timeout: args.refresh_timeout,
+        }),
+        refresh::Kind::Command => {
+            let line = args
+                .refresh_command
+                .as_deref()
+                .ok_or(AppError::NoRefreshCommand)?;
+            refresh::Backend::Command(refresh::command::CommandConfig {
+                argv: command("--refresh-command", line)?,
+                stop: (args.kubelet_stop_command.as_deref())
+                    .map(|l| command("--kubelet-stop-command", l))
+                    .transpose()?,
+                start: (args.kubelet_start_command.as_deref())
+                    .map(|l| command("--kubelet-start-command", l))
+                    .transpose()?,
+                timeout: args.refresh_timeout,
+            })
+        }
+    })
+}
+
+/// The API client, or none on a host outside any cluster. Never fails: a missing or
+/// broken kubeconfig, or no trust store, would crash-loop a unit. The stand-in client
+/// fails every request with the reason, which the first reconcile reports once
+/// (`api_unreachable`); the agent records events meanwhile, refreshes nothing, and picks
+/// up a fixed kubeconfig on a retry.
+async fn client(args: &RunArgs) -> Option<kube::Client> {
+    if args.no_kubernetes {
+        return None;
+    }
+    match kube_client::build(args.kubeconfig.as_deref()).await {
+        Ok(c) => Some(c),
+        // A host outside any cluster: events, stream, metrics, nothing to reconcile.
+        Err(e) if args.refresh == refresh::Kind::None && args.kubeconfig.is_none() => {
+            tracing::info!(
+                "no Kubernetes configuration ({}); running standalone",
+                sources::error_chain(&e)
+            );
+            None
+        }
+        Err(_) => Some(kube_client::lazy(args.kubeconfig.clone())),
+    }
+}
+
+fn run_config(args: &RunArgs) -> Result<run::Config, AppError> {
+    let node_name = match args.node_name.clone() {
+        Some(n) => n,
+        None => hostname().map_err(AppError::Hostname)?,
+    };
+    let config = run::Config {
+        pipeline: args.sources.pipeline(),
+        timing: episode::Timing {
+            settle: Duration::from_millis(args.settle_ms),
+            max_wait: Duration::from_millis(args.max_wait_ms),
+            in_flight_max_wait: Duration::from_millis(args.in_flight_max_wait_ms),
+            in_flight_stall: Duration::from_millis(args.in_flight_stall_ms),
+        },
+        node_name,
+        backend: backend(args)?,
+        guard: refresh::guard::GuardConfig {
+            min_interval: args.min_refresh_interval,
+            max_per_hour: args.max_refreshes_per_hour,
+            state_file: state_dir(args.state_dir.clone())
+                .map(|d| d.join(refresh::guard::STATE_FILE)),
+            ..refresh::guard::GuardConfig::default()
+        },
+        verify_timeout: args.verify_timeout,
+        api_timeout: args.api_timeout,
+        kubelet_root: args.kubelet_root_dir.clone(),
+        static_policy: args.static_policy,
+        cgroup_root: args.cgroup_root.clone(),
+    };
+    config.validate()?;
+    Ok(config)
+}
+
+/// The sinks of `run`: stdout, and the stream, the log file and the metrics as asked.
+async fn run_sinks(args: &RunArgs, metrics: &Arc<Metrics>) -> Result<Sinks<'static>, AppError> {
+    let mut sinks = Sinks::stdout(args.format, args.output_queue, StdoutGone::CarryOn)
+        .map_err(|e| AppError::Output("event log", e))?;
+    sinks.metrics = Some(metrics.clone());
+    if args.metrics_addr != "off" {
+        metrics::serve(metrics.clone(), &args.metrics_addr)
+            .await
+            .map_err(|source| AppError::Listen {
+                what: "metrics",
+                addr: args.metrics_addr.clone(),
+                source,
+            })?;
+    }
+    if args.stream_socket != "off" || args.stream_tcp.is_some() {
+        let hub = Hub::new(args.stream_replay, stream::DEFAULT_CLIENT_QUEUE);
+        if args.stream_socket != "off" {
+            stream::serve_unix(hub.clone(), Path::new(&args.stream_socket)).await?;
+        }
+        if let Some(addr) = &args.stream_tcp {
+            stream::serve_tcp(hub.clone(), addr)
+                .await
+                .map_err(|source| AppError::Listen {
+                    what: "the event stream",
+                    addr: addr.clone(),
+                    source,
+                })?;
+        }
+        sinks.hub = Some(hub);
+    }
+    if let Some(path) = &args.log_file {
+        let file = FileSink::open(path.clone(), args.log_file_max_bytes, args.log_file_keep)
+            .map_err(|source| AppError::LogFile {
+                path: path.clone(),
+                source,
+            })?;
+        sinks
+            .set_file(file, args.output_queue)
+            .map_err(|e| AppError::Output("log file", e))?;
+    }
+    Ok(sinks)
+}
+
+async fn run_command(args: RunArgs) -> Result<(), AppError> {
+    let config = run_config(&args)?;
+    let client = client(&args).await;
+    let metrics = Metrics::new();
+    let mut sinks = run_sinks(&args, &metrics).await?;
+    let notify = systemd_notify(metrics);
+    run::run(config, client, &mut sinks, shutdown_signal(), notify)
+        .await
+        .map_err(|e| AppError::Run("run", e))
+}
+
+/// Under systemd (`Type=notify`): READY=1 once running (sources listening, first reconcile
+/// tried, even if the API did not answer: the agent records events without it, and waiting
+/// for the API would have the start timeout kill and restart it in a loop), `STATUS=` with
+/// what `/readyz` says whenever that changes (`systemctl status` shows it), and watchdog
+/// pings at half of `WatchdogSec`. Nothing at all elsewhere.
+fn systemd_notify(metrics: Arc<Metrics>) -> impl FnMut() {
+    if let Some(watchdog) = sd_notify::watchdog_enabled() {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(watchdog / 2);
+            loop {
+                tick.tick().await;
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            }
+        });
+    }
+    let mut notified = false;
+    let mut last_status = String::new();
+    move || {
+        if !metrics.running() {
+            return;
+        }
+        let status = match metrics.ready() {
+            Ok(()) => "ready".to_string(),
+            Err(why) => format!("running, not ready: {why}"),
+        };
+        if status != last_status {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status)]);
+            last_status = status;
+        }
+        if !notified {
+            notified = true;
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        }
+    }
+}
+
+/// `--state-dir`, else the first directory systemd's StateDirectory= made.
+fn state_dir(flag: Option<PathBuf>) -> Option<PathBuf> {
+    flag.or_else(|| {
+        let dirs = std::env::var_os("STATE_DIRECTORY")?;
+        std::env::split_paths(&dirs).find(|p| !p.as_os_str().is_empty())
+    })
+}
+
+fn hostname() -> io::Result<String> {
+    Ok(std::fs::read_to_string("/proc/sys/kernel/hostname")?
+        .trim()
+        .to_string())
+}
+
+/// SIGTERM (systemd, the kubelet) or Ctrl-C.
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; Ctrl-C still works");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

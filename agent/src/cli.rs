@@ -1,0 +1,289 @@
+//! The command line: every subcommand and flag, as clap reads them. Values come from
+//! flags, then `HOTPLUG_AGENT_*` variables, then `--config FILE` ([`crate::config`]).
+//! Nothing here acts; [`crate::app`] wires what a command asks for.
+use std::{ffi::OsString, path::PathBuf, time::Duration};
+
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+
+use crate::{
+    config::{self, ConfigError},
+    episode,
+    pipeline::{self, Rescan},
+    refresh,
+    report::{Format, sinks, stream},
+    run,
+};
+
+/// Catches CPU and memory hotplug as the kernel makes it.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Stream CPU and memory hotplug events as they happen (no cluster needed).
+    Watch(WatchArgs),
+    /// Watch, and make this node's kubelet advertise the real capacity (episodes,
+    /// reconcile against the Node, refresh, verify).
+    Run(Box<RunArgs>),
+    /// Read the live event stream of a running `hotplug-agent run`.
+    Events(EventsArgs),
+    /// Print the effective configuration of `run` (with these run flags), and where each
+    /// value came from: flag, environment, config file or default.
+    Config {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        run_args: Vec<std::ffi::OsString>,
+    },
+    /// Print the machine's capacity and which probes can attach here.
+    Status {
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+        /// Try every attach method of every probe (perf-event, raw and BTF tracepoint;
+        /// fentry and kprobe), not only until one attaches as `run` does.
+        #[arg(long)]
+        every_method: bool,
+        /// Filesystem root holding proc/ and sys/.
+        #[arg(long, default_value = "/", hide = true)]
+        root: PathBuf,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct WatchArgs {
+    /// `json`: one object per line (the event log). Default: text on a terminal, else json.
+    #[arg(long, value_enum)]
+    pub format: Option<Format>,
+    #[command(flatten)]
+    pub sources: SourceArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct EventsArgs {
+    /// Keep streaming new records as they are made.
+    #[arg(short, long)]
+    pub follow: bool,
+    /// Only records from the last DURATION (e.g. 10m, 1h).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub since: Option<Duration>,
+    /// Only the last N records the agent holds.
+    #[arg(long)]
+    pub tail: Option<usize>,
+    /// Only these kinds (cpu, memory_block, memory, agent, episode, reconcile, refresh, verify, reset).
+    #[arg(long, value_delimiter = ',')]
+    pub kind: Vec<String>,
+    /// `text` (default, coloured on a terminal) or `json` for piping.
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: Format,
+    /// The agent's stream socket.
+    #[arg(long, default_value = stream::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Connect over TCP instead (the agent's --stream-tcp).
+    #[arg(long)]
+    pub addr: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// A TOML file with any of these settings (keys are the flag names, `settle_ms = 500`).
+    /// Precedence: flags, then HOTPLUG_AGENT_* variables, then this file, then defaults.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// `json` (the event log, default) or `text`.
+    #[arg(long, value_enum, default_value = "json")]
+    pub format: Format,
+    #[command(flatten)]
+    pub sources: SourceArgs,
+    /// This node's name. Default: $NODE_NAME, else the hostname.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// A kubeconfig file. Default: in-cluster config, else $KUBECONFIG or ~/.kube/config.
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Run without any Kubernetes API: episodes are recorded, nothing is reconciled.
+    #[arg(long)]
+    pub no_kubernetes: bool,
+    /// An episode settles when no event came for this long (ms).
+    #[arg(long, default_value_t = episode::DEFAULT_SETTLE.as_millis() as u64)]
+    pub settle_ms: u64,
+    /// ...but never waits longer than this after its first event (ms), unless memory
+    /// blocks are still on their way online.
+    #[arg(long, default_value_t = episode::DEFAULT_MAX_WAIT.as_millis() as u64)]
+    pub max_wait_ms: u64,
+    /// The bound while hot-added memory blocks are still coming online (ms): a 64 GiB DIMM
+    /// is 512 blocks, onlined one by one.
+    #[arg(long, default_value_t = episode::DEFAULT_IN_FLIGHT_MAX_WAIT.as_millis() as u64)]
+    pub in_flight_max_wait_ms: u64,
+    /// Blocks still offline after this long without any event are taken as left offline
+    /// on purpose, and the episode settles (ms).
+    #[arg(long, default_value_t = episode::DEFAULT_IN_FLIGHT_STALL.as_millis() as u64)]
+    pub in_flight_stall_ms: u64,
+    /// How the kubelet is made to re-read the machine.
+    #[arg(long, value_enum, default_value = "systemd")]
+    pub refresh: refresh::Kind,
+    /// systemd: the kubelet's unit.
+    #[arg(long, default_value = "kubelet.service")]
+    pub kubelet_unit: String,
+    /// systemd: D-Bus address (default: the system bus), e.g.
+    /// unix:path=/host/run/dbus/system_bus_socket in a DaemonSet.
+    #[arg(long)]
+    pub systemd_bus: Option<String>,
+    /// command: `PROGRAM ARG...`, split as a shell would, run without a shell.
+    #[arg(long)]
+    pub refresh_command: Option<String>,
+    /// command + `--static-policy drain-and-reset`: how to stop the kubelet.
+    #[arg(long)]
+    pub kubelet_stop_command: Option<String>,
+    /// command + `--static-policy drain-and-reset`: how to start the kubelet.
+    #[arg(long)]
+    pub kubelet_start_command: Option<String>,
+    /// How long a refresh may take.
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    pub refresh_timeout: Duration,
+    /// How long the Node may take to advertise the new capacity after a refresh.
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    pub verify_timeout: Duration,
+    /// The deadline of each Kubernetes API call: a server that accepts and never answers
+    /// becomes `api_unreachable` and a retry, not a wait forever.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    pub api_timeout: Duration,
+    /// Guard rail: at least this long between two refreshes.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub min_refresh_interval: Duration,
+    /// Guard rail: at most this many refreshes in any hour.
+    #[arg(long, default_value_t = 12)]
+    pub max_refreshes_per_hour: u32,
+    /// The kubelet's root dir, for its CPU and memory manager checkpoints.
+    #[arg(long, default_value = "/var/lib/kubelet")]
+    pub kubelet_root_dir: PathBuf,
+    /// Keep the refresh guard rails' history in DIR/guard.json, so that restarting the agent
+    /// (a crash loop included) does not reset the hourly cap or the back-off. Default:
+    /// $STATE_DIRECTORY (systemd's StateDirectory=), else kept in memory only.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// With a static CPU/memory manager checkpoint that no longer matches the machine.
+    #[arg(long, value_enum, default_value = "refuse")]
+    pub static_policy: run::StaticPolicy,
+    /// cgroup filesystem root, to check the pods' cgroup memory limit.
+    #[arg(long, default_value = "/sys/fs/cgroup")]
+    pub cgroup_root: PathBuf,
+    /// `/metrics`, `/healthz`, `/readyz` on this address; `off` to disable.
+    #[arg(long, default_value = "127.0.0.1:9477")]
+    pub metrics_addr: String,
+    /// The live event stream (`hotplug-agent events`) on this unix socket; `off` to disable.
+    #[arg(long, default_value = stream::DEFAULT_SOCKET)]
+    pub stream_socket: String,
+    /// The live event stream on a TCP address too (off by default).
+    #[arg(long)]
+    pub stream_tcp: Option<String>,
+    /// Records kept in memory for clients that ask for a replay.
+    #[arg(long, default_value_t = stream::DEFAULT_REPLAY)]
+    pub stream_replay: usize,
+    /// Also write the event log to this file, rotated by size.
+    #[arg(long)]
+    pub log_file: Option<PathBuf>,
+    /// Rotate the log file when it would grow past this many bytes.
+    #[arg(long, default_value_t = 10 << 20)]
+    pub log_file_max_bytes: u64,
+    /// Rotated log files to keep.
+    #[arg(long, default_value_t = 5)]
+    pub log_file_keep: usize,
+    /// Records stdout and the log file may each hold while their reader or disk is slow;
+    /// beyond, records are counted as lost and a `loss` record says how many.
+    #[arg(long, default_value_t = sinks::DEFAULT_QUEUE, hide = true)]
+    pub output_queue: usize,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SourceArgs {
+    /// Slow re-read guard for MemTotal changes no uevent announces: `auto` (60 s when the
+    /// precise memory probes cannot attach, else off), `off`, or seconds.
+    #[arg(long, default_value = "auto", value_parser = Rescan::parse)]
+    pub rescan_interval: Rescan,
+    /// Receive buffer of the uevent socket, bytes (forced past rmem_max with CAP_NET_ADMIN).
+    #[arg(long, default_value_t = pipeline::DEFAULT_UEVENT_RCVBUF)]
+    pub uevent_rcvbuf: usize,
+    /// Do not load the eBPF probes.
+    #[arg(long)]
+    pub no_ebpf: bool,
+    /// Do not open the uevent monitor.
+    #[arg(long)]
+    pub no_uevent: bool,
+    /// Online memory blocks that arrive with a uevent `add`, once (never one taken offline
+    /// by hand): `off`, `online`, `online_movable` (keeps a DIMM unpluggable) or `online_kernel`.
+    #[arg(long, value_enum, default_value = "off")]
+    pub auto_online_memory: crate::auto_online::MemoryPolicy,
+    /// Online CPUs that arrive with a uevent `add`, once: `off` or `on`.
+    #[arg(long, value_enum, default_value = "off")]
+    pub auto_online_cpus: crate::auto_online::CpuPolicy,
+    /// Filesystem root holding proc/ and sys/.
+    #[arg(long, default_value = "/", hide = true)]
+    pub root: PathBuf,
+}
+
+impl SourceArgs {
+    pub fn pipeline(&self) -> pipeline::Config {
+        pipeline::Config {
+            root: self.root.clone(),
+            ebpf: !self.no_ebpf,
+            uevent: !self.no_uevent,
+            uevent_rcvbuf: self.uevent_rcvbuf,
+            rescan: self.rescan_interval,
+            auto_online: crate::auto_online::Policy {
+                memory: self.auto_online_memory,
+                cpus: self.auto_online_cpus,
+            },
+            ..pipeline::Config::default()
+        }
+    }
+}
+
+/// Parses the process's arguments, with the environment and the config file merged in;
+/// prints the error and exits (2, as clap does) when they are wrong.
+pub fn parse() -> Cli {
+    let cmd = config::with_env(Cli::command());
+    let argv = match config::merge(&cmd, std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {}", crate::sources::error_chain(&e));
+            std::process::exit(2);
+        }
+    };
+    let matches = cmd.get_matches_from(argv);
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
+/// Why `hotplug-agent config` could not describe a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum DescribeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Arguments(#[from] clap::Error),
+}
+
+/// `hotplug-agent config RUN-ARGS...`: the effective configuration of `run` with these
+/// arguments, and where each value came from.
+pub fn describe_run(run_args: Vec<OsString>) -> Result<String, DescribeError> {
+    let cmd = config::with_env(Cli::command());
+    let mut argv: Vec<OsString> = vec!["hotplug-agent".into(), "run".into()];
+    argv.extend(run_args);
+    let file = config::file_of(&argv);
+    let before = cmd.clone().try_get_matches_from(&argv)?;
+    let argv = config::merge(&cmd, argv)?;
+    let matches = cmd.clone().try_get_matches_from(argv)?;
+    let run = cmd
+        .find_subcommand("run")
+        .expect("the command line defines `run`");
+    let run_matches = matches
+        .subcommand_matches("run")
+        .expect("matches of `hotplug-agent run ...` hold `run`");
+    Ok(config::describe(
+        run,
+        run_matches,
+        before.subcommand_matches("run"),
+        file.as_ref(),
+    ))
+}
