@@ -18,6 +18,7 @@
 //! The decision is pure ([`arrival`], [`decide`]); [`apply`] does the sysfs I/O.
 //! drivers/base/memory.c (v6.1) `state_store`: `online`, `online_kernel`, `online_movable`;
 //! drivers/base/core.c `online_store`: `1` onlines a CPU.
+use crate::record::AgentAction;
 use std::{
     io,
     path::{Path, PathBuf},
@@ -157,7 +158,7 @@ pub struct Outcome {
 impl Outcome {
     /// The `auto_online` record, with the capacity after the write.
     pub fn record(&self, capacity: Summary) -> AgentRecord {
-        let mut rec = AgentRecord::new("auto_online", capacity);
+        let mut rec = AgentRecord::new(AgentAction::AutoOnline, capacity);
         rec.device = Some(self.arrival.device.clone());
         rec.state = Some(self.arrival.state.to_owned());
         rec.error = self.error.clone();

@@ -22,6 +22,7 @@
 //! showed while the controller had one open. The controller opens it before restarting the
 //! kubelet; verify then accepts whatever the kubelet could have read during the restart, not
 //! only the machine as it is by the time the Node is posted.
+use crate::record::AgentAction;
 use std::{
     collections::BTreeSet,
     sync::{Arc, Mutex, PoisonError},
@@ -133,7 +134,7 @@ impl Tracker {
                 }
                 self.publish_flight(&flight, true, added);
             }
-            Record::Agent(a) if a.action == "auto_online" && a.error.is_some() => {
+            Record::Agent(a) if a.action == AgentAction::AutoOnline && a.error.is_some() => {
                 // The write failed: nobody is bringing this block online any more.
                 if let Some(device) = &a.device {
                     let mut flight = lock(&self.shared.flight);
@@ -657,7 +658,7 @@ mod tests {
         let (tracker, episodes) = Tracker::new();
         let mut episodes = episodes.with(timing());
         tracker.observe(&block(Action::Add, 40, mem(0)));
-        let mut failed = AgentRecord::new("auto_online", mem(0));
+        let mut failed = AgentRecord::new(AgentAction::AutoOnline, mem(0));
         failed.device = Some("memory40".into());
         failed.error = Some("writing \"online_movable\": Device or resource busy".into());
         advance(50).await;

@@ -142,8 +142,8 @@ pub async fn follow(
                             Record::Event(e) => {
                                 (e.kind.as_str().to_string(), e.action.as_str().to_string())
                             }
-                            Record::Agent(a) => (a.kind.clone(), a.action.clone()),
-                            Record::Decision(d) => (d.kind.clone(), d.action.clone()),
+                            Record::Agent(a) => (a.kind.to_string(), a.action.to_string()),
+                            Record::Decision(d) => (d.kind.to_string(), d.action.to_string()),
                         };
                         paint(&text::line(&rec), &kind, &action, colour)
                     }

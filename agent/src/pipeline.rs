@@ -5,6 +5,7 @@
 //! channel of records. One task merges the sources, folds the kernel's repeats, attaches
 //! the capacity as it is right after each event, and rescans on loss. Dropping the
 //! receiver stops everything.
+use crate::record::AgentAction;
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use agent_common::Probe;
@@ -237,7 +238,7 @@ pub async fn start(config: Config) -> Result<Pipeline, StartError> {
         Rescan::Auto if precise => None,
         Rescan::Auto => Some(DEFAULT_RESCAN),
     };
-    let mut ready = AgentRecord::new("ready", snapshot.summary());
+    let mut ready = AgentRecord::new(AgentAction::Ready, snapshot.summary());
     ready.probes = probes;
     ready.sources = sources;
     ready.rescan_interval_s = Some(rescan_every.map(|d| d.as_secs()));
@@ -400,7 +401,7 @@ impl Core {
 
     async fn loss(&mut self, source: Source, loss: Loss) -> bool {
         if loss.is_certain() {
-            let mut rec = AgentRecord::new("loss", self.last);
+            let mut rec = AgentRecord::new(AgentAction::Loss, self.last);
             rec.source = Some(source);
             rec.reason = Some(loss.reason().into());
             if let Loss::RingbufDrops { dropped } = loss {

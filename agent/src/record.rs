@@ -3,8 +3,13 @@
 //! Two shapes share the top-level fields `v`, `time`, `kind`, `action`, `capacity`:
 //! - [`EventRecord`]: something changed on the machine (`kind` `cpu`, `memory_block`,
 //!   `memory`), seen by one source (`ebpf`, `uevent`, `scan`).
-//! - [`AgentRecord`]: the agent's own state (`kind` `agent`): `ready`, `loss`, `warning`,
-//!   `stopped`.
+//! - [`AgentRecord`]: the agent's own state (`kind` `agent`): `ready`, `loss`,
+//!   `auto_online`, `stopped`.
+//! - [`DecisionRecord`]: what `hotplug-agent run` decided (`kind` `episode`, `reconcile`,
+//!   `refresh`, `verify`, `reset`).
+//!
+//! Kinds and actions are typed ([`words!`]): a new word is a new variant, so every reader
+//! (metrics, text, the stream's filter) is checked by the compiler.
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
@@ -13,63 +18,122 @@ use crate::capacity::Summary;
 
 pub const SCHEMA_VERSION: u32 = 1;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Source {
-    Ebpf,
-    Uevent,
-    Scan,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Kind {
-    Cpu,
-    MemoryBlock,
-    Memory,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Action {
-    Add,
-    Remove,
-    Online,
-    Offline,
-    Change,
-    Resize,
-}
-
-impl Action {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Add => "add",
-            Self::Remove => "remove",
-            Self::Online => "online",
-            Self::Offline => "offline",
-            Self::Change => "change",
-            Self::Resize => "resize",
+/// An enum whose variants are the event log's words: serialised as `$text`, printed the
+/// same (padding honoured, for the text format's columns), never spelled twice.
+macro_rules! words {
+    ($(#[$meta:meta])* pub enum $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal,)+ }) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        pub enum $name {
+            $($(#[$vmeta])* #[serde(rename = $text)] $variant,)+
         }
+
+        impl $name {
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $text,)+
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.pad(self.as_str())
+            }
+        }
+    };
+}
+
+words! {
+    /// Which source saw an event.
+    pub enum Source {
+        Ebpf = "ebpf",
+        Uevent = "uevent",
+        Scan = "scan",
     }
 }
 
-impl Source {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Ebpf => "ebpf",
-            Self::Uevent => "uevent",
-            Self::Scan => "scan",
-        }
+words! {
+    /// What changed, in an [`EventRecord`].
+    pub enum Kind {
+        Cpu = "cpu",
+        MemoryBlock = "memory_block",
+        Memory = "memory",
     }
 }
 
-impl Kind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Cpu => "cpu",
-            Self::MemoryBlock => "memory_block",
-            Self::Memory => "memory",
-        }
+words! {
+    /// How it changed, in an [`EventRecord`].
+    pub enum Action {
+        Add = "add",
+        Remove = "remove",
+        Online = "online",
+        Offline = "offline",
+        Change = "change",
+        Resize = "resize",
+    }
+}
+
+words! {
+    /// The `kind` of an [`AgentRecord`]: always `agent`.
+    pub enum AgentKind {
+        Agent = "agent",
+    }
+}
+
+words! {
+    /// What an [`AgentRecord`] says.
+    pub enum AgentAction {
+        /// Started: which sources listen and which probes attached.
+        Ready = "ready",
+        /// Records or events were lost: by which source or output, how many, why.
+        Loss = "loss",
+        /// The last record.
+        Stopped = "stopped",
+        /// The agent onlined a block or CPU that arrived (`--auto-online-*`).
+        AutoOnline = "auto_online",
+    }
+}
+
+words! {
+    /// The stage of `hotplug-agent run` a [`DecisionRecord`] comes from.
+    #[derive(Default)]
+    pub enum DecisionKind {
+        #[default]
+        Episode = "episode",
+        Reconcile = "reconcile",
+        Refresh = "refresh",
+        Verify = "verify",
+        /// `--static-policy drain-and-reset`, step by step.
+        Reset = "reset",
+    }
+}
+
+words! {
+    /// What a stage decided or did. Which actions each kind uses is listed at
+    /// [`DecisionRecord::action`].
+    #[derive(Default)]
+    pub enum DecisionAction {
+        #[default]
+        Settled = "settled",
+        InSync = "in_sync",
+        Stale = "stale",
+        ApiUnreachable = "api_unreachable",
+        ApiReachable = "api_reachable",
+        Started = "started",
+        Succeeded = "succeeded",
+        Failed = "failed",
+        Skipped = "skipped",
+        Deferred = "deferred",
+        Converged = "converged",
+        Timeout = "timeout",
+        Cordoned = "cordoned",
+        Evicted = "evicted",
+        KubeletStopped = "kubelet_stopped",
+        CheckpointMoved = "checkpoint_moved",
+        KubeletStarted = "kubelet_started",
+        NodeReady = "node_ready",
+        Uncordoned = "uncordoned",
     }
 }
 
@@ -144,10 +208,8 @@ pub struct SourceStatus {
 pub struct AgentRecord {
     pub v: u32,
     pub time: String,
-    /// Always `agent`.
-    pub kind: String,
-    /// `ready`, `loss`, `stopped`, `auto_online`.
-    pub action: String,
+    pub kind: AgentKind,
+    pub action: AgentAction,
     pub capacity: Summary,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub probes: Vec<ProbeStatus>,
@@ -215,12 +277,12 @@ impl MachineSummary {
 }
 
 impl AgentRecord {
-    pub fn new(action: &str, capacity: Summary) -> Self {
+    pub fn new(action: AgentAction, capacity: Summary) -> Self {
         Self {
             v: SCHEMA_VERSION,
             time: now_rfc3339(),
-            kind: "agent".into(),
-            action: action.into(),
+            kind: AgentKind::Agent,
+            action,
             capacity,
             probes: Vec::new(),
             sources: Vec::new(),
@@ -255,11 +317,13 @@ pub struct Advertised {
 pub struct DecisionRecord {
     pub v: u32,
     pub time: String,
-    pub kind: String,
+    pub kind: DecisionKind,
     /// episode: `settled`; reconcile: `in_sync`, `stale`, `api_unreachable`, `api_reachable`,
-    /// `failed`; refresh: `started`, `succeeded`, `failed`, `skipped`, `deferred`;
-    /// verify: `converged`, `timeout`.
-    pub action: String,
+    /// `skipped`, `failed`; refresh: `started`, `succeeded`, `failed`, `skipped`, `deferred`;
+    /// verify: `converged`, `timeout`, `failed`; reset: `started`, `cordoned`, `evicted`,
+    /// `kubelet_stopped`, `checkpoint_moved`, `kubelet_started`, `node_ready`,
+    /// `uncordoned`, `failed`.
+    pub action: DecisionAction,
     /// The machine when the decision was made.
     pub capacity: Summary,
     /// Episode number, counted from 1 (0: the start-up reconcile).
@@ -317,12 +381,17 @@ pub struct CgroupCheck {
 }
 
 impl DecisionRecord {
-    pub fn new(kind: &str, action: &str, capacity: Summary, episode: u64) -> Self {
+    pub fn new(
+        kind: DecisionKind,
+        action: DecisionAction,
+        capacity: Summary,
+        episode: u64,
+    ) -> Self {
         Self {
             v: SCHEMA_VERSION,
             time: now_rfc3339(),
-            kind: kind.into(),
-            action: action.into(),
+            kind,
+            action,
             capacity,
             episode,
             ..Self::default()
@@ -428,13 +497,18 @@ mod tests {
         assert!(t.ends_with('Z') && t.len() == 27, "{t}");
         let back: Record = serde_json::from_str(&line).unwrap();
         assert_eq!(back, Record::Event(Box::new(rec)));
-        let decision = DecisionRecord::new("refresh", "failed", Summary::default(), 3);
+        let decision = DecisionRecord::new(
+            DecisionKind::Refresh,
+            DecisionAction::Failed,
+            Summary::default(),
+            3,
+        );
         let line = serde_json::to_string(&Record::Decision(Box::new(decision.clone()))).unwrap();
         assert_eq!(
             serde_json::from_str::<Record>(&line).unwrap(),
             Record::Decision(Box::new(decision))
         );
-        let agent = AgentRecord::new("ready", Summary::default());
+        let agent = AgentRecord::new(AgentAction::Ready, Summary::default());
         let line = serde_json::to_string(&Record::Agent(Box::new(agent.clone()))).unwrap();
         assert_eq!(
             serde_json::from_str::<Record>(&line).unwrap(),

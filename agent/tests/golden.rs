@@ -42,14 +42,19 @@ fn event(source: Source, kind: Kind, action: Action, device: Option<&str>) -> Ev
     }
 }
 
+/// A typed kind or action from its word in the log: the golden file spells it.
+fn word<T: serde::de::DeserializeOwned>(w: &str) -> T {
+    serde_json::from_value(serde_json::Value::String(w.into())).expect(w)
+}
+
 fn agent(action: &str) -> AgentRecord {
-    let mut a = AgentRecord::new(action, CAPACITY);
+    let mut a = AgentRecord::new(word(action), CAPACITY);
     a.time = TIME.into();
     a
 }
 
 fn decision(kind: &str, action: &str, episode: u64) -> DecisionRecord {
-    let mut d = DecisionRecord::new(kind, action, CAPACITY, episode);
+    let mut d = DecisionRecord::new(word(kind), word(action), CAPACITY, episode);
     d.time = TIME.into();
     d.node = Some("node-a".into());
     d

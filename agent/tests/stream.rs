@@ -6,15 +6,16 @@ use std::{io::Write, sync::Arc, time::Duration};
 use hotplug_agent::{
     capacity::Summary,
     events::{self, Endpoint, StreamRequest},
-    record::{AgentRecord, Record},
+    record::{AgentAction, AgentRecord, Record},
     report::{Format, http::Limits, stream::Hub},
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// A record whose `lost` field carries its sequence number, so order can be checked.
+/// A `ready` record whose `lost` field carries its sequence number, so order can be checked
+/// (the agent itself writes no `ready` into these hubs).
 fn numbered(n: u64) -> Record {
     let mut a = AgentRecord::new(
-        "test",
+        AgentAction::Ready,
         Summary {
             memory_bytes: n,
             cpus_online: 1,
@@ -28,7 +29,7 @@ fn numbers(ndjson: &[u8]) -> Vec<u64> {
     String::from_utf8_lossy(ndjson)
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["action"] == "test")
+        .filter(|v| v["action"] == "ready")
         .map(|v| v["lost"].as_u64().unwrap())
         .collect()
 }

@@ -11,6 +11,7 @@
 //! the refresh returned, after verify) must never wedge the loop, and a 512-block DIMM
 //! that comes online more slowly than the episode bound must still be one episode and one
 //! restart.
+use hotplug_agent::record::AgentAction;
 use std::{
     fs,
     io::Write,
@@ -302,7 +303,10 @@ impl Harness {
         let (inject, records) = mpsc::channel(65536);
         let (tx, lines) = std_mpsc::channel();
         let (stop, stopped) = oneshot::channel::<()>();
-        let ready = Record::Agent(Box::new(AgentRecord::new("ready", machine.summary())));
+        let ready = Record::Agent(Box::new(AgentRecord::new(
+            AgentAction::Ready,
+            machine.summary(),
+        )));
         let agent = thread::spawn(move || -> Result<(), String> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

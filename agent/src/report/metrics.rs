@@ -3,6 +3,7 @@
 //!
 //! `/healthz`: the process answers. `/readyz`: every source listens (the `ready` record)
 //! and, in `run` mode, the first reconcile is done and the API answered last time.
+use crate::record::{AgentAction, DecisionAction, DecisionKind};
 use std::sync::{
     Arc, Mutex,
     atomic::{AtomicBool, Ordering},
@@ -231,8 +232,8 @@ impl Metrics {
             }
             Record::Agent(a) => {
                 self.set_machine(a.capacity.memory_bytes, a.capacity.cpus_online);
-                match a.action.as_str() {
-                    "ready" => {
+                match a.action {
+                    AgentAction::Ready => {
                         self.probes_attached
                             .set(a.probes.iter().filter(|p| p.attached).count() as i64);
                         let off: Vec<&str> = a
@@ -251,11 +252,11 @@ impl Metrics {
                         }
                     }
                     // An output's loss: already counted by `output_lost`.
-                    "loss"
+                    AgentAction::Loss
                         if a.reason
                             .as_deref()
                             .is_some_and(|r| OUTPUT_LOSS_REASONS.contains(&r)) => {}
-                    "loss" => {
+                    AgentAction::Loss => {
                         let source = a.source.map_or("unknown", |s| s.as_str());
                         self.losses
                             .get_or_create(&SourceLabels {
@@ -290,49 +291,56 @@ impl Metrics {
                     .set((c / 1000) as i64);
             }
         };
-        match (d.kind.as_str(), d.action.as_str()) {
-            ("episode", "settled") if d.trigger.as_deref() == Some("events") => {
+        match (d.kind, d.action) {
+            (DecisionKind::Episode, DecisionAction::Settled)
+                if d.trigger.as_deref() == Some("events") =>
+            {
                 self.episodes.inc();
             }
-            ("reconcile", action) => {
+            (DecisionKind::Reconcile, action) => {
                 self.health.first_reconcile.store(true, Ordering::Relaxed);
                 self.health
                     .api_down
-                    .store(action == "api_unreachable", Ordering::Relaxed);
+                    .store(action == DecisionAction::ApiUnreachable, Ordering::Relaxed);
                 if let Some(a) = &d.advertised {
                     advertised(a);
                 }
-                match action {
-                    "in_sync" => {
-                        self.stale.set(0);
-                    }
-                    "stale" => {
-                        self.stale.set(1);
-                    }
-                    _ => {}
+                if let Some(stale) = match action {
+                    DecisionAction::InSync => Some(0),
+                    DecisionAction::Stale => Some(1),
+                    _ => None,
+                } {
+                    self.stale.set(stale);
                 }
             }
-            ("refresh", action @ ("succeeded" | "failed" | "skipped" | "deferred")) => {
+            (
+                DecisionKind::Refresh,
+                action @ (DecisionAction::Succeeded
+                | DecisionAction::Failed
+                | DecisionAction::Skipped
+                | DecisionAction::Deferred),
+            ) => {
                 let backend = d.backend.clone().unwrap_or_else(|| "none".into());
                 self.refreshes
                     .get_or_create(&RefreshLabels {
                         backend,
-                        result: action.into(),
+                        result: action.as_str().into(),
                     })
                     .inc();
 
-                if let Some(ms) = d.duration_ms.filter(|_| action != "skipped") {
+                if let Some(ms) = d.duration_ms.filter(|_| action != DecisionAction::Skipped) {
                     self.refresh_seconds.observe(ms as f64 / 1000.0);
                 }
             }
-            ("verify", action) => {
+            (DecisionKind::Verify, action) => {
                 if let Some(a) = &d.advertised_after {
                     advertised(a);
                 }
                 if let Some(ms) = d.duration_ms {
                     self.verify_seconds.observe(ms as f64 / 1000.0);
                 }
-                let stale = action != "converged" || d.cgroup.as_ref().is_some_and(|c| !c.ok);
+                let stale =
+                    action != DecisionAction::Converged || d.cgroup.as_ref().is_some_and(|c| !c.ok);
                 self.stale.set(i64::from(stale));
             }
             _ => {}

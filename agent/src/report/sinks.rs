@@ -13,6 +13,7 @@
 //! Exit: [`drain`] writes `stopped` on every way out of the loop, ends the streams after it
 //! and gives the output threads a bounded time to write what they hold. SIGHUP reopens the
 //! log file (after logrotate moved it away) and never stops the agent.
+use crate::record::AgentAction;
 use std::{
     collections::VecDeque,
     fs::{File, OpenOptions},
@@ -493,7 +494,7 @@ impl<'a> Sinks<'a> {
                     if why == "failed" {
                         self.count_lost(output, lost);
                     }
-                    let mut rec = AgentRecord::new("loss", self.last);
+                    let mut rec = AgentRecord::new(AgentAction::Loss, self.last);
                     rec.reason = Some(format!("{output}_{why}"));
                     rec.lost = Some(lost);
                     self.forcing = true;
@@ -594,7 +595,7 @@ pub async fn drain(
         other => other,
     };
     // Whatever ended the loop: the last word, where any output can still take it.
-    let stopped = Record::Agent(Box::new(AgentRecord::new("stopped", sinks.last)));
+    let stopped = Record::Agent(Box::new(AgentRecord::new(AgentAction::Stopped, sinks.last)));
     let _ = sinks.take_notes();
     // Past the queues' bound: a full queue must not swallow the last word.
     sinks.forcing = true;
@@ -685,7 +686,7 @@ mod tests {
     }
 
     fn numbered(n: u64) -> Record {
-        let mut a = AgentRecord::new("test", Summary::default());
+        let mut a = AgentRecord::new(AgentAction::Ready, Summary::default());
         a.lost = Some(n);
         Record::Agent(Box::new(a))
     }
@@ -844,7 +845,7 @@ mod tests {
             .iter()
             .map(|v| v["action"].as_str().unwrap().to_string())
             .collect();
-        assert_eq!(actions, ["test", "test", "stopped"]);
+        assert_eq!(actions, ["ready", "ready", "stopped"]);
         let (held, _) = hub.subscribe(&crate::report::stream::Query::parse("replay=all").unwrap());
         assert!(
             std::str::from_utf8(&held.last().unwrap().json)

@@ -5,6 +5,7 @@
 //! in flight); the pump keeps writing events and counting them meanwhile, so whatever
 //! arrives during a refresh becomes the next episode. Work that cannot be done now (API
 //! down, a guard rail) stays pending and is retried; a new episode joins it.
+use crate::record::{DecisionAction, DecisionKind};
 use std::{future::Future, path::PathBuf, time::Duration};
 
 use k8s_openapi::api::core::v1::Node;
@@ -235,7 +236,7 @@ impl Controller {
     async fn run(mut self, mut episodes: Episodes) {
         // The start-up reconcile: a hot-add while the agent was down is caught here.
         let mut pending = true;
-        self.decide("episode", "settled", |d| {
+        self.decide(DecisionKind::Episode, DecisionAction::Settled, |d| {
             d.trigger = Some("startup".into());
             d.events = Some(0);
         })
@@ -299,7 +300,7 @@ impl Controller {
     /// joins pending work has no settle time of its own to report, as before).
     async fn settled(&self, ep: &Episode, timed: bool) {
         let settle_ms = (ep.settled - ep.first).as_millis() as u64;
-        self.decide("episode", "settled", |d| {
+        self.decide(DecisionKind::Episode, DecisionAction::Settled, |d| {
             d.trigger = Some("events".into());
             d.events = Some(ep.events);
             if timed {
@@ -325,7 +326,12 @@ impl Controller {
         }
     }
 
-    async fn decide(&self, kind: &str, action: &str, fill: impl FnOnce(&mut DecisionRecord)) {
+    async fn decide(
+        &self,
+        kind: DecisionKind,
+        action: DecisionAction,
+        fill: impl FnOnce(&mut DecisionRecord),
+    ) {
         let capacity = capacity::read_summary(&self.config.pipeline.root).unwrap_or_default();
         let mut d = DecisionRecord::new(kind, action, capacity, self.episode);
         d.node = self.node.as_ref().map(|n| n.name().to_string());
@@ -363,7 +369,7 @@ impl Controller {
                 if self.api_down {
                     self.api_down = false;
                     self.api_backoff = API_RETRY_MIN;
-                    self.decide("reconcile", "api_reachable", |d| {
+                    self.decide(DecisionKind::Reconcile, DecisionAction::ApiReachable, |d| {
                         d.message =
                             Some("the API answers again; reconciling the pending episode".into())
                     })
@@ -375,11 +381,15 @@ impl Controller {
                 let message = error_chain(&e);
                 if !self.api_down {
                     self.api_down = true;
-                    self.decide("reconcile", "api_unreachable", |d| {
-                        d.message = Some(format!(
-                            "{message}; keeping the episode and retrying until the API answers"
-                        ));
-                    })
+                    self.decide(
+                        DecisionKind::Reconcile,
+                        DecisionAction::ApiUnreachable,
+                        |d| {
+                            d.message = Some(format!(
+                                "{message}; keeping the episode and retrying until the API answers"
+                            ));
+                        },
+                    )
                     .await;
                 }
                 let at = Instant::now() + self.api_backoff;
@@ -391,7 +401,7 @@ impl Controller {
 
     async fn handle(&mut self) -> Next {
         if self.node.is_none() {
-            self.decide("reconcile", "skipped", |d| {
+            self.decide(DecisionKind::Reconcile, DecisionAction::Skipped, |d| {
                 d.reason = Some("no Kubernetes API configured".into())
             })
             .await;
@@ -409,8 +419,10 @@ impl Controller {
         let advertised = match reconcile::advertised(&node) {
             Ok(a) => a,
             Err(e) => {
-                self.decide("reconcile", "failed", |d| d.message = Some(e.to_string()))
-                    .await;
+                self.decide(DecisionKind::Reconcile, DecisionAction::Failed, |d| {
+                    d.message = Some(e.to_string())
+                })
+                .await;
                 // The kubelet may not have registered yet; its next update is an event for us
                 // only if the machine changes, so look again later.
                 return Next::RetryAt(Instant::now() + API_RETRY_MAX);
@@ -420,7 +432,7 @@ impl Controller {
         let differences = reconcile::differences(&expected, &advertised);
         if differences.is_empty() {
             self.announced = None;
-            self.decide("reconcile", "in_sync", |d| {
+            self.decide(DecisionKind::Reconcile, DecisionAction::InSync, |d| {
                 d.advertised = Some(advertised.clone())
             })
             .await;
@@ -434,7 +446,7 @@ impl Controller {
             return Next::Done;
         }
         let summary = differences.join("; ");
-        self.decide("reconcile", "stale", |d| {
+        self.decide(DecisionKind::Reconcile, DecisionAction::Stale, |d| {
             d.advertised = Some(advertised.clone());
             d.differences = differences.clone();
         })
@@ -461,7 +473,7 @@ impl Controller {
     ) -> Next {
         let backend = self.config.backend.name();
         if matches!(self.config.backend, Backend::None) {
-            self.decide("refresh", "skipped", |d| {
+            self.decide(DecisionKind::Refresh, DecisionAction::Skipped, |d| {
                 d.backend = Some(backend.into());
                 d.reason = Some("report_only".into());
             })
@@ -483,7 +495,7 @@ impl Controller {
             Blocking::Reset(blocked) => {
                 // The reset restarts the kubelet itself; it counts against the guard rails too.
                 if let Err(deferred) = self.guard.check(now) {
-                    self.decide("refresh", "deferred", |d| {
+                    self.decide(DecisionKind::Refresh, DecisionAction::Deferred, |d| {
                         d.backend = Some(backend.into());
                         d.reason = Some(deferred.reason.into());
                     })
@@ -505,7 +517,7 @@ impl Controller {
         }
         if let Err(deferred) = self.guard.check(now) {
             let wait = deferred.until.saturating_duration_since(now);
-            self.decide("refresh", "deferred", |d| {
+            self.decide(DecisionKind::Refresh, DecisionAction::Deferred, |d| {
                 d.backend = Some(backend.into());
                 d.reason = Some(deferred.reason.into());
                 d.until = Some(crate::record::rfc3339_in(wait));
@@ -514,12 +526,14 @@ impl Controller {
             return Next::RetryAt(deferred.until);
         }
         self.guard.started(now);
-        self.decide("refresh", "started", |d| d.backend = Some(backend.into()))
-            .await;
+        self.decide(DecisionKind::Refresh, DecisionAction::Started, |d| {
+            d.backend = Some(backend.into())
+        })
+        .await;
         let started = Instant::now();
         match refresh::refresh(&self.config.backend).await {
             Ok(outcome) => {
-                self.decide("refresh", "succeeded", |d| {
+                self.decide(DecisionKind::Refresh, DecisionAction::Succeeded, |d| {
                     d.backend = Some(backend.into());
                     d.duration_ms = Some(outcome.duration.as_millis() as u64);
                     d.message = Some(outcome.detail.clone());
@@ -536,7 +550,7 @@ impl Controller {
                 let message = error_chain(&e);
                 self.guard.finished(Instant::now(), false);
                 let retry = Instant::now() + self.guard.backoff().unwrap_or(API_RETRY_MAX);
-                self.decide("refresh", "failed", |d| {
+                self.decide(DecisionKind::Refresh, DecisionAction::Failed, |d| {
                     d.backend = Some(backend.into());
                     d.duration_ms = Some(started.elapsed().as_millis() as u64);
                     d.message = Some(message.clone());
@@ -619,7 +633,7 @@ impl Controller {
                         }
                         _ => false,
                     };
-                self.decide("verify", "converged", |d| {
+                self.decide(DecisionKind::Verify, DecisionAction::Converged, |d| {
                     d.advertised = Some(before.clone());
                     d.advertised_after = after.clone();
                     d.duration_ms = Some(elapsed);
@@ -672,7 +686,7 @@ impl Controller {
             Ok(None) => {
                 self.guard.finished(Instant::now(), false);
                 let retry = Instant::now() + self.guard.backoff().unwrap_or(API_RETRY_MAX);
-                self.decide("verify", "timeout", |d| {
+                self.decide(DecisionKind::Verify, DecisionAction::Timeout, |d| {
                     d.advertised = Some(before.clone());
                     d.duration_ms = Some(elapsed);
                     d.message = Some(format!("the Node did not converge within {timeout:?}"));
@@ -691,8 +705,10 @@ impl Controller {
             }
             Err(e) => {
                 let message = error_chain(&e);
-                self.decide("verify", "failed", |d| d.message = Some(message))
-                    .await;
+                self.decide(DecisionKind::Verify, DecisionAction::Failed, |d| {
+                    d.message = Some(message)
+                })
+                .await;
                 Next::RetryAt(Instant::now() + API_RETRY_MIN)
             }
         }
@@ -707,7 +723,7 @@ impl Controller {
                     "cannot read the kubelet's checkpoints, not restarting blind: {}",
                     error_chain(&e)
                 );
-                self.decide("refresh", "skipped", |d| {
+                self.decide(DecisionKind::Refresh, DecisionAction::Skipped, |d| {
                     d.reason = Some("checkpoint_unreadable".into());
                     d.message = Some(message.clone());
                 })
@@ -751,7 +767,7 @@ impl Controller {
             reasons.join("; "),
             blocked.pods.len()
         );
-        self.decide("refresh", "skipped", |d| {
+        self.decide(DecisionKind::Refresh, DecisionAction::Skipped, |d| {
             d.reason = Some("static_policy".into());
             d.message = Some(message.clone());
         })

@@ -6,6 +6,7 @@
 //! (kept as a backup, never deleted), start the kubelet, wait for the Node to be Ready,
 //! uncordon. Every step is a `reset` record; a step that fails stops the procedure, and the
 //! kubelet is never left stopped by us.
+use crate::record::{DecisionAction, DecisionKind};
 use std::{path::PathBuf, time::Duration};
 
 use k8s_openapi::{api::core::v1::Node, jiff::Timestamp};
@@ -30,8 +31,8 @@ const EVICTION_PATIENCE: Duration = Duration::from_secs(120);
 const EVICTION_RETRY: Duration = Duration::from_secs(5);
 
 impl Controller {
-    async fn step(&self, action: &str, message: String) {
-        self.decide("reset", action, |d| d.message = Some(message))
+    async fn step(&self, action: DecisionAction, message: String) {
+        self.decide(DecisionKind::Reset, action, |d| d.message = Some(message))
             .await;
     }
 
@@ -39,7 +40,7 @@ impl Controller {
         if uncordon && let Some(api) = &self.node {
             let _ = api.cordon(false).await;
         }
-        self.step("failed", why.clone()).await;
+        self.step(DecisionAction::Failed, why.clone()).await;
         self.event(EventType::Warning, "StaticPolicyResetFailed", &why)
             .await;
         self.condition(node, true, "StaticPolicyResetFailed", &why)
@@ -59,7 +60,7 @@ impl Controller {
             .map(|p| p.display().to_string())
             .collect();
         self.step(
-            "started",
+            DecisionAction::Started,
             format!(
                 "checkpoints {}; pods {}",
                 names.join(", "),
@@ -82,7 +83,7 @@ impl Controller {
                 .abort(node, format!("cordon failed: {}", error_chain(&e)), false)
                 .await);
         }
-        self.step("cordoned", "the Node is unschedulable".into())
+        self.step(DecisionAction::Cordoned, "the Node is unschedulable".into())
             .await;
 
         if let Err(why) = self.evict_pinned(&blocked.pods).await {
@@ -98,8 +99,11 @@ impl Controller {
                 )
                 .await);
         }
-        self.step("kubelet_stopped", self.config.backend.name().into())
-            .await;
+        self.step(
+            DecisionAction::KubeletStopped,
+            self.config.backend.name().into(),
+        )
+        .await;
 
         let stamp = Timestamp::now().as_second();
         let mut moved = Vec::new();
@@ -113,7 +117,7 @@ impl Controller {
             match std::fs::rename(path, &backup) {
                 Ok(()) => {
                     self.step(
-                        "checkpoint_moved",
+                        DecisionAction::CheckpointMoved,
                         format!("{} -> {}", path.display(), backup.display()),
                     )
                     .await;
@@ -146,8 +150,11 @@ impl Controller {
                 )
                 .await);
         }
-        self.step("kubelet_started", self.config.backend.name().into())
-            .await;
+        self.step(
+            DecisionAction::KubeletStarted,
+            self.config.backend.name().into(),
+        )
+        .await;
 
         let api = self
             .node
@@ -160,8 +167,11 @@ impl Controller {
             .await;
         match ready {
             Ok(Some(_)) => {
-                self.step("node_ready", "the kubelet reports Ready again".into())
-                    .await
+                self.step(
+                    DecisionAction::NodeReady,
+                    "the kubelet reports Ready again".into(),
+                )
+                .await
             }
             Ok(None) => {
                 let why = format!(
@@ -189,8 +199,11 @@ impl Controller {
                 .abort(node, format!("uncordon failed: {}", error_chain(&e)), false)
                 .await);
         }
-        self.step("uncordoned", "the Node is schedulable again".into())
-            .await;
+        self.step(
+            DecisionAction::Uncordoned,
+            "the Node is schedulable again".into(),
+        )
+        .await;
         Ok(())
     }
 
@@ -224,7 +237,8 @@ impl Controller {
                     Err(e) => return Err(format!("evicting {ns}/{name}: {}", error_chain(&e))),
                 }
             }
-            self.step("evicted", format!("{ns}/{name}")).await;
+            self.step(DecisionAction::Evicted, format!("{ns}/{name}"))
+                .await;
         }
         Ok(())
     }
