@@ -1,9 +1,13 @@
 //! `cargo xtask test [-- FILTER...]`: the whole suite.
 //!
 //! 1. setup, then one `cargo build` of every target, so the eBPF object is built once;
-//! 2. every test but the privileged ones, in parallel (unit, doc, `agent/tests`);
-//! 3. the privileged integration tests (`hotplug-tests`) one at a time: they take CPUs and
-//!    memory blocks offline, which tests running side by side would see;
+//! 2. every test but the privileged ones, in parallel (unit, doc, `agent/tests`, and the
+//!    `hotplug-tests` targets in [`PARALLEL_TARGETS`]: the controller in-process against the
+//!    fake API over a fixture sysfs, the manifests, the fake API itself);
+//! 3. the privileged integration tests (the other `hotplug-tests` targets) one at a time:
+//!    they take CPUs and memory blocks offline, which tests running side by side would see.
+//!    Not root: through `sudo -E` as the test runner where sudo needs no password (cargo
+//!    itself stays the developer's), else they skip themselves, loudly;
 //! 4. the VM scenarios (`cargo xtask vm-test`, all of them: ~30 s here on an idle
 //!    machine, ~90 s on a busy one, plus seed-scale's four 64 GiB guests, 4.6 min at load
 //!    9), whose hotplug happens inside a QEMU guest, never here.
@@ -29,15 +33,17 @@ pub struct Args {
     pub args: Vec<String>,
 }
 
+/// `hotplug-tests` targets that neither need root nor change the machine: they run with
+/// the unprivileged tests, in parallel. Every other target there runs in the serial,
+/// privileged phase, so a new test file is serial until someone says otherwise.
+const PARALLEL_TARGETS: [&str; 3] = ["controller", "deploy", "fake_api"];
+
 /// Spawned by the integration tests that run the agent.
 const AGENT_BIN_ENV: &str = "HOTPLUG_AGENT_BIN";
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     setup::run()?;
     let root = process::is_root();
-    if !root {
-        warn_unprivileged();
-    }
     let mut suite = Suite::default();
 
     // agent-ebpf is a no_std crate for the bpf target (agent/build.rs builds it); `--workspace`
@@ -88,20 +94,32 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .args(&libtest_args)
         .env(AGENT_BIN_ENV, &agent_bin);
     suite.run(&mut unprivileged)?;
-
-    if !root {
-        warn_unprivileged();
+    let mut parallel = process::cargo();
+    parallel.args(["test", "-p", "hotplug-tests"]);
+    for target in PARALLEL_TARGETS {
+        parallel.args(["--test", target]);
     }
+    parallel
+        .args(["--no-fail-fast", "--"])
+        .args(&libtest_args)
+        .env(AGENT_BIN_ENV, &agent_bin);
+    suite.run(&mut parallel)?;
+
     let mut privileged = process::cargo();
+    privileged.args(["test", "-p", "hotplug-tests", "--lib", "--bins"]);
+    for target in serial_targets()? {
+        privileged.args(["--test", &target]);
+    }
+    if !root {
+        if sudo_without_password() {
+            eprintln!("note: not root; the privileged tests run through `sudo -E`");
+            privileged.args(["--config", r#"target."cfg(all())".runner = "sudo -E""#]);
+        } else {
+            warn_unprivileged();
+        }
+    }
     privileged
-        .args([
-            "test",
-            "-p",
-            "hotplug-tests",
-            "--no-fail-fast",
-            "--",
-            "--test-threads=1",
-        ])
+        .args(["--no-fail-fast", "--", "--test-threads=1"])
         .args(&libtest_args)
         .env(AGENT_BIN_ENV, &agent_bin);
     suite.run(&mut privileged)?;
@@ -139,10 +157,39 @@ fn vm_filters(args: &[String]) -> Vec<String> {
     filters
 }
 
+/// The `hotplug-tests` integration targets not in [`PARALLEL_TARGETS`].
+fn serial_targets() -> anyhow::Result<Vec<String>> {
+    let dir = workspace::root().join("tests/tests");
+    let mut targets = Vec::new();
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "rs")
+            && let Some(stem) = path.file_stem().and_then(|s| s.to_str())
+            && !PARALLEL_TARGETS.contains(&stem)
+        {
+            targets.push(stem.to_owned());
+        }
+    }
+    targets.sort();
+    Ok(targets)
+}
+
+/// `sudo -n true`: sudo is there and asks no password (so it cannot hang the suite).
+fn sudo_without_password() -> bool {
+    Command::new("sudo")
+        .args(["-n", "true"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 fn warn_unprivileged() {
     eprintln!(
-        "\n!!! NOT ROOT: the privileged integration tests (hotplug-tests) will skip themselves.\n\
-         !!! Run `cargo xtask test` as root to exercise real CPU and memory hotplug.\n"
+        "\n!!! NOT ROOT, and sudo asks a password: the privileged integration tests\n\
+         !!! (hotplug-tests) will skip themselves. Run `cargo xtask test` as root, or with\n\
+         !!! passwordless sudo, to exercise real CPU and memory hotplug.\n"
     );
 }
 
