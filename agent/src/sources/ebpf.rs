@@ -484,7 +484,7 @@ pub enum EbpfMsg {
 }
 
 impl EbpfSource {
-    /// The attached names, leaked once so records can hold `&'static str`.
+    /// Each hook that attached, with the name of the method that did (`fentry/online_pages`).
     pub fn probe_names(&self) -> Vec<(Probe, &'static str)> {
         self.names.clone()
     }

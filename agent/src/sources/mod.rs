@@ -81,7 +81,8 @@ pub enum SourceMsg {
     Loss { source: Source, loss: Loss },
 }
 
-/// Counters every source keeps; exposed in `status` and, later, as metrics.
+/// Counters every source keeps: datagrams and ring-buffer records seen, ignored, malformed,
+/// and the socket's overflows.
 #[derive(Debug, Default)]
 pub struct Counters {
     pub uevents: AtomicU64,
