@@ -351,6 +351,20 @@ impl Controller {
         }
     }
 
+    /// A problem the operator must act on, after its decision record: a Warning Event
+    /// (`event_reason`) and the agent's condition on the Node, stale (`condition_reason`),
+    /// both with `message`. One place, so that the two never say different things.
+    async fn warn(
+        &mut self,
+        node: &Node,
+        event_reason: &str,
+        condition_reason: &str,
+        message: &str,
+    ) {
+        self.event(EventType::Warning, event_reason, message).await;
+        self.condition(node, true, condition_reason, message).await;
+    }
+
     async fn condition(&mut self, node: &Node, stale: bool, reason: &str, message: &str) {
         let Some(api) = &self.node else { return };
         if let Err(e) = api.set_condition(node, stale, reason, message).await {
@@ -556,13 +570,9 @@ impl Controller {
                     d.message = Some(message.clone());
                 })
                 .await;
-                self.event(
-                    EventType::Warning,
-                    "KubeletRefreshFailed",
-                    &format!("{backend} refresh failed: {message}"),
-                )
-                .await;
-                self.condition(node, true, "RefreshFailed", &message).await;
+                let message = format!("{backend} refresh failed: {message}");
+                self.warn(node, "KubeletRefreshFailed", "RefreshFailed", &message)
+                    .await;
                 return Next::RetryAt(retry);
             }
         }
@@ -695,11 +705,21 @@ impl Controller {
                 let message = format!(
                     "the Node did not advertise the machine's capacity within {timeout:?} after the refresh"
                 );
-                self.event(EventType::Warning, "CapacityNotConverged", &message)
-                    .await;
-                if let Ok(node) = self.fetch().await {
-                    self.condition(&node, true, "RefreshNotConverged", &message)
-                        .await;
+                match self.fetch().await {
+                    Ok(node) => {
+                        self.warn(
+                            &node,
+                            "CapacityNotConverged",
+                            "RefreshNotConverged",
+                            &message,
+                        )
+                        .await
+                    }
+                    // No Node to set the condition on: the Event at least.
+                    Err(_) => {
+                        self.event(EventType::Warning, "CapacityNotConverged", &message)
+                            .await
+                    }
                 }
                 Next::RetryAt(retry)
             }
@@ -728,10 +748,13 @@ impl Controller {
                     d.message = Some(message.clone());
                 })
                 .await;
-                self.event(EventType::Warning, "KubeletCheckpointUnreadable", &message)
-                    .await;
-                self.condition(node, true, "KubeletCheckpointUnreadable", &message)
-                    .await;
+                self.warn(
+                    node,
+                    "KubeletCheckpointUnreadable",
+                    "KubeletCheckpointUnreadable",
+                    &message,
+                )
+                .await;
                 return Blocking::Stop(Next::Done);
             }
         };
@@ -772,10 +795,13 @@ impl Controller {
             d.message = Some(message.clone());
         })
         .await;
-        self.event(EventType::Warning, "StaticPolicyBlocksRefresh", &message)
-            .await;
-        self.condition(node, true, "StaticPolicyCheckpoint", &message)
-            .await;
+        self.warn(
+            node,
+            "StaticPolicyBlocksRefresh",
+            "StaticPolicyCheckpoint",
+            &message,
+        )
+        .await;
         Blocking::Stop(Next::Done)
     }
 }

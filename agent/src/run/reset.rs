@@ -41,10 +41,13 @@ impl Controller {
             let _ = api.cordon(false).await;
         }
         self.step(DecisionAction::Failed, why.clone()).await;
-        self.event(EventType::Warning, "StaticPolicyResetFailed", &why)
-            .await;
-        self.condition(node, true, "StaticPolicyResetFailed", &why)
-            .await;
+        self.warn(
+            node,
+            "StaticPolicyResetFailed",
+            "StaticPolicyResetFailed",
+            &why,
+        )
+        .await;
         Next::Done
     }
 
