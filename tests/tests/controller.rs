@@ -172,6 +172,8 @@ struct Options {
     verify_timeout: Option<Duration>,
     /// The kubelet's CPU manager checkpoint, in its root dir.
     cpu_manager_state: Option<&'static str>,
+    /// Where the agent looks for the pods' cgroup, instead of the one the stand-in keeps.
+    cgroup_root: Option<PathBuf>,
 }
 
 /// A TCP proxy in front of the fake API that can hang: frozen, it accepts connections and
@@ -288,7 +290,9 @@ impl Harness {
             api_timeout: API_TIMEOUT,
             kubelet_root: cluster.path("kubelet-root").into(),
             static_policy: StaticPolicy::Refuse,
-            cgroup_root: cluster.path("cgroup").into(),
+            cgroup_root: options
+                .cgroup_root
+                .unwrap_or_else(|| cluster.path("cgroup").into()),
         };
         let mut kubeconfig = PathBuf::from(cluster.path("kubeconfig"));
         let proxy = options
@@ -899,4 +903,68 @@ fn a_static_cpu_manager_checkpoint_blocks_the_restart() {
     h.wait_condition("True", "StaticPolicyCheckpoint");
     assert_eq!(h.cluster.kubelet.restarts(), 1, "log:\n{}", h.log());
     assert!(h.records("refresh", "started").is_empty());
+}
+
+/// The API server goes away mid-episode: reconcile says `api_unreachable` once (not once per
+/// retry), and when the server is back the episode converges with one restart.
+#[test]
+fn an_api_outage_is_said_once_and_the_episode_converges_when_it_returns() {
+    let mut h = Harness::start(timing(), false);
+    h.cluster.rt.block_on(h.cluster.api.stop());
+    h.cpu1_offline();
+    h.wait_for("api_unreachable", |r| {
+        r["kind"] == "reconcile" && r["action"] == "api_unreachable"
+    });
+    h.cluster.rt.block_on(h.cluster.api.restart());
+    h.wait_for("api_reachable", |r| {
+        r["kind"] == "reconcile" && r["action"] == "api_reachable"
+    });
+    h.wait_converged();
+    assert_eq!(
+        h.records("reconcile", "api_unreachable").len(),
+        1,
+        "log:\n{}",
+        h.log()
+    );
+    assert_eq!(h.cluster.kubelet.restarts(), 2, "log:\n{}", h.log());
+}
+
+/// The Node converged but the pods' cgroup memory limit stayed where it was (a kubelet
+/// that did not resize its `kubepods` cgroup): verify records the check as failed, a
+/// Warning says so, and the condition stays stale.
+#[test]
+fn a_pods_cgroup_limit_that_did_not_move_is_warned() {
+    let stuck = tempfile::tempdir().expect("tempdir");
+    fs::create_dir_all(stuck.path().join("kubepods.slice")).expect("cgroup fixture");
+    fs::write(
+        stuck.path().join("kubepods.slice/memory.max"),
+        "3221225472\n",
+    )
+    .expect("cgroup fixture");
+    let mut h = Harness::start_with(Options {
+        cgroup_root: Some(stuck.path().to_owned()),
+        ..Options::default()
+    });
+    let base = h.machine.summary();
+    h.change(
+        Kind::MemoryBlock,
+        Action::Online,
+        "memory40",
+        Summary {
+            memory_bytes: base.memory_bytes + (1 << 30),
+            ..base
+        },
+    );
+    let verify = h.wait_for("verify converged", |r| {
+        r["kind"] == "verify" && r["action"] == "converged"
+    });
+    assert_eq!(verify["cgroup"]["ok"], false, "{verify}");
+    assert_eq!(verify["cgroup"]["before"], 3_221_225_472u64, "{verify}");
+    assert_eq!(verify["cgroup"]["after"], 3_221_225_472u64, "{verify}");
+    h.cluster
+        .rt
+        .block_on(h.cluster.api.wait_event(CONVERGE, |e| {
+            e["reason"] == "PodsCgroupLimitStale" && e["type"] == "Warning"
+        }));
+    h.wait_condition("True", "PodsCgroupLimitStale");
 }
