@@ -33,6 +33,11 @@ use serde::{
 
 use crate::capacity::{self, CpuListError, Snapshot};
 
+pub mod format;
+#[cfg(test)]
+mod published;
+pub mod spew;
+
 pub const DEFAULT_KUBELET_ROOT: &str = "/var/lib/kubelet";
 pub const CPU_MANAGER_STATE: &str = "cpu_manager_state";
 pub const MEMORY_MANAGER_STATE: &str = "memory_manager_state";
