@@ -36,7 +36,10 @@ use crate::capacity::{self, CpuListError, Snapshot};
 pub mod format;
 #[cfg(test)]
 mod published;
+pub mod rewrite;
 pub mod spew;
+pub mod update;
+pub mod write;
 
 pub const DEFAULT_KUBELET_ROOT: &str = "/var/lib/kubelet";
 pub const CPU_MANAGER_STATE: &str = "cpu_manager_state";
