@@ -39,6 +39,7 @@ mod published;
 pub mod rewrite;
 pub mod spew;
 pub mod update;
+pub mod view;
 pub mod write;
 
 pub const DEFAULT_KUBELET_ROOT: &str = "/var/lib/kubelet";
