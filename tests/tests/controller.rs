@@ -172,6 +172,11 @@ struct Options {
     verify_timeout: Option<Duration>,
     /// The kubelet's CPU manager checkpoint, in its root dir.
     cpu_manager_state: Option<&'static str>,
+    /// Instead of `refuse`.
+    static_policy: Option<StaticPolicy>,
+    /// The stand-in validates the checkpoints at each start as the kubelet's static
+    /// policies do, and refuses to start on one they would refuse.
+    validating_standin: bool,
 }
 
 /// A TCP proxy in front of the fake API that can hang: frozen, it accepts connections and
@@ -257,7 +262,11 @@ impl Harness {
         let timing = options.timing.unwrap_or_else(self::timing);
         let machine = Machine::new();
         let root = machine.root().to_str().expect("utf-8").to_owned();
-        let cluster = Cluster::start_with(NODE, &["--root", &root, "--repost-ms", "200"]);
+        let mut standin = vec!["--root", &root, "--repost-ms", "200"];
+        if options.validating_standin {
+            standin.extend(["--kubelet-root-dir", "@KUBELET_ROOT@"]);
+        }
+        let cluster = Cluster::start_with(NODE, &standin);
         let gate = gated.then(|| Gate::new(Path::new(&cluster.path(""))));
         let restart = cluster.kubelet.restart_command();
         let script = match &gate {
@@ -287,7 +296,7 @@ impl Harness {
             verify_timeout: options.verify_timeout.unwrap_or(VERIFY_TIMEOUT),
             api_timeout: API_TIMEOUT,
             kubelet_root: cluster.path("kubelet-root").into(),
-            static_policy: StaticPolicy::Refuse,
+            static_policy: options.static_policy.unwrap_or(StaticPolicy::Refuse),
             cgroup_root: cluster.path("cgroup").into(),
         };
         let mut kubeconfig = PathBuf::from(cluster.path("kubeconfig"));
@@ -899,4 +908,113 @@ fn a_static_cpu_manager_checkpoint_blocks_the_restart() {
     h.wait_condition("True", "StaticPolicyCheckpoint");
     assert_eq!(h.cluster.kubelet.restarts(), 1, "log:\n{}", h.log());
     assert!(h.records("refresh", "started").is_empty());
+}
+
+/// `update-in-place` with a CPU added: the checkpoint is rewritten (the new CPU joins the
+/// shared pool, the pinned CPU stays with its pod), the stand-in — validating the
+/// checkpoint as the kubelet does — restarts once and accepts it, the Node converges, the
+/// old file is kept, and the records and the Event say what changed.
+#[test]
+fn update_in_place_adds_a_new_cpu_to_the_shared_pool_with_one_restart() {
+    const STATE: &str = r#"{"policyName":"static","defaultCpuSet":"0","entries":{"pod-a":{"app":"1"}},"checksum":0}"#;
+    let mut h = Harness::start_with(Options {
+        cpu_manager_state: Some(STATE),
+        static_policy: Some(StaticPolicy::UpdateInPlace),
+        validating_standin: true,
+        ..Options::default()
+    });
+    let three = Summary {
+        cpus_online: 3,
+        ..h.machine.summary()
+    };
+    h.change(Kind::Cpu, Action::Online, "cpu2", three);
+    let rewritten = h.wait_for("checkpoint rewritten", |r| {
+        r["kind"] == "reset" && r["action"] == "checkpoint_rewritten"
+    });
+    let change = &rewritten["checkpoint"];
+    assert_eq!(
+        (change["before"].as_str(), change["after"].as_str()),
+        (Some("0"), Some("0,2")),
+        "{rewritten}"
+    );
+    h.wait_for("kubelet started", |r| {
+        r["kind"] == "reset" && r["action"] == "kubelet_started"
+    });
+    h.wait_converged();
+    assert_eq!(
+        h.cluster.kubelet.restarts(),
+        2,
+        "one restart; log:\n{}",
+        h.cluster.kubelet.log()
+    );
+    assert!(
+        h.cluster
+            .kubelet
+            .log()
+            .contains("cpu_manager_state accepted: policy static defaultCpuSet \"0,2\""),
+        "the restarted stand-in validated the new file:\n{}",
+        h.cluster.kubelet.log()
+    );
+    let path = h.cluster.path("kubelet-root/cpu_manager_state");
+    let file = hotplug_agent::checkpoint::format::parse_cpu(&fs::read(&path).expect("checkpoint"))
+        .expect("parses");
+    assert_eq!(file.state.default_cpu_set, "0,2");
+    assert_eq!(
+        file.checksum.stored, file.checksum.computed,
+        "the kubelet's checksum"
+    );
+    assert_ne!(file.checksum.stored, 0);
+    let pinned = &file.state.entries.as_ref().expect("entries")["pod-a"]["app"];
+    assert_eq!(pinned, "1", "the exclusive assignment did not move");
+    let backup = change["backup"].as_str().expect("a backup");
+    assert_eq!(fs::read_to_string(backup).expect("backup kept"), STATE);
+    h.cluster
+        .rt
+        .block_on(h.cluster.api.wait_event(CONVERGE, |e| {
+            e["reason"] == "KubeletCheckpointUpdated"
+                && e["type"] == "Normal"
+                && e["message"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("CPUs 2 join the shared pool")
+        }));
+    assert!(
+        h.records("refresh", "skipped").is_empty(),
+        "log:\n{}",
+        h.log()
+    );
+}
+
+/// `update-in-place` when the CPU that went away is pinned to a pod: nothing is written,
+/// the kubelet is not restarted, and the refusal (with why) is the Warning.
+#[test]
+fn update_in_place_never_touches_a_pinned_cpu_and_falls_back_to_refuse() {
+    const STATE: &str = r#"{"policyName":"static","defaultCpuSet":"0","entries":{"pod-a":{"app":"1"}},"checksum":0}"#;
+    let mut h = Harness::start_with(Options {
+        cpu_manager_state: Some(STATE),
+        static_policy: Some(StaticPolicy::UpdateInPlace),
+        validating_standin: true,
+        ..Options::default()
+    });
+    h.cpu1_offline();
+    let skipped = h.wait_for("refresh skipped", |r| {
+        r["kind"] == "refresh" && r["action"] == "skipped"
+    });
+    assert_eq!(skipped["reason"], "static_policy", "{skipped}");
+    let message = skipped["message"].as_str().unwrap_or("");
+    assert!(
+        message.contains("update-in-place not possible")
+            && message.contains(
+                "CPUs 1 went away but are exclusively assigned to pod pod-a container app"
+            ),
+        "{skipped}"
+    );
+    assert_eq!(h.cluster.kubelet.restarts(), 1);
+    let path = h.cluster.path("kubelet-root/cpu_manager_state");
+    assert_eq!(
+        fs::read_to_string(&path).expect("checkpoint"),
+        STATE,
+        "not rewritten"
+    );
+    assert!(h.records("reset", "checkpoint_rewritten").is_empty());
 }
