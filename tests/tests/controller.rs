@@ -172,6 +172,8 @@ struct Options {
     verify_timeout: Option<Duration>,
     /// The kubelet's CPU manager checkpoint, in its root dir.
     cpu_manager_state: Option<&'static str>,
+    /// The kubelet's memory manager checkpoint, in its root dir.
+    memory_manager_state: Option<String>,
     /// Instead of `refuse`.
     static_policy: Option<StaticPolicy>,
     /// The stand-in validates the checkpoints at each start as the kubelet's static
@@ -277,6 +279,10 @@ impl Harness {
         if let Some((argv, timeout)) = options.refresh {
             command.argv = argv;
             command.timeout = timeout;
+        }
+        if let Some(state) = &options.memory_manager_state {
+            fs::write(cluster.path("kubelet-root/memory_manager_state"), state)
+                .expect("writing the checkpoint");
         }
         if let Some(state) = options.cpu_manager_state {
             fs::write(cluster.path("kubelet-root/cpu_manager_state"), state)
@@ -1017,4 +1023,79 @@ fn update_in_place_never_touches_a_pinned_cpu_and_falls_back_to_refuse() {
         "not rewritten"
     );
     assert!(h.records("reset", "checkpoint_rewritten").is_empty());
+}
+
+/// `update-in-place` with memory added to a Static memory manager node: the new memory
+/// joins node 0's table (total, allocatable and free grow; the pod's reservation stays),
+/// the validating stand-in restarts once and accepts it, and the Node converges.
+#[test]
+fn update_in_place_adds_hot_added_memory_to_its_numa_node() {
+    let reserved = 100u64 << 20;
+    let pinned = GIB;
+    let table = |total: u64| {
+        format!(
+            r#"{{"total":{total},"systemReserved":{reserved},"allocatable":{a},"reserved":{pinned},"free":{f}}}"#,
+            a = total - reserved,
+            f = total - reserved - pinned
+        )
+    };
+    let state = format!(
+        r#"{{"policyName":"Static","machineState":{{"0":{{"numberOfAssignments":1,"memoryMap":{{"memory":{}}},"cells":[0]}}}},"entries":{{"pod-m":{{"db":[{{"numaAffinity":[0],"type":"memory","size":{pinned}}}]}}}},"checksum":0}}"#,
+        table(BASE_MEMORY)
+    );
+    let mut h = Harness::start_with(Options {
+        memory_manager_state: Some(state.clone()),
+        static_policy: Some(StaticPolicy::UpdateInPlace),
+        validating_standin: true,
+        ..Options::default()
+    });
+    let grown = Summary {
+        memory_bytes: BASE_MEMORY + BLOCK,
+        ..h.machine.summary()
+    };
+    h.change(Kind::MemoryBlock, Action::Online, "memory40", grown);
+    let rewritten = h.wait_for("checkpoint rewritten", |r| {
+        r["kind"] == "reset" && r["action"] == "checkpoint_rewritten"
+    });
+    assert_eq!(rewritten["checkpoint"]["manager"], "memory", "{rewritten}");
+    assert_eq!(
+        rewritten["checkpoint"]["after"],
+        format!("node0={}", BASE_MEMORY + BLOCK),
+        "{rewritten}"
+    );
+    h.wait_converged();
+    assert_eq!(
+        h.cluster.kubelet.restarts(),
+        2,
+        "log:\n{}",
+        h.cluster.kubelet.log()
+    );
+    assert!(
+        h.cluster
+            .kubelet
+            .log()
+            .contains("memory_manager_state accepted: policy Static"),
+        "{}",
+        h.cluster.kubelet.log()
+    );
+    let path = h.cluster.path("kubelet-root/memory_manager_state");
+    let file = hotplug_agent::checkpoint::format::parse_memory(&fs::read(&path).expect("read"))
+        .expect("parses");
+    assert!(
+        file.checksum.valid && file.checksum.stored != 0,
+        "{:?}",
+        file.checksum
+    );
+    let node = file.state.machine_state.as_ref().expect("nodes")[&0]
+        .clone()
+        .expect("node 0");
+    let memory = node.memory_map.as_ref().expect("tables")["memory"].expect("memory");
+    assert_eq!(
+        (memory.total, memory.reserved, memory.free),
+        (
+            BASE_MEMORY + BLOCK,
+            pinned,
+            BASE_MEMORY + BLOCK - reserved - pinned
+        )
+    );
 }
