@@ -933,6 +933,12 @@ fn update_in_place_adds_a_new_cpu_to_the_shared_pool_with_one_restart() {
         cpus_online: 3,
         ..h.machine.summary()
     };
+    // The pinned container's cgroup, as the systemd driver lays it out.
+    let scope = h
+        .cluster
+        .path("cgroup/kubepods.slice/kubepods-podpod_a.slice/cri-containerd-0123.scope");
+    fs::create_dir_all(&scope).expect("mkdir");
+    fs::write(format!("{scope}/cpuset.cpus"), "1\n").expect("cpuset");
     h.change(Kind::Cpu, Action::Online, "cpu2", three);
     let rewritten = h.wait_for("checkpoint rewritten", |r| {
         r["kind"] == "reset" && r["action"] == "checkpoint_rewritten"
@@ -946,6 +952,13 @@ fn update_in_place_adds_a_new_cpu_to_the_shared_pool_with_one_restart() {
     h.wait_for("kubelet started", |r| {
         r["kind"] == "reset" && r["action"] == "kubelet_started"
     });
+    let kept = h.wait_for("cpusets checked", |r| {
+        r["kind"] == "reset" && r["action"] == "cpusets_unchanged"
+    });
+    assert_eq!(
+        kept["message"], "1 container cgroups of 1 pinned pods keep their cpuset.cpus",
+        "{kept}"
+    );
     h.wait_converged();
     assert_eq!(
         h.cluster.kubelet.restarts(),

@@ -8,6 +8,11 @@
 //! both commands), the kubelet is stopped first and the files re-read, so that it cannot
 //! write its old state over the new file; otherwise the file is written while it runs (the
 //! write refuses a file that changed since it was read) and the restart follows.
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Node;
 
@@ -49,6 +54,73 @@ pub fn plan(kubelet_root: &std::path::Path, machine: &Machine) -> Result<Planned
     }
 }
 
+/// The pods holding exclusive CPUs in the CPU manager checkpoints about to be rewritten.
+fn pinned_pods(rewrites: &[Inspection]) -> Vec<String> {
+    let mut pods = Vec::new();
+    for i in rewrites.iter().filter(|i| i.manager == "cpu") {
+        if let Ok(file) = crate::checkpoint::format::parse_cpu(&i.original) {
+            pods.extend(file.state.entries.into_iter().flatten().map(|(pod, _)| pod));
+            pods.extend(
+                file.state
+                    .pod_entries
+                    .into_iter()
+                    .flatten()
+                    .map(|(pod, _)| pod),
+            );
+        }
+    }
+    pods.sort();
+    pods.dedup();
+    pods
+}
+
+/// `cpuset.cpus` of every container cgroup of these pods, by path: the systemd driver's
+/// `kubepods*.slice/.../kubepods-*pod<uid with _>.slice/<container>.scope` and cgroupfs's
+/// `kubepods/.../pod<uid>/<container>`. What a pinned container runs on, as the kernel has
+/// it; a rewrite must leave every one as it was.
+pub fn container_cpusets(cgroup_root: &Path, pods: &[String]) -> BTreeMap<PathBuf, String> {
+    let mut out = BTreeMap::new();
+    let marks: Vec<(String, String)> = pods
+        .iter()
+        .map(|uid| {
+            (
+                format!("pod{}.slice", uid.replace('-', "_")),
+                format!("pod{uid}"),
+            )
+        })
+        .collect();
+    let mut stack: Vec<(PathBuf, usize)> = ["kubepods.slice", "kubepods"]
+        .iter()
+        .map(|d| (cgroup_root.join(d), 0))
+        .collect();
+    while let Some((dir, depth)) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten().filter(|e| e.path().is_dir()) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let pod = marks
+                .iter()
+                .any(|(slice, plain)| name.ends_with(slice) || name == *plain);
+            if pod {
+                for container in std::fs::read_dir(entry.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                {
+                    let file = container.path().join("cpuset.cpus");
+                    if let Ok(cpus) = std::fs::read_to_string(&file) {
+                        out.insert(file, cpus.trim().to_owned());
+                    }
+                }
+            } else if depth < 3 {
+                stack.push((entry.path(), depth + 1));
+            }
+        }
+    }
+    out
+}
+
 fn stoppable(backend: &Backend) -> bool {
     match backend {
         Backend::Systemd(_) => true,
@@ -85,6 +157,8 @@ impl Controller {
                 }
             };
         }
+        let pods = pinned_pods(&rewrites);
+        let cpusets_before = container_cpusets(&self.config.cgroup_root, &pods);
         let stamp = Timestamp::now().as_second().to_string();
         let mut summaries = Vec::new();
         for i in &rewrites {
@@ -140,6 +214,28 @@ impl Controller {
         }
         self.step(DecisionAction::KubeletStarted, backend.into())
             .await;
+        let cpusets_after = container_cpusets(&self.config.cgroup_root, &pods);
+        let moved: Vec<String> = cpusets_before
+            .iter()
+            .filter(|(path, cpus)| cpusets_after.get(*path) != Some(*cpus))
+            .map(|(path, cpus)| {
+                let now = cpusets_after.get(path).map_or("(gone)", String::as_str);
+                format!("{}: {cpus} -> {now}", path.display())
+            })
+            .collect();
+        if moved.is_empty() {
+            let message = format!(
+                "{} container cgroups of {} pinned pods keep their cpuset.cpus",
+                cpusets_before.len(),
+                pods.len()
+            );
+            self.step(DecisionAction::CpusetsUnchanged, message).await;
+        } else {
+            let why = format!("pinned containers' cpusets changed: {}", moved.join("; "));
+            self.step(DecisionAction::CpusetsChanged, why.clone()).await;
+            self.event(EventType::Warning, "PinnedCpusetChanged", &why)
+                .await;
+        }
         self.event(
             EventType::Normal,
             "KubeletCheckpointUpdated",
