@@ -250,10 +250,8 @@ impl Controller {
 
     async fn update_failed(&mut self, node: &Node, why: String) -> Next {
         self.step(DecisionAction::Failed, why.clone()).await;
-        self.event(EventType::Warning, "KubeletCheckpointUpdateFailed", &why)
-            .await;
-        self.condition(node, true, "KubeletCheckpointUpdateFailed", &why)
-            .await;
+        let reason = "KubeletCheckpointUpdateFailed";
+        self.warn(node, reason, reason, &why).await;
         Next::Done
     }
 }
