@@ -111,6 +111,18 @@ pub fn main(cli: Cli) -> Result<(), AppError> {
             status::write(&mut io::stdout().lock(), &status, format)
                 .map_err(|e| AppError::Write("status", e))
         }
+        Command::Checkpoint {
+            kubelet_root_dir,
+            format,
+            root,
+        } => {
+            use crate::checkpoint::{update, view};
+            let snapshot = crate::capacity::read_snapshot(&root).map_err(AppError::Status)?;
+            let machine = update::Machine::new(&snapshot, update::reserved_cpus(&kubelet_root_dir));
+            let found = update::inspect(&kubelet_root_dir, &machine);
+            view::write(&mut io::stdout().lock(), &found, format)
+                .map_err(|e| AppError::Write("checkpoint report", e))
+        }
     }
 }
 

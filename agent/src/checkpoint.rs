@@ -33,6 +33,15 @@ use serde::{
 
 use crate::capacity::{self, CpuListError, Snapshot};
 
+pub mod format;
+#[cfg(test)]
+mod published;
+pub mod rewrite;
+pub mod spew;
+pub mod update;
+pub mod view;
+pub mod write;
+
 pub const DEFAULT_KUBELET_ROOT: &str = "/var/lib/kubelet";
 pub const CPU_MANAGER_STATE: &str = "cpu_manager_state";
 pub const MEMORY_MANAGER_STATE: &str = "memory_manager_state";

@@ -49,6 +49,19 @@ pub enum Command {
         #[arg(long, default_value = "/", hide = true)]
         root: PathBuf,
     },
+    /// For each kubelet CPU/memory manager checkpoint: its policy, whether its checksum is
+    /// the kubelet's, whether the kubelet would start on it on this machine now (and if not,
+    /// why), and what `--static-policy update-in-place` would write. Writes nothing.
+    Checkpoint {
+        /// The kubelet's root dir.
+        #[arg(long, default_value = crate::checkpoint::DEFAULT_KUBELET_ROOT)]
+        kubelet_root_dir: PathBuf,
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+        /// Filesystem root holding proc/ and sys/.
+        #[arg(long, default_value = "/", hide = true)]
+        root: PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]

@@ -104,7 +104,7 @@ words! {
         Reconcile = "reconcile",
         Refresh = "refresh",
         Verify = "verify",
-        /// `--static-policy drain-and-reset`, step by step.
+        /// `--static-policy drain-and-reset` or `update-in-place`, step by step.
         Reset = "reset",
     }
 }
@@ -131,7 +131,12 @@ words! {
         Evicted = "evicted",
         KubeletStopped = "kubelet_stopped",
         CheckpointMoved = "checkpoint_moved",
+        /// `--static-policy update-in-place`: a checkpoint rewritten for the new machine.
+        CheckpointRewritten = "checkpoint_rewritten",
         KubeletStarted = "kubelet_started",
+        /// update-in-place: the pinned containers' `cpuset.cpus` as before the restart.
+        CpusetsUnchanged = "cpusets_unchanged",
+        CpusetsChanged = "cpusets_changed",
         NodeReady = "node_ready",
         Uncordoned = "uncordoned",
     }
@@ -368,6 +373,22 @@ pub struct DecisionRecord {
     /// `in_flight_stalled`, left offline; `max_wait`, cut by the bound).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blocks_pending: Option<u64>,
+    /// reset `checkpoint_rewritten` (`--static-policy update-in-place`): the file, what
+    /// changed in it and where the old one is kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<CheckpointChange>,
+}
+
+/// One checkpoint rewrite: the CPU manager's `defaultCpuSet` or the memory manager's
+/// per-NUMA-node memory totals, before and after.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointChange {
+    /// `cpu` or `memory`.
+    pub manager: String,
+    pub path: String,
+    pub before: String,
+    pub after: String,
+    pub backup: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -8,8 +8,9 @@ use std::collections::BTreeMap;
 use hotplug_agent::{
     capacity::Summary,
     record::{
-        Action, Advertised, AgentRecord, CgroupCheck, DecisionRecord, EventRecord, Kind,
-        MachineSummary, ProbeStatus, Record, SCHEMA_VERSION, Source, SourceStatus,
+        Action, Advertised, AgentRecord, CgroupCheck, CheckpointChange, DecisionRecord,
+        EventRecord, Kind, MachineSummary, ProbeStatus, Record, SCHEMA_VERSION, Source,
+        SourceStatus,
     },
 };
 
@@ -228,6 +229,19 @@ fn records() -> Vec<Record> {
     timeout.duration_ms = Some(120_000);
     timeout.message = Some("the Node did not converge within 120s".into());
     out.push(Record::Decision(Box::new(timeout)));
+    let mut rewritten = decision("reset", "checkpoint_rewritten", 1);
+    rewritten.message = Some(
+        "CPUs 2 join the shared pool; defaultCpuSet 0,3 -> 0,2-3; exclusive assignments unchanged"
+            .into(),
+    );
+    rewritten.checkpoint = Some(CheckpointChange {
+        manager: "cpu".into(),
+        path: "/var/lib/kubelet/cpu_manager_state".into(),
+        before: "0,3".into(),
+        after: "0,2-3".into(),
+        backup: "/var/lib/kubelet/cpu_manager_state.bak.1796040000".into(),
+    });
+    out.push(Record::Decision(Box::new(rewritten)));
     out
 }
 

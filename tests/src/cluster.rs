@@ -41,7 +41,13 @@ impl Cluster {
         }
         let cgroup_file = dir.path().join("cgroup/kubepods.slice/memory.max");
         let mut flags = vec!["--cgroup-file", cgroup_file.to_str().expect("utf-8 path")];
-        flags.extend_from_slice(standin);
+        // `@KUBELET_ROOT@` in the stand-in's flags: this cluster's kubelet root dir.
+        let kubelet_root = dir.path().join("kubelet-root").display().to_string();
+        let standin: Vec<String> = standin
+            .iter()
+            .map(|f| f.replace("@KUBELET_ROOT@", &kubelet_root))
+            .collect();
+        flags.extend(standin.iter().map(String::as_str));
         let kubelet = Kubelet::start(&dir.path().join("kubeconfig"), node, dir.path(), &flags);
         Self {
             rt,

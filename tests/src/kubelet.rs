@@ -21,6 +21,7 @@
 //! unless it is a whole number of MiB (then `Mi`, or `Gi`...).
 
 mod capacity;
+pub mod checkpoints;
 pub mod process;
 mod status;
 

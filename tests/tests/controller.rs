@@ -174,6 +174,13 @@ struct Options {
     cpu_manager_state: Option<&'static str>,
     /// Where the agent looks for the pods' cgroup, instead of the one the stand-in keeps.
     cgroup_root: Option<PathBuf>,
+    /// The kubelet's memory manager checkpoint, in its root dir.
+    memory_manager_state: Option<String>,
+    /// Instead of `refuse`.
+    static_policy: Option<StaticPolicy>,
+    /// The stand-in validates the checkpoints at each start as the kubelet's static
+    /// policies do, and refuses to start on one they would refuse.
+    validating_standin: bool,
 }
 
 /// A TCP proxy in front of the fake API that can hang: frozen, it accepts connections and
@@ -259,7 +266,11 @@ impl Harness {
         let timing = options.timing.unwrap_or_else(self::timing);
         let machine = Machine::new();
         let root = machine.root().to_str().expect("utf-8").to_owned();
-        let cluster = Cluster::start_with(NODE, &["--root", &root, "--repost-ms", "200"]);
+        let mut standin = vec!["--root", &root, "--repost-ms", "200"];
+        if options.validating_standin {
+            standin.extend(["--kubelet-root-dir", "@KUBELET_ROOT@"]);
+        }
+        let cluster = Cluster::start_with(NODE, &standin);
         let gate = gated.then(|| Gate::new(Path::new(&cluster.path(""))));
         let restart = cluster.kubelet.restart_command();
         let script = match &gate {
@@ -270,6 +281,10 @@ impl Harness {
         if let Some((argv, timeout)) = options.refresh {
             command.argv = argv;
             command.timeout = timeout;
+        }
+        if let Some(state) = &options.memory_manager_state {
+            fs::write(cluster.path("kubelet-root/memory_manager_state"), state)
+                .expect("writing the checkpoint");
         }
         if let Some(state) = options.cpu_manager_state {
             fs::write(cluster.path("kubelet-root/cpu_manager_state"), state)
@@ -289,7 +304,7 @@ impl Harness {
             verify_timeout: options.verify_timeout.unwrap_or(VERIFY_TIMEOUT),
             api_timeout: API_TIMEOUT,
             kubelet_root: cluster.path("kubelet-root").into(),
-            static_policy: StaticPolicy::Refuse,
+            static_policy: options.static_policy.unwrap_or(StaticPolicy::Refuse),
             cgroup_root: options
                 .cgroup_root
                 .unwrap_or_else(|| cluster.path("cgroup").into()),
@@ -967,4 +982,201 @@ fn a_pods_cgroup_limit_that_did_not_move_is_warned() {
             e["reason"] == "PodsCgroupLimitStale" && e["type"] == "Warning"
         }));
     h.wait_condition("True", "PodsCgroupLimitStale");
+}
+
+/// `update-in-place` with a CPU added: the checkpoint is rewritten (the new CPU joins the
+/// shared pool, the pinned CPU stays with its pod), the stand-in — validating the
+/// checkpoint as the kubelet does — restarts once and accepts it, the Node converges, the
+/// old file is kept, and the records and the Event say what changed.
+#[test]
+fn update_in_place_adds_a_new_cpu_to_the_shared_pool_with_one_restart() {
+    const STATE: &str = r#"{"policyName":"static","defaultCpuSet":"0","entries":{"pod-a":{"app":"1"}},"checksum":0}"#;
+    let mut h = Harness::start_with(Options {
+        cpu_manager_state: Some(STATE),
+        static_policy: Some(StaticPolicy::UpdateInPlace),
+        validating_standin: true,
+        ..Options::default()
+    });
+    let three = Summary {
+        cpus_online: 3,
+        ..h.machine.summary()
+    };
+    // The pinned container's cgroup, as the systemd driver lays it out.
+    let scope = h
+        .cluster
+        .path("cgroup/kubepods.slice/kubepods-podpod_a.slice/cri-containerd-0123.scope");
+    fs::create_dir_all(&scope).expect("mkdir");
+    fs::write(format!("{scope}/cpuset.cpus"), "1\n").expect("cpuset");
+    h.change(Kind::Cpu, Action::Online, "cpu2", three);
+    let rewritten = h.wait_for("checkpoint rewritten", |r| {
+        r["kind"] == "reset" && r["action"] == "checkpoint_rewritten"
+    });
+    let change = &rewritten["checkpoint"];
+    assert_eq!(
+        (change["before"].as_str(), change["after"].as_str()),
+        (Some("0"), Some("0,2")),
+        "{rewritten}"
+    );
+    h.wait_for("kubelet started", |r| {
+        r["kind"] == "reset" && r["action"] == "kubelet_started"
+    });
+    let kept = h.wait_for("cpusets checked", |r| {
+        r["kind"] == "reset" && r["action"] == "cpusets_unchanged"
+    });
+    assert_eq!(
+        kept["message"], "1 container cgroups of 1 pinned pods keep their cpuset.cpus",
+        "{kept}"
+    );
+    h.wait_converged();
+    assert_eq!(
+        h.cluster.kubelet.restarts(),
+        2,
+        "one restart; log:\n{}",
+        h.cluster.kubelet.log()
+    );
+    assert!(
+        h.cluster
+            .kubelet
+            .log()
+            .contains("cpu_manager_state accepted: policy static defaultCpuSet \"0,2\""),
+        "the restarted stand-in validated the new file:\n{}",
+        h.cluster.kubelet.log()
+    );
+    let path = h.cluster.path("kubelet-root/cpu_manager_state");
+    let file = hotplug_agent::checkpoint::format::parse_cpu(&fs::read(&path).expect("checkpoint"))
+        .expect("parses");
+    assert_eq!(file.state.default_cpu_set, "0,2");
+    assert_eq!(
+        file.checksum.stored, file.checksum.computed,
+        "the kubelet's checksum"
+    );
+    assert_ne!(file.checksum.stored, 0);
+    let pinned = &file.state.entries.as_ref().expect("entries")["pod-a"]["app"];
+    assert_eq!(pinned, "1", "the exclusive assignment did not move");
+    let backup = change["backup"].as_str().expect("a backup");
+    assert_eq!(fs::read_to_string(backup).expect("backup kept"), STATE);
+    h.cluster
+        .rt
+        .block_on(h.cluster.api.wait_event(CONVERGE, |e| {
+            e["reason"] == "KubeletCheckpointUpdated"
+                && e["type"] == "Normal"
+                && e["message"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("CPUs 2 join the shared pool")
+        }));
+    assert!(
+        h.records("refresh", "skipped").is_empty(),
+        "log:\n{}",
+        h.log()
+    );
+}
+
+/// `update-in-place` when the CPU that went away is pinned to a pod: nothing is written,
+/// the kubelet is not restarted, and the refusal (with why) is the Warning.
+#[test]
+fn update_in_place_never_touches_a_pinned_cpu_and_falls_back_to_refuse() {
+    const STATE: &str = r#"{"policyName":"static","defaultCpuSet":"0","entries":{"pod-a":{"app":"1"}},"checksum":0}"#;
+    let mut h = Harness::start_with(Options {
+        cpu_manager_state: Some(STATE),
+        static_policy: Some(StaticPolicy::UpdateInPlace),
+        validating_standin: true,
+        ..Options::default()
+    });
+    h.cpu1_offline();
+    let skipped = h.wait_for("refresh skipped", |r| {
+        r["kind"] == "refresh" && r["action"] == "skipped"
+    });
+    assert_eq!(skipped["reason"], "static_policy", "{skipped}");
+    let message = skipped["message"].as_str().unwrap_or("");
+    assert!(
+        message.contains("update-in-place not possible")
+            && message.contains(
+                "CPUs 1 went away but are exclusively assigned to pod pod-a container app"
+            ),
+        "{skipped}"
+    );
+    assert_eq!(h.cluster.kubelet.restarts(), 1);
+    let path = h.cluster.path("kubelet-root/cpu_manager_state");
+    assert_eq!(
+        fs::read_to_string(&path).expect("checkpoint"),
+        STATE,
+        "not rewritten"
+    );
+    assert!(h.records("reset", "checkpoint_rewritten").is_empty());
+}
+
+/// `update-in-place` with memory added to a Static memory manager node: the new memory
+/// joins node 0's table (total, allocatable and free grow; the pod's reservation stays),
+/// the validating stand-in restarts once and accepts it, and the Node converges.
+#[test]
+fn update_in_place_adds_hot_added_memory_to_its_numa_node() {
+    let reserved = 100u64 << 20;
+    let pinned = GIB;
+    let table = |total: u64| {
+        format!(
+            r#"{{"total":{total},"systemReserved":{reserved},"allocatable":{a},"reserved":{pinned},"free":{f}}}"#,
+            a = total - reserved,
+            f = total - reserved - pinned
+        )
+    };
+    let state = format!(
+        r#"{{"policyName":"Static","machineState":{{"0":{{"numberOfAssignments":1,"memoryMap":{{"memory":{}}},"cells":[0]}}}},"entries":{{"pod-m":{{"db":[{{"numaAffinity":[0],"type":"memory","size":{pinned}}}]}}}},"checksum":0}}"#,
+        table(BASE_MEMORY)
+    );
+    let mut h = Harness::start_with(Options {
+        memory_manager_state: Some(state.clone()),
+        static_policy: Some(StaticPolicy::UpdateInPlace),
+        validating_standin: true,
+        ..Options::default()
+    });
+    let grown = Summary {
+        memory_bytes: BASE_MEMORY + BLOCK,
+        ..h.machine.summary()
+    };
+    h.change(Kind::MemoryBlock, Action::Online, "memory40", grown);
+    let rewritten = h.wait_for("checkpoint rewritten", |r| {
+        r["kind"] == "reset" && r["action"] == "checkpoint_rewritten"
+    });
+    assert_eq!(rewritten["checkpoint"]["manager"], "memory", "{rewritten}");
+    assert_eq!(
+        rewritten["checkpoint"]["after"],
+        format!("node0={}", BASE_MEMORY + BLOCK),
+        "{rewritten}"
+    );
+    h.wait_converged();
+    assert_eq!(
+        h.cluster.kubelet.restarts(),
+        2,
+        "log:\n{}",
+        h.cluster.kubelet.log()
+    );
+    assert!(
+        h.cluster
+            .kubelet
+            .log()
+            .contains("memory_manager_state accepted: policy Static"),
+        "{}",
+        h.cluster.kubelet.log()
+    );
+    let path = h.cluster.path("kubelet-root/memory_manager_state");
+    let file = hotplug_agent::checkpoint::format::parse_memory(&fs::read(&path).expect("read"))
+        .expect("parses");
+    assert!(
+        file.checksum.valid && file.checksum.stored != 0,
+        "{:?}",
+        file.checksum
+    );
+    let node = file.state.machine_state.as_ref().expect("nodes")[&0]
+        .clone()
+        .expect("node 0");
+    let memory = node.memory_map.as_ref().expect("tables")["memory"].expect("memory");
+    assert_eq!(
+        (memory.total, memory.reserved, memory.free),
+        (
+            BASE_MEMORY + BLOCK,
+            pinned,
+            BASE_MEMORY + BLOCK - reserved - pinned
+        )
+    );
 }

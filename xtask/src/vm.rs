@@ -36,6 +36,7 @@ mod qmp;
 mod scenarios;
 mod seed_scale;
 mod session;
+mod static_cpu;
 mod systemd;
 // The container path: the image and the DaemonSet's pod under podman, in a systemd guest.
 mod container;
@@ -44,7 +45,7 @@ mod container;
 #[derive(Debug, ClapArgs)]
 pub struct Args {
     /// Run only these scenarios (repeatable): dimm, virtio-mem, cpu, manual-offline,
-    /// unplug, incident, seed-scale. Default: all.
+    /// unplug, incident, static-cpu, seed-scale. Default: all.
     #[arg(long = "scenario", value_name = "NAME")]
     pub scenarios: Vec<String>,
     /// Run only the scenarios whose test name (`vm::dimm_hot_add`, ...) contains one of these.
@@ -75,7 +76,7 @@ struct Scenario {
 }
 
 /// In the order they run: unplug undoes what the plugs before it did.
-const SCENARIOS: [Scenario; 10] = [
+const SCENARIOS: [Scenario; 11] = [
     Scenario {
         name: "dimm",
         test: "vm::dimm_hot_add",
@@ -111,6 +112,12 @@ const SCENARIOS: [Scenario; 10] = [
         test: "vm::incident_end_to_end",
         guest: Guest::Incident,
         run: incident::incident,
+    },
+    Scenario {
+        name: "static-cpu",
+        test: "vm::static_cpu_update_in_place",
+        guest: Guest::Incident,
+        run: static_cpu::static_cpu_hot_add,
     },
     Scenario {
         name: "seed-scale",
@@ -261,8 +268,9 @@ fn run_scenarios(selected: &[&'static Scenario], image: &image::Image, dir: &Pat
             .collect();
         let mut session: Option<session::Session> = None;
         for scenario in group {
-            if guest == Guest::SeedScale {
-                // Dropped (QEMU quits) before the next one boots.
+            if guest != Guest::Watch {
+                // Dropped (QEMU quits) before the next one boots: an incident-style
+                // scenario starts its own API server, stand-in and agent.
                 session = None;
             }
             let t = Instant::now();

@@ -26,6 +26,7 @@ use crate::{
 };
 
 mod reset;
+mod update;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum StaticPolicy {
@@ -33,6 +34,10 @@ pub enum StaticPolicy {
     Refuse,
     /// Cordon, evict the pinned pods, stop the kubelet, move the checkpoint aside, start.
     DrainAndReset,
+    /// Rewrite the checkpoint for the new machine (new CPUs join the shared pool, new
+    /// memory its NUMA node; no assignment moves), restart the kubelet once. Where that is
+    /// not safe (a pinned or reserved CPU went away, ...): refuse, as `refuse` does.
+    UpdateInPlace,
 }
 
 #[derive(Clone, Debug)]
@@ -523,6 +528,22 @@ impl Controller {
                 }
                 true
             }
+            Blocking::Rewrite(planned, checked) => {
+                if let Err(deferred) = self.guard.check(now) {
+                    self.decide(DecisionKind::Refresh, DecisionAction::Deferred, |d| {
+                        d.backend = Some(backend.into());
+                        d.reason = Some(deferred.reason.into());
+                    })
+                    .await;
+                    return Next::RetryAt(deferred.until);
+                }
+                self.guard.started(now);
+                if let Err(next) = self.update_in_place(node, planned, &checked).await {
+                    self.guard.finished(Instant::now(), false);
+                    return next;
+                }
+                true
+            }
         };
         if reset {
             return self
@@ -783,6 +804,19 @@ impl Controller {
         if self.config.static_policy == StaticPolicy::DrainAndReset {
             return Blocking::Reset(blocked);
         }
+        let mut refused = None;
+        if self.config.static_policy == StaticPolicy::UpdateInPlace {
+            let root = &self.config.kubelet_root;
+            let checked =
+                checkpoint::update::Machine::new(machine, checkpoint::update::reserved_cpus(root));
+            match update::plan(root, &checked) {
+                Ok(planned) if !planned.rewrites.is_empty() => {
+                    return Blocking::Rewrite(planned, checked);
+                }
+                Ok(_) => refused = Some("nothing to rewrite".to_owned()),
+                Err(why) => refused = Some(why),
+            }
+        }
         let message = format!(
             "not restarting the kubelet: {}; a restart would crash-loop it. Drain the node ({} pods hold pinned resources), \
              stop the kubelet, move the checkpoint aside, start the kubelet, uncordon; or run the agent with \
@@ -790,6 +824,10 @@ impl Controller {
             reasons.join("; "),
             blocked.pods.len()
         );
+        let message = match refused {
+            Some(why) => format!("{message} (update-in-place not possible: {why})"),
+            None => message,
+        };
         self.decide(DecisionKind::Refresh, DecisionAction::Skipped, |d| {
             d.reason = Some("static_policy".into());
             d.message = Some(message.clone());
@@ -811,6 +849,7 @@ enum Blocking {
     No,
     Stop(Next),
     Reset(reset::Blocked),
+    Rewrite(update::Planned, checkpoint::update::Machine),
 }
 
 /// Whether `adv` is what a kubelet that started inside the window could have posted: memory

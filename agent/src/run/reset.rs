@@ -31,7 +31,7 @@ const EVICTION_PATIENCE: Duration = Duration::from_secs(120);
 const EVICTION_RETRY: Duration = Duration::from_secs(5);
 
 impl Controller {
-    async fn step(&self, action: DecisionAction, message: String) {
+    pub(super) async fn step(&self, action: DecisionAction, message: String) {
         self.decide(DecisionKind::Reset, action, |d| d.message = Some(message))
             .await;
     }

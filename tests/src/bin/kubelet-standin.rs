@@ -62,6 +62,14 @@ struct RunArgs {
     /// Exit when this process exits (the test that started us), so nothing is left over.
     #[arg(long)]
     owner_pid: Option<i32>,
+    /// Validate the CPU/memory manager checkpoints here at start-up as the kubelet's static
+    /// policies do, and refuse to start on one the kubelet would refuse
+    /// (hotplug_tests::kubelet::checkpoints).
+    #[arg(long)]
+    kubelet_root_dir: Option<PathBuf>,
+    /// The kubelet's `--reserved-cpus`, for that validation.
+    #[arg(long, default_value = "")]
+    reserved_cpus: String,
 }
 
 impl RunArgs {
@@ -91,6 +99,14 @@ impl RunArgs {
                 self.cgroup_file.clone().map(OsString::from),
             ),
             ("--owner-pid", self.owner_pid.map(|p| p.to_string().into())),
+            (
+                "--kubelet-root-dir",
+                self.kubelet_root_dir.clone().map(OsString::from),
+            ),
+            (
+                "--reserved-cpus",
+                Some(self.reserved_cpus.clone().into()).filter(|_| !self.reserved_cpus.is_empty()),
+            ),
         ];
         for (flag, value) in optional {
             if let Some(value) = value {
@@ -274,6 +290,20 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let snapshot = hotplug_agent::capacity::read_snapshot(&args.root)
         .with_context(|| format!("reading the capacity under {}", args.root.display()))?;
     let cap = capacity_of(&snapshot, args.reserved_memory_bytes);
+    if let Some(root) = &args.kubelet_root_dir {
+        let reserved = hotplug_agent::capacity::parse_cpu_list(&args.reserved_cpus)
+            .context("--reserved-cpus")?
+            .into_iter()
+            .collect();
+        match kubelet::checkpoints::validate(root, &snapshot, &reserved) {
+            Ok(accepted) => accepted
+                .iter()
+                .for_each(|a| log(&format!("checkpoint {a}"))),
+            // As the kubelet: "Failed to start ContainerManager", exit 1, restarted by
+            // its supervisor into the same refusal.
+            Err(why) => bail!("Failed to start ContainerManager: {why}"),
+        }
+    }
     let pid = std::process::id();
     write_atomic(&args.pidfile, &format!("{pid}\n"))?;
     let _cleanup = Cleanup {

@@ -97,6 +97,11 @@ pub fn incident(s: &mut Session, figures: &mut Figures) -> anyhow::Result<()> {
 /// The fake API server, then the kubelet stand-in, which registers the Node with the
 /// capacity it reads once; returns how long the stand-in took to start.
 pub(super) fn start_cluster(s: &mut Session) -> anyhow::Result<Duration> {
+    start_cluster_with(s, &standin_flags())
+}
+
+/// The same, with these stand-in flags.
+pub(super) fn start_cluster_with(s: &mut Session, flags: &str) -> anyhow::Result<Duration> {
     let sh = &mut s.vm.shell;
     sh.check(&format!(
         "mkdir -p {DIR}/kubelet-root {DIR}/cgroup/kubepods.slice"
@@ -110,7 +115,7 @@ pub(super) fn start_cluster(s: &mut Session) -> anyhow::Result<Duration> {
     ))?;
     let started = Instant::now();
     let (rc, out) = sh.run(
-        &format!("kubelet-standin restart {}", standin_flags()),
+        &format!("kubelet-standin restart {flags}"),
         Duration::from_secs(90),
     )?;
     ensure!(rc == 0, "the kubelet stand-in did not start ({rc}):\n{out}");
