@@ -368,6 +368,28 @@ pub struct DecisionRecord {
     /// `in_flight_stalled`, left offline; `max_wait`, cut by the bound).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blocks_pending: Option<u64>,
+    /// refresh `deferred` (reason `fleet_budget`) and `started`: the cluster-wide budget
+    /// (fleet.rs) waited for or taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetBudget>,
+}
+
+/// A fleet budget as one decision saw it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetBudget {
+    /// `restart` or `drain`.
+    pub budget: String,
+    /// How many nodes may hold it at once.
+    pub slots: u32,
+    /// The slot Lease taken (`started`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<String>,
+    /// Who holds every slot (`deferred`): node names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub holders: Vec<String>,
+    /// `started`: how long this node waited for its slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waited_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use hotplug_agent::{
     capacity::Summary,
     record::{
-        Action, Advertised, AgentRecord, CgroupCheck, DecisionRecord, EventRecord, Kind,
-        MachineSummary, ProbeStatus, Record, SCHEMA_VERSION, Source, SourceStatus,
+        Action, Advertised, AgentRecord, CgroupCheck, DecisionRecord, EventRecord, FleetBudget,
+        Kind, MachineSummary, ProbeStatus, Record, SCHEMA_VERSION, Source, SourceStatus,
     },
 };
 
@@ -228,6 +228,29 @@ fn records() -> Vec<Record> {
     timeout.duration_ms = Some(120_000);
     timeout.message = Some("the Node did not converge within 120s".into());
     out.push(Record::Decision(Box::new(timeout)));
+    // Fleet budgets (fleet.rs): waiting for a restart slot, then the restart with its slot.
+    let mut fleet_wait = decision("refresh", "deferred", 1);
+    fleet_wait.backend = Some("systemd".into());
+    fleet_wait.reason = Some("fleet_budget".into());
+    fleet_wait.message =
+        Some("all 2 restart slots of the fleet are held (node-b, node-c); waiting for one".into());
+    fleet_wait.fleet = Some(FleetBudget {
+        budget: "restart".into(),
+        slots: 2,
+        holders: vec!["node-b".into(), "node-c".into()],
+        ..FleetBudget::default()
+    });
+    out.push(Record::Decision(Box::new(fleet_wait)));
+    let mut fleet_started = decision("refresh", "started", 1);
+    fleet_started.backend = Some("systemd".into());
+    fleet_started.fleet = Some(FleetBudget {
+        budget: "restart".into(),
+        slots: 2,
+        lease: Some("hotplug-agent-restart-1".into()),
+        waited_ms: Some(41_250),
+        ..FleetBudget::default()
+    });
+    out.push(Record::Decision(Box::new(fleet_started)));
     out
 }
 

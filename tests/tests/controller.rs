@@ -172,6 +172,8 @@ struct Options {
     verify_timeout: Option<Duration>,
     /// The kubelet's CPU manager checkpoint, in its root dir.
     cpu_manager_state: Option<&'static str>,
+    /// The fleet budgets (default: 10 % of the nodes, i.e. one slot here).
+    fleet: Option<hotplug_agent::fleet::Config>,
 }
 
 /// A TCP proxy in front of the fake API that can hang: frozen, it accepts connections and
@@ -289,6 +291,7 @@ impl Harness {
             kubelet_root: cluster.path("kubelet-root").into(),
             static_policy: StaticPolicy::Refuse,
             cgroup_root: cluster.path("cgroup").into(),
+            fleet: options.fleet.clone().unwrap_or_default(),
         };
         let mut kubeconfig = PathBuf::from(cluster.path("kubeconfig"));
         let proxy = options
@@ -899,4 +902,101 @@ fn a_static_cpu_manager_checkpoint_blocks_the_restart() {
     h.wait_condition("True", "StaticPolicyCheckpoint");
     assert_eq!(h.cluster.kubelet.restarts(), 1, "log:\n{}", h.log());
     assert!(h.records("refresh", "started").is_empty());
+}
+
+/// A kubelet restart waits for a slot of the fleet's restart budget (held here by another
+/// node), records the wait once (`refresh` `deferred`, reason `fleet_budget`, who holds the
+/// slots), starts as soon as the slot is given back (the release is watched, not waited
+/// out), and gives the slot back once verify converged.
+#[test]
+fn a_restart_waits_for_a_fleet_budget_slot_and_gives_it_back_after_verify() {
+    use hotplug_agent::fleet::{self, Attempt, Fleet, Limit};
+    let config = fleet::Config {
+        namespace: None,
+        restarts: Limit::Count(1),
+        drains: Limit::Count(1),
+        lease_duration: Duration::from_secs(30),
+    };
+    let mut h = Harness::start_with(Options {
+        fleet: Some(config.clone()),
+        ..Options::default()
+    });
+    let kubeconfig = PathBuf::from(h.cluster.path("kubeconfig"));
+    // Another node is restarting its kubelet: it holds the only slot.
+    let other = h.cluster.rt.block_on(async {
+        let kc = kube::config::Kubeconfig::read_from(&kubeconfig).expect("kubeconfig");
+        let kube_config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .expect("client config");
+        let client = kube::Client::try_from(kube_config).expect("client");
+        let mut budget = Fleet::new(client, &config, "other-node", API_TIMEOUT).restarts;
+        match budget.try_take().await.expect("the API answers") {
+            Attempt::Held(slot) => slot,
+            Attempt::Full(_) => panic!("the only slot is free"),
+        }
+    });
+    let restarts = h.cluster.kubelet.restarts();
+    let base = h.machine.summary();
+    let grown = Summary {
+        memory_bytes: base.memory_bytes + GIB,
+        ..base
+    };
+    h.change(Kind::MemoryBlock, Action::Online, "memory40", grown);
+    let deferred = h.wait_for("the wait for a slot", |r| {
+        r["kind"] == "refresh" && r["action"] == "deferred" && r["reason"] == "fleet_budget"
+    });
+    assert_eq!(deferred["fleet"]["budget"], "restart", "{deferred}");
+    assert_eq!(deferred["fleet"]["slots"], 1);
+    assert_eq!(
+        deferred["fleet"]["holders"],
+        serde_json::json!(["other-node"])
+    );
+    assert!(
+        h.records("refresh", "started").is_empty(),
+        "log:\n{}",
+        h.log()
+    );
+    assert_eq!(h.cluster.kubelet.restarts(), restarts);
+
+    let released = Instant::now();
+    h.cluster
+        .rt
+        .block_on(other.release())
+        .expect("the other node gives its slot back");
+    let started = h.wait_for("the restart", |r| {
+        r["kind"] == "refresh" && r["action"] == "started"
+    });
+    let took = released.elapsed();
+    // Watched: well before the 30 s lease would have expired.
+    assert!(
+        took < Duration::from_secs(5),
+        "started {took:?} after the release"
+    );
+    assert_eq!(
+        started["fleet"]["lease"], "hotplug-agent-restart-0",
+        "{started}"
+    );
+    assert!(
+        started["fleet"]["waited_ms"].as_u64().is_some(),
+        "{started}"
+    );
+    h.wait_converged();
+    h.cluster.rt.block_on(h.cluster.api.wait_until(
+        "the slot given back after verify",
+        CONVERGE,
+        |api| {
+            let lease = api.lease("default", "hotplug-agent-restart-0")?;
+            lease["spec"]
+                .get("holderIdentity")
+                .is_none_or(serde_json::Value::is_null)
+                .then_some(())
+        },
+    ));
+    // Said once, not at every retry.
+    assert_eq!(
+        h.records("refresh", "deferred").len(),
+        1,
+        "log:\n{}",
+        h.log()
+    );
 }
