@@ -338,6 +338,10 @@ pub struct Full {
     pub retry_at: Instant,
 }
 
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one value per try, moved once into the holder: boxing buys nothing"
+)]
 pub enum Attempt {
     Held(Slot),
     Full(Full),
@@ -399,9 +403,8 @@ impl Budget {
                 // Deleted: create it again.
                 None => self.create(&name).await,
             };
-            match taken {
-                Ok(true) => return Ok(Attempt::Held(self.start_renewing(name, slots))),
-                Ok(false) | Err(_) => {}
+            if let Ok(true) = taken {
+                return Ok(Attempt::Held(self.start_renewing(name, slots)));
             }
         }
         let result = self.try_take_inner().await;

@@ -403,7 +403,8 @@ async fn simulate(nodes: usize, limit: Limit, restart: Duration) -> FleetRun {
             c.clone(),
             &config(limit, Duration::from_secs(10)),
             &name,
-            API_TIMEOUT,
+            // The agent's default: 200 nodes at once can keep the one fake busy for seconds.
+            hotplug_agent::node::DEFAULT_API_TIMEOUT,
         )
         .restarts;
         let (inside, max) = (inside.clone(), max.clone());
