@@ -134,6 +134,8 @@ words! {
         KubeletStarted = "kubelet_started",
         NodeReady = "node_ready",
         Uncordoned = "uncordoned",
+        /// The reset's end on a Node someone else had cordoned: it stays cordoned.
+        LeftCordoned = "left_cordoned",
     }
 }
 

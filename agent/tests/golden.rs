@@ -251,6 +251,17 @@ fn records() -> Vec<Record> {
         ..FleetBudget::default()
     });
     out.push(Record::Decision(Box::new(fleet_started)));
+    // An operator's pause, and a reset that leaves an operator's cordon in place.
+    let mut paused = decision("refresh", "skipped", 1);
+    paused.backend = Some("systemd".into());
+    paused.reason = Some("paused".into());
+    paused.message =
+        Some("the Node carries hotplug-agent.io/paused: report only until it is removed".into());
+    out.push(Record::Decision(Box::new(paused)));
+    let mut left = decision("reset", "left_cordoned", 1);
+    left.message =
+        Some("someone else had cordoned the Node before the reset: left cordoned".into());
+    out.push(Record::Decision(Box::new(left)));
     out
 }
 

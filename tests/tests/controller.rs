@@ -174,6 +174,8 @@ struct Options {
     cpu_manager_state: Option<&'static str>,
     /// The fleet budgets (default: 10 % of the nodes, i.e. one slot here).
     fleet: Option<hotplug_agent::fleet::Config>,
+    /// `--static-policy drain-and-reset`, stopping the stand-in by its pidfile.
+    drain_and_reset: bool,
 }
 
 /// A TCP proxy in front of the fake API that can hang: frozen, it accepts connections and
@@ -271,6 +273,12 @@ impl Harness {
             command.argv = argv;
             command.timeout = timeout;
         }
+        if options.drain_and_reset {
+            let pidfile = cluster.kubelet.pidfile().display().to_string();
+            let sh = |c: String| vec!["/bin/sh".to_owned(), "-c".to_owned(), c];
+            command.stop = Some(sh(format!("kill $(cat '{pidfile}')")));
+            command.start = Some(sh(cluster.kubelet.restart_command()));
+        }
         if let Some(state) = options.cpu_manager_state {
             fs::write(cluster.path("kubelet-root/cpu_manager_state"), state)
                 .expect("writing the checkpoint");
@@ -289,7 +297,11 @@ impl Harness {
             verify_timeout: options.verify_timeout.unwrap_or(VERIFY_TIMEOUT),
             api_timeout: API_TIMEOUT,
             kubelet_root: cluster.path("kubelet-root").into(),
-            static_policy: StaticPolicy::Refuse,
+            static_policy: if options.drain_and_reset {
+                StaticPolicy::DrainAndReset
+            } else {
+                StaticPolicy::Refuse
+            },
             cgroup_root: cluster.path("cgroup").into(),
             fleet: options.fleet.clone().unwrap_or_default(),
         };
@@ -999,4 +1011,124 @@ fn a_restart_waits_for_a_fleet_budget_slot_and_gives_it_back_after_verify() {
         "log:\n{}",
         h.log()
     );
+}
+
+impl Harness {
+    /// A merge patch on the Node, as an operator's `kubectl annotate`/`cordon` would.
+    fn patch_node(&self, patch: serde_json::Value) {
+        let kubeconfig = PathBuf::from(self.cluster.path("kubeconfig"));
+        self.cluster.rt.block_on(async {
+            let kc = kube::config::Kubeconfig::read_from(&kubeconfig).expect("kubeconfig");
+            let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .expect("client config");
+            let client = kube::Client::try_from(config).expect("client");
+            let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client);
+            nodes
+                .patch(
+                    NODE,
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(&patch),
+                )
+                .await
+                .expect("patching the Node");
+        });
+    }
+}
+
+/// An operator's pause annotation: the agent reports the stale Node and restarts nothing.
+#[test]
+fn a_paused_node_is_reported_and_not_acted_on() {
+    let mut h = Harness::start_with(Options::default());
+    h.patch_node(serde_json::json!({"metadata": {"annotations": {"hotplug-agent.io/paused": "maintenance"}}}));
+    h.cpu1_offline();
+    let skipped = h.wait_for("refresh skipped", |r| {
+        r["kind"] == "refresh" && r["action"] == "skipped"
+    });
+    assert_eq!(skipped["reason"], "paused", "{skipped}");
+    assert!(
+        h.records("reconcile", "stale").len() == 1,
+        "log:\n{}",
+        h.log()
+    );
+    assert_eq!(h.cluster.kubelet.restarts(), 1, "log:\n{}", h.log());
+}
+
+/// drain-and-reset respects the operator: a Node cordoned by someone else stays cordoned
+/// after the reset; the agent's own cordon is marked on the Node and lifted at the end.
+fn reset_with_cordon(cordoned_before: bool) {
+    let mut h = Harness::start_with(Options {
+        cpu_manager_state: Some(r#"{"policyName":"static","defaultCpuSet":"0-1","checksum":0}"#),
+        drain_and_reset: true,
+        ..Options::default()
+    });
+    if cordoned_before {
+        h.patch_node(serde_json::json!({"spec": {"unschedulable": true}}));
+    }
+    h.cpu1_offline();
+    h.wait_converged();
+    let steps: Vec<String> = h
+        .seen
+        .iter()
+        .filter(|r| r["kind"] == "reset")
+        .map(|r| r["action"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    let last = if cordoned_before {
+        "left_cordoned"
+    } else {
+        "uncordoned"
+    };
+    assert_eq!(
+        steps,
+        [
+            "started",
+            "cordoned",
+            "kubelet_stopped",
+            "checkpoint_moved",
+            "kubelet_started",
+            "node_ready",
+            last
+        ],
+        "log:\n{}",
+        h.log()
+    );
+    let node = h.cluster.api.node(NODE).expect("node");
+    assert_eq!(
+        node["spec"]["unschedulable"] == true,
+        cordoned_before,
+        "{node}"
+    );
+    assert!(
+        node["metadata"]["annotations"]
+            .get("hotplug-agent.io/cordoned")
+            .is_none(),
+        "the agent's mark is gone with its cordon: {node}"
+    );
+    // The agent's cordon was marked while it held (the reset's own PATCH).
+    let marked = h
+        .cluster
+        .api
+        .requests()
+        .iter()
+        .filter(|(m, p)| {
+            m == "PATCH"
+                && p.starts_with(&format!("/api/v1/nodes/{NODE}"))
+                && !p.contains("/status")
+        })
+        .count();
+    assert_eq!(
+        marked,
+        if cordoned_before { 1 } else { 2 },
+        "cordon+uncordon by the agent, or only the operator's"
+    );
+}
+
+#[test]
+fn drain_and_reset_leaves_an_operators_cordon_in_place() {
+    reset_with_cordon(true);
+}
+
+#[test]
+fn drain_and_reset_lifts_only_its_own_cordon() {
+    reset_with_cordon(false);
 }

@@ -533,6 +533,18 @@ impl Controller {
         summary: &str,
     ) -> Next {
         let backend = self.config.backend.name();
+        if crate::node::paused(node) {
+            self.decide(DecisionKind::Refresh, DecisionAction::Skipped, |d| {
+                d.backend = Some(backend.into());
+                d.reason = Some("paused".into());
+                d.message = Some(format!(
+                    "the Node carries {}: report only until it is removed",
+                    crate::node::PAUSE_KEY
+                ));
+            })
+            .await;
+            return Next::Done;
+        }
         if matches!(self.config.backend, Backend::None) {
             self.decide(DecisionKind::Refresh, DecisionAction::Skipped, |d| {
                 d.backend = Some(backend.into());
