@@ -585,10 +585,7 @@ async fn stop_fails_requests_and_restart_serves_the_same_state_on_the_same_port(
     assert!(nodes.clone().into_client().request_text(raw).await.is_err());
     assert_eq!(
         api.unhandled(),
-        [(
-            "GET".to_owned(),
-            "/apis/apps/v1/daemonsets".to_owned()
-        )]
+        [("GET".to_owned(), "/apis/apps/v1/daemonsets".to_owned())]
     );
 }
 
