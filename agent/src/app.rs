@@ -231,6 +231,12 @@ fn run_config(args: &RunArgs) -> Result<run::Config, AppError> {
         kubelet_root: args.kubelet_root_dir.clone(),
         static_policy: args.static_policy,
         cgroup_root: args.cgroup_root.clone(),
+        fleet: crate::fleet::Config {
+            namespace: args.lease_namespace.clone(),
+            restarts: args.max_concurrent_restarts,
+            drains: args.max_concurrent_drains,
+            lease_duration: args.lease_duration,
+        },
     };
     config.validate()?;
     Ok(config)

@@ -182,6 +182,22 @@ pub struct RunArgs {
     /// cgroup filesystem root, to check the pods' cgroup memory limit.
     #[arg(long, default_value = "/sys/fs/cgroup")]
     pub cgroup_root: PathBuf,
+    /// Fleet budget: at most this many nodes of the cluster restart their kubelet at once
+    /// (a count, or a percentage of the cluster's nodes rounded up; at least 1). Held in
+    /// Leases `hotplug-agent-restart-N` in --lease-namespace.
+    #[arg(long, default_value = "10%")]
+    pub max_concurrent_restarts: crate::fleet::Limit,
+    /// Fleet budget for `--static-policy drain-and-reset` (Leases `hotplug-agent-drain-N`).
+    #[arg(long, default_value = "1")]
+    pub max_concurrent_drains: crate::fleet::Limit,
+    /// The namespace of the fleet budgets' Leases. Default: the client's namespace (in a
+    /// pod, its service account's).
+    #[arg(long)]
+    pub lease_namespace: Option<String>,
+    /// A budget slot not renewed for this long is taken over by a waiting node (whole
+    /// seconds, the Leases' leaseDurationSeconds).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub lease_duration: Duration,
     /// `/metrics`, `/healthz`, `/readyz` on this address; `off` to disable.
     #[arg(long, default_value = "127.0.0.1:9477")]
     pub metrics_addr: String,

@@ -20,6 +20,7 @@
 //!   [`checkpoint`]: the kubelet's static CPU/memory manager checkpoints that forbid it.
 //! - [`kube_client`]: the API client from a kubeconfig; where it cannot be built, a stand-in
 //!   that keeps trying while the agent runs report-only.
+//! - [`fleet`]: cluster-wide budgets (Leases) on kubelet restarts and drains.
 //! - [`node`]: this node's object: get, watch, Events, the agent's condition.
 //! - [`verify`]: the pods' cgroup memory limit check.
 //! - [`run`]: the controller; `hotplug-agent run`.
@@ -40,6 +41,7 @@ pub mod episode;
 pub mod error;
 pub mod events;
 pub mod files;
+pub mod fleet;
 pub mod kube_client;
 pub mod node;
 pub mod pipeline;

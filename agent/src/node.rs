@@ -19,6 +19,29 @@ use tokio::time::Instant;
 /// refresh failed; False: in sync.
 pub const CONDITION: &str = "HotplugCapacityStale";
 pub const COMPONENT: &str = "hotplug-agent";
+/// Written on the Node together with the agent's cordon (one patch), removed with its
+/// uncordon: a cordon without it is someone else's, and the agent leaves it alone.
+pub const CORDONED_ANNOTATION: &str = "hotplug-agent.io/cordoned";
+/// On the Node as an annotation or a label (any value but `false`): the agent acts on
+/// nothing there (no restart, no drain) and only reports, until it is removed.
+pub const PAUSE_KEY: &str = "hotplug-agent.io/paused";
+
+/// Whether the Node's cordon is the agent's own ([`CORDONED_ANNOTATION`]).
+pub fn cordoned_by_agent(node: &Node) -> bool {
+    node.metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(CORDONED_ANNOTATION))
+}
+
+/// Whether an operator paused the agent on this Node ([`PAUSE_KEY`]).
+pub fn paused(node: &Node) -> bool {
+    let set = |m: Option<&std::collections::BTreeMap<String, String>>| {
+        m.and_then(|m| m.get(PAUSE_KEY))
+            .is_some_and(|v| v != "false")
+    };
+    set(node.metadata.annotations.as_ref()) || set(node.metadata.labels.as_ref())
+}
 /// The kubelet records node events in `default`; so do we, where `kubectl describe node` finds them.
 const EVENTS_NAMESPACE: &str = "default";
 
@@ -180,6 +203,20 @@ impl NodeApi {
     /// Marks the Node (un)schedulable, as `kubectl cordon`/`uncordon` do.
     pub async fn cordon(&self, unschedulable: bool) -> Result<(), NodeError> {
         let patch = Patch::Merge(json!({"spec": {"unschedulable": unschedulable}}));
+        let params = PatchParams::default();
+        self.within("PATCH node", self.nodes.patch(&self.name, &params, &patch))
+            .await?;
+        Ok(())
+    }
+
+    /// The agent's own cordon: `unschedulable` and [`CORDONED_ANNOTATION`] set (or both
+    /// cleared) in one merge patch, so the mark of who cordoned never lags the cordon.
+    pub async fn cordon_by_agent(&self, unschedulable: bool) -> Result<(), NodeError> {
+        let mark = unschedulable.then(|| Timestamp::now().to_string());
+        let patch = Patch::Merge(json!({
+            "metadata": {"annotations": {CORDONED_ANNOTATION: mark}},
+            "spec": {"unschedulable": unschedulable},
+        }));
         let params = PatchParams::default();
         self.within("PATCH node", self.nodes.patch(&self.name, &params, &patch))
             .await?;

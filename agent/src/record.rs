@@ -139,6 +139,8 @@ words! {
         CpusetsChanged = "cpusets_changed",
         NodeReady = "node_ready",
         Uncordoned = "uncordoned",
+        /// The reset's end on a Node someone else had cordoned: it stays cordoned.
+        LeftCordoned = "left_cordoned",
     }
 }
 
@@ -377,6 +379,10 @@ pub struct DecisionRecord {
     /// changed in it and where the old one is kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<CheckpointChange>,
+    /// refresh `deferred` (reason `fleet_budget`) and `started`: the cluster-wide budget
+    /// (fleet.rs) waited for or taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetBudget>,
 }
 
 /// One checkpoint rewrite: the CPU manager's `defaultCpuSet` or the memory manager's
@@ -389,6 +395,24 @@ pub struct CheckpointChange {
     pub before: String,
     pub after: String,
     pub backup: String,
+}
+
+/// A fleet budget as one decision saw it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetBudget {
+    /// `restart` or `drain`.
+    pub budget: String,
+    /// How many nodes may hold it at once.
+    pub slots: u32,
+    /// The slot Lease taken (`started`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<String>,
+    /// Who holds every slot (`deferred`): node names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub holders: Vec<String>,
+    /// `started`: how long this node waited for its slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waited_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

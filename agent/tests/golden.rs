@@ -9,8 +9,8 @@ use hotplug_agent::{
     capacity::Summary,
     record::{
         Action, Advertised, AgentRecord, CgroupCheck, CheckpointChange, DecisionRecord,
-        EventRecord, Kind, MachineSummary, ProbeStatus, Record, SCHEMA_VERSION, Source,
-        SourceStatus,
+        EventRecord, FleetBudget, Kind, MachineSummary, ProbeStatus, Record, SCHEMA_VERSION,
+        Source, SourceStatus,
     },
 };
 
@@ -242,6 +242,40 @@ fn records() -> Vec<Record> {
         backup: "/var/lib/kubelet/cpu_manager_state.bak.1796040000".into(),
     });
     out.push(Record::Decision(Box::new(rewritten)));
+    // Fleet budgets (fleet.rs): waiting for a restart slot, then the restart with its slot.
+    let mut fleet_wait = decision("refresh", "deferred", 1);
+    fleet_wait.backend = Some("systemd".into());
+    fleet_wait.reason = Some("fleet_budget".into());
+    fleet_wait.message =
+        Some("all 2 restart slots of the fleet are held (node-b, node-c); waiting for one".into());
+    fleet_wait.fleet = Some(FleetBudget {
+        budget: "restart".into(),
+        slots: 2,
+        holders: vec!["node-b".into(), "node-c".into()],
+        ..FleetBudget::default()
+    });
+    out.push(Record::Decision(Box::new(fleet_wait)));
+    let mut fleet_started = decision("refresh", "started", 1);
+    fleet_started.backend = Some("systemd".into());
+    fleet_started.fleet = Some(FleetBudget {
+        budget: "restart".into(),
+        slots: 2,
+        lease: Some("hotplug-agent-restart-1".into()),
+        waited_ms: Some(41_250),
+        ..FleetBudget::default()
+    });
+    out.push(Record::Decision(Box::new(fleet_started)));
+    // An operator's pause, and a reset that leaves an operator's cordon in place.
+    let mut paused = decision("refresh", "skipped", 1);
+    paused.backend = Some("systemd".into());
+    paused.reason = Some("paused".into());
+    paused.message =
+        Some("the Node carries hotplug-agent.io/paused: report only until it is removed".into());
+    out.push(Record::Decision(Box::new(paused)));
+    let mut left = decision("reset", "left_cordoned", 1);
+    left.message =
+        Some("someone else had cordoned the Node before the reset: left cordoned".into());
+    out.push(Record::Decision(Box::new(left)));
     out
 }
 

@@ -28,7 +28,16 @@
 //!   belongs in `default`) and the stricter events.k8s.io/v1 rules.
 //! - Pods (injected by tests) listed by `spec.nodeName`, and the Eviction subresource:
 //!   201 and the pod is deleted, or 429 TooManyRequests naming the disruption budget.
-//! - `/version`, `/api`, `/apis`, `/api/v1`, `/apis/events.k8s.io/v1`, `/healthz`.
+//! - coordination.k8s.io/v1 Leases (namespaced): create, get, list, watch, PUT, PATCH,
+//!   delete. A PUT carrying a stale `metadata.resourceVersion` gets 409 Conflict and a
+//!   create of an existing name 409 AlreadyExists, with the real group-qualified messages
+//!   (`leases.coordination.k8s.io "x" already exists`): the compare-and-swap that
+//!   client-go's leader election and kured's lock build on. `spec.leaseDurationSeconds`
+//!   must be positive and `spec.leaseTransitions` not negative (422 otherwise); as on the
+//!   real server, nothing ever expires a Lease: expiry is the clients' reading of
+//!   `renewTime` + `leaseDurationSeconds`.
+//! - `/version`, `/api`, `/apis`, `/api/v1`, `/apis/events.k8s.io/v1`,
+//!   `/apis/coordination.k8s.io/v1`, `/healthz`.
 //! - Errors as `Status` objects with the real codes, reasons and message formats.
 //! - [`FakeApi::stop`] closes the listener and every connection (clients get connection
 //!   errors, watches end); [`FakeApi::restart`] serves the same state on the same port.
@@ -36,7 +45,8 @@
 //! # What it does not
 //! No authentication, authorisation, admission, TLS, HTTP/2, protobuf, YAML bodies,
 //! managedFields (apply is a strategic merge: fields dropped from a later apply stay),
-//! finalizers or graceful deletion (evicted pods vanish at once), Leases, periodic watch
+//! finalizers or graceful deletion (evicted pods vanish at once), the Lease admission
+//! rules of the real server's identity leases (`kube-node-lease`), periodic watch
 //! bookmarks, pagination (`limit` is ignored, everything comes in one page),
 //! `resourceVersionMatch` (lists are always current), other kinds (404, recorded in
 //! [`FakeApi::unhandled`]). The Node status subresource of a real server also lets
@@ -207,6 +217,27 @@ impl FakeApi {
     /// resourceVersion now gets 410 Expired.
     pub fn compact(&self) {
         self.shared.write(|st| st.compact());
+    }
+
+    /// The Lease as a GET would return it.
+    pub fn lease(&self, ns: &str, name: &str) -> Option<Value> {
+        let key = Key {
+            kind: Kind::Lease,
+            ns: ns.to_owned(),
+            name: name.to_owned(),
+        };
+        self.shared
+            .read(|st| st.get(&key))
+            .map(|l| view(Kind::Lease, Group::Coordination, &l))
+    }
+
+    /// Every Lease in `ns`, by name.
+    pub fn leases(&self, ns: &str) -> Vec<Value> {
+        self.shared
+            .read(|st| st.list(Kind::Lease, Some(ns), &Selector::default()))
+            .iter()
+            .map(|l| view(Kind::Lease, Group::Coordination, l))
+            .collect()
     }
 
     /// Stores a Pod as if it had been scheduled (status kept; namespace `default` when

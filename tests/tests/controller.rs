@@ -181,6 +181,10 @@ struct Options {
     /// The stand-in validates the checkpoints at each start as the kubelet's static
     /// policies do, and refuses to start on one they would refuse.
     validating_standin: bool,
+    /// The fleet budgets (default: 10 % of the nodes, i.e. one slot here).
+    fleet: Option<hotplug_agent::fleet::Config>,
+    /// `--static-policy drain-and-reset`, stopping the stand-in by its pidfile.
+    drain_and_reset: bool,
 }
 
 /// A TCP proxy in front of the fake API that can hang: frozen, it accepts connections and
@@ -286,6 +290,12 @@ impl Harness {
             fs::write(cluster.path("kubelet-root/memory_manager_state"), state)
                 .expect("writing the checkpoint");
         }
+        if options.drain_and_reset {
+            let pidfile = cluster.kubelet.pidfile().display().to_string();
+            let sh = |c: String| vec!["/bin/sh".to_owned(), "-c".to_owned(), c];
+            command.stop = Some(sh(format!("kill $(cat '{pidfile}')")));
+            command.start = Some(sh(cluster.kubelet.restart_command()));
+        }
         if let Some(state) = options.cpu_manager_state {
             fs::write(cluster.path("kubelet-root/cpu_manager_state"), state)
                 .expect("writing the checkpoint");
@@ -304,10 +314,15 @@ impl Harness {
             verify_timeout: options.verify_timeout.unwrap_or(VERIFY_TIMEOUT),
             api_timeout: API_TIMEOUT,
             kubelet_root: cluster.path("kubelet-root").into(),
-            static_policy: options.static_policy.unwrap_or(StaticPolicy::Refuse),
+            static_policy: if options.drain_and_reset {
+                StaticPolicy::DrainAndReset
+            } else {
+                options.static_policy.unwrap_or(StaticPolicy::Refuse)
+            },
             cgroup_root: options
                 .cgroup_root
                 .unwrap_or_else(|| cluster.path("cgroup").into()),
+            fleet: options.fleet.clone().unwrap_or_default(),
         };
         let mut kubeconfig = PathBuf::from(cluster.path("kubeconfig"));
         let proxy = options
@@ -1179,4 +1194,221 @@ fn update_in_place_adds_hot_added_memory_to_its_numa_node() {
             BASE_MEMORY + BLOCK - reserved - pinned
         )
     );
+}
+
+/// A kubelet restart waits for a slot of the fleet's restart budget (held here by another
+/// node), records the wait once (`refresh` `deferred`, reason `fleet_budget`, who holds the
+/// slots), starts as soon as the slot is given back (the release is watched, not waited
+/// out), and gives the slot back once verify converged.
+#[test]
+fn a_restart_waits_for_a_fleet_budget_slot_and_gives_it_back_after_verify() {
+    use hotplug_agent::fleet::{self, Attempt, Fleet, Limit};
+    let config = fleet::Config {
+        namespace: None,
+        restarts: Limit::Count(1),
+        drains: Limit::Count(1),
+        lease_duration: Duration::from_secs(30),
+    };
+    let mut h = Harness::start_with(Options {
+        fleet: Some(config.clone()),
+        ..Options::default()
+    });
+    let kubeconfig = PathBuf::from(h.cluster.path("kubeconfig"));
+    // Another node is restarting its kubelet: it holds the only slot.
+    let other = h.cluster.rt.block_on(async {
+        let kc = kube::config::Kubeconfig::read_from(&kubeconfig).expect("kubeconfig");
+        let kube_config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .expect("client config");
+        let client = kube::Client::try_from(kube_config).expect("client");
+        let mut budget = Fleet::new(client, &config, "other-node", API_TIMEOUT).restarts;
+        match budget.try_take().await.expect("the API answers") {
+            Attempt::Held(slot) => slot,
+            Attempt::Full(_) => panic!("the only slot is free"),
+        }
+    });
+    let restarts = h.cluster.kubelet.restarts();
+    let base = h.machine.summary();
+    let grown = Summary {
+        memory_bytes: base.memory_bytes + GIB,
+        ..base
+    };
+    h.change(Kind::MemoryBlock, Action::Online, "memory40", grown);
+    let deferred = h.wait_for("the wait for a slot", |r| {
+        r["kind"] == "refresh" && r["action"] == "deferred" && r["reason"] == "fleet_budget"
+    });
+    assert_eq!(deferred["fleet"]["budget"], "restart", "{deferred}");
+    assert_eq!(deferred["fleet"]["slots"], 1);
+    assert_eq!(
+        deferred["fleet"]["holders"],
+        serde_json::json!(["other-node"])
+    );
+    assert!(
+        h.records("refresh", "started").is_empty(),
+        "log:\n{}",
+        h.log()
+    );
+    assert_eq!(h.cluster.kubelet.restarts(), restarts);
+
+    let released = Instant::now();
+    h.cluster
+        .rt
+        .block_on(other.release())
+        .expect("the other node gives its slot back");
+    let started = h.wait_for("the restart", |r| {
+        r["kind"] == "refresh" && r["action"] == "started"
+    });
+    let took = released.elapsed();
+    // Watched: well before the 30 s lease would have expired.
+    assert!(
+        took < Duration::from_secs(5),
+        "started {took:?} after the release"
+    );
+    assert_eq!(
+        started["fleet"]["lease"], "hotplug-agent-restart-0",
+        "{started}"
+    );
+    assert!(
+        started["fleet"]["waited_ms"].as_u64().is_some(),
+        "{started}"
+    );
+    h.wait_converged();
+    h.cluster.rt.block_on(h.cluster.api.wait_until(
+        "the slot given back after verify",
+        CONVERGE,
+        |api| {
+            let lease = api.lease("default", "hotplug-agent-restart-0")?;
+            lease["spec"]
+                .get("holderIdentity")
+                .is_none_or(serde_json::Value::is_null)
+                .then_some(())
+        },
+    ));
+    // Said once, not at every retry.
+    assert_eq!(
+        h.records("refresh", "deferred").len(),
+        1,
+        "log:\n{}",
+        h.log()
+    );
+}
+
+impl Harness {
+    /// A merge patch on the Node, as an operator's `kubectl annotate`/`cordon` would.
+    fn patch_node(&self, patch: serde_json::Value) {
+        let kubeconfig = PathBuf::from(self.cluster.path("kubeconfig"));
+        self.cluster.rt.block_on(async {
+            let kc = kube::config::Kubeconfig::read_from(&kubeconfig).expect("kubeconfig");
+            let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .expect("client config");
+            let client = kube::Client::try_from(config).expect("client");
+            let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client);
+            nodes
+                .patch(
+                    NODE,
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(&patch),
+                )
+                .await
+                .expect("patching the Node");
+        });
+    }
+}
+
+/// An operator's pause annotation: the agent reports the stale Node and restarts nothing.
+#[test]
+fn a_paused_node_is_reported_and_not_acted_on() {
+    let mut h = Harness::start_with(Options::default());
+    h.patch_node(serde_json::json!({"metadata": {"annotations": {"hotplug-agent.io/paused": "maintenance"}}}));
+    h.cpu1_offline();
+    let skipped = h.wait_for("refresh skipped", |r| {
+        r["kind"] == "refresh" && r["action"] == "skipped"
+    });
+    assert_eq!(skipped["reason"], "paused", "{skipped}");
+    assert!(
+        h.records("reconcile", "stale").len() == 1,
+        "log:\n{}",
+        h.log()
+    );
+    assert_eq!(h.cluster.kubelet.restarts(), 1, "log:\n{}", h.log());
+}
+
+/// drain-and-reset respects the operator: a Node cordoned by someone else stays cordoned
+/// after the reset; the agent's own cordon is marked on the Node and lifted at the end.
+fn reset_with_cordon(cordoned_before: bool) {
+    let mut h = Harness::start_with(Options {
+        cpu_manager_state: Some(r#"{"policyName":"static","defaultCpuSet":"0-1","checksum":0}"#),
+        drain_and_reset: true,
+        ..Options::default()
+    });
+    if cordoned_before {
+        h.patch_node(serde_json::json!({"spec": {"unschedulable": true}}));
+    }
+    h.cpu1_offline();
+    h.wait_converged();
+    let steps: Vec<String> = h
+        .seen
+        .iter()
+        .filter(|r| r["kind"] == "reset")
+        .map(|r| r["action"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    let last = if cordoned_before {
+        "left_cordoned"
+    } else {
+        "uncordoned"
+    };
+    assert_eq!(
+        steps,
+        [
+            "started",
+            "cordoned",
+            "kubelet_stopped",
+            "checkpoint_moved",
+            "kubelet_started",
+            "node_ready",
+            last
+        ],
+        "log:\n{}",
+        h.log()
+    );
+    let node = h.cluster.api.node(NODE).expect("node");
+    assert_eq!(
+        node["spec"]["unschedulable"] == true,
+        cordoned_before,
+        "{node}"
+    );
+    assert!(
+        node["metadata"]["annotations"]
+            .get("hotplug-agent.io/cordoned")
+            .is_none(),
+        "the agent's mark is gone with its cordon: {node}"
+    );
+    // The agent's cordon was marked while it held (the reset's own PATCH).
+    let marked = h
+        .cluster
+        .api
+        .requests()
+        .iter()
+        .filter(|(m, p)| {
+            m == "PATCH"
+                && p.starts_with(&format!("/api/v1/nodes/{NODE}"))
+                && !p.contains("/status")
+        })
+        .count();
+    assert_eq!(
+        marked,
+        if cordoned_before { 1 } else { 2 },
+        "cordon+uncordon by the agent, or only the operator's"
+    );
+}
+
+#[test]
+fn drain_and_reset_leaves_an_operators_cordon_in_place() {
+    reset_with_cordon(true);
+}
+
+#[test]
+fn drain_and_reset_lifts_only_its_own_cordon() {
+    reset_with_cordon(false);
 }

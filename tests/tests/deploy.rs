@@ -27,7 +27,7 @@ use k8s_openapi::{
         core::v1::{
             ConfigMap, Container, Namespace, PodSpec, Service, ServiceAccount, Volume, VolumeMount,
         },
-        rbac::v1::{ClusterRole, ClusterRoleBinding},
+        rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
@@ -62,6 +62,9 @@ struct Rendered {
     service_accounts: Vec<ServiceAccount>,
     cluster_roles: Vec<ClusterRole>,
     bindings: Vec<ClusterRoleBinding>,
+    /// The namespaced rights: the fleet budgets' Leases.
+    roles: Vec<Role>,
+    role_bindings: Vec<RoleBinding>,
     daemon_sets: Vec<DaemonSet>,
     services: Vec<Service>,
     config_maps: Vec<ConfigMap>,
@@ -91,6 +94,10 @@ fn parse_manifests(yaml: &str) -> Result<Rendered, String> {
             }
             ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
                 out.bindings.push(strict(doc).map_err(at)?)
+            }
+            ("rbac.authorization.k8s.io/v1", "Role") => out.roles.push(strict(doc).map_err(at)?),
+            ("rbac.authorization.k8s.io/v1", "RoleBinding") => {
+                out.role_bindings.push(strict(doc).map_err(at)?)
             }
             _ => return Err(at(format!("unexpected object {api_version}/{kind}"))),
         }
@@ -417,9 +424,14 @@ fn field_env(container: &Container, name: &str) -> Option<String> {
 /// `rules` as `(apiGroup, resource) -> verbs`; wildcards and resourceNames are problems.
 fn rbac(rendered: &Rendered, c: &mut Checker) -> BTreeMap<(String, String), BTreeSet<String>> {
     let mut granted: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
-    for role in &rendered.cluster_roles {
-        let name = role.metadata.name.clone().unwrap_or_default();
-        for rule in role.rules.iter().flatten() {
+    let roles = rendered
+        .cluster_roles
+        .iter()
+        .map(|r| (&r.metadata, &r.rules))
+        .chain(rendered.roles.iter().map(|r| (&r.metadata, &r.rules)));
+    for (meta, rules) in roles {
+        let name = meta.name.clone().unwrap_or_default();
+        for rule in rules.iter().flatten() {
             let groups = rule.api_groups.clone().unwrap_or_default();
             let resources = rule.resources.clone().unwrap_or_default();
             for word in groups.iter().chain(&resources).chain(&rule.verbs) {
@@ -451,6 +463,11 @@ fn expected_rbac(v: &Variant) -> BTreeMap<(String, String), BTreeSet<String>> {
         ("", "nodes/status", vec!["patch"]),
         ("", "events", vec!["create", "patch"]),
         ("events.k8s.io", "events", vec!["create", "patch"]),
+        (
+            "coordination.k8s.io",
+            "leases",
+            vec!["get", "list", "watch", "create", "update"],
+        ),
     ];
     if v.drain_and_reset {
         rules.extend([
@@ -550,6 +567,26 @@ fn check_variant(v: &Variant, yaml: &str) {
         );
     }
     c.check(bound == roles, format!("roles {roles:?}, bound {bound:?}"));
+    // The Lease Role: in the agent's namespace, bound there to its account.
+    for b in &rendered.role_bindings {
+        let name = b.metadata.name.clone().unwrap_or_default();
+        let subjects = b.subjects.clone().unwrap_or_default();
+        c.check(
+            b.role_ref.kind == "Role"
+                && rendered.roles.iter().any(|r| r.metadata.name.as_ref() == Some(&b.role_ref.name))
+                && b.metadata.namespace.as_deref() == Some(NAMESPACE)
+                && subjects.len() == 1
+                && subjects[0].name == sa
+                && subjects[0].namespace.as_deref() == Some(NAMESPACE),
+            format!("RoleBinding {name} does not bind the Lease Role to the agent's account in {NAMESPACE}"),
+        );
+    }
+    c.check(
+        rendered.roles.len() == 1
+            && rendered.role_bindings.len() == 1
+            && rendered.roles[0].metadata.namespace.as_deref() == Some(NAMESPACE),
+        "one Role (the fleet budgets' Leases) in the agent's namespace, bound once",
+    );
 
     // The DaemonSet.
     let ds = &rendered.daemon_sets[0];

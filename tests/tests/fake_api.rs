@@ -579,16 +579,13 @@ async fn stop_fails_requests_and_restart_serves_the_same_state_on_the_same_port(
     assert_eq!(after.metadata.name.as_deref(), Some("s1"));
 
     // Unknown paths are answered 404 and recorded.
-    let raw = hyper::http::Request::get("/apis/coordination.k8s.io/v1/leases")
+    let raw = hyper::http::Request::get("/apis/apps/v1/daemonsets")
         .body(Vec::new())
         .unwrap();
     assert!(nodes.clone().into_client().request_text(raw).await.is_err());
     assert_eq!(
         api.unhandled(),
-        [(
-            "GET".to_owned(),
-            "/apis/coordination.k8s.io/v1/leases".to_owned()
-        )]
+        [("GET".to_owned(), "/apis/apps/v1/daemonsets".to_owned())]
     );
 }
 

@@ -7,6 +7,8 @@
 //!   write → record per source (`ebpf`, `uevent`), then eBPF kernel-to-user delivery;
 //! - [`idle`]: a fresh agent left alone: RSS and context switches;
 //! - [`refresh`]: hot-add to Node through `hotplug-agent run`, and a burst's restarts;
+//! - [`fleet`]: 200 simulated nodes hit by one hot-add: fleet convergence time against the
+//!   restart budget (no hotplug on this machine);
 //! - [`seed_scale`]: the 64 GiB hot-add of `vm-test --scenario seed-scale` against a
 //!   per-block udev rule and KEP-3953's 5-minute poll.
 //!
@@ -30,6 +32,7 @@ use serde::Serialize;
 use crate::{process, setup, workspace};
 
 mod agent;
+mod fleet;
 mod idle;
 mod machine;
 mod refresh;
@@ -58,7 +61,7 @@ pub struct Args {
     /// compare two builds).
     #[arg(long, value_name = "PATH")]
     pub agent: Option<PathBuf>,
-    /// Run only these suites (`watch`, `idle`, `refresh`, `seed-scale`); all by default.
+    /// Run only these suites (`watch`, `idle`, `refresh`, `seed-scale`, `fleet`); all by default.
     #[arg(last = true)]
     pub suites: Vec<String>,
 }
@@ -81,6 +84,7 @@ const SUITES: &[(&str, Suite)] = &[
     ("idle", idle::section),
     ("refresh", refresh::sections),
     ("seed-scale", seed_scale::sections),
+    ("fleet", fleet::sections),
 ];
 
 pub fn run(args: Args) -> anyhow::Result<()> {

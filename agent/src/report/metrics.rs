@@ -73,6 +73,8 @@ pub struct Metrics {
     machine: Family<ResourceLabels, Gauge>,
     advertised: Family<ResourceLabels, Gauge>,
     stale: Gauge,
+    /// 1 while this node waits for a fleet budget slot (fleet.rs).
+    fleet_waiting: Gauge,
     probes_attached: Gauge,
     losses: Family<SourceLabels, Counter>,
     ringbuf_drops: Counter,
@@ -146,6 +148,12 @@ impl Metrics {
             "1 while the Node's capacity is stale or a refresh failed",
             stale.clone(),
         );
+        let fleet_waiting = Gauge::default();
+        registry.register(
+            "fleet_budget_waiting",
+            "1 while this node waits for a slot of the fleet's restart or drain budget",
+            fleet_waiting.clone(),
+        );
         let probes_attached = Gauge::default();
         registry.register(
             "probes_attached",
@@ -181,6 +189,7 @@ impl Metrics {
             machine,
             advertised,
             stale,
+            fleet_waiting,
             probes_attached,
             losses,
             ringbuf_drops,
@@ -291,6 +300,17 @@ impl Metrics {
                     .set((c / 1000) as i64);
             }
         };
+        match (d.kind, d.action, d.reason.as_deref()) {
+            (DecisionKind::Refresh, DecisionAction::Deferred, Some("fleet_budget")) => {
+                self.fleet_waiting.set(1);
+            }
+            (DecisionKind::Refresh, _, _)
+            | (DecisionKind::Reconcile, DecisionAction::InSync, _)
+            | (DecisionKind::Reset, DecisionAction::Started, _) => {
+                self.fleet_waiting.set(0);
+            }
+            _ => {}
+        }
         match (d.kind, d.action) {
             (DecisionKind::Episode, DecisionAction::Settled)
                 if d.trigger.as_deref() == Some("events") =>

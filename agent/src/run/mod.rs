@@ -6,7 +6,7 @@
 //! arrives during a refresh becomes the next episode. Work that cannot be done now (API
 //! down, a guard rail) stays pending and is retried; a new episode joins it.
 use crate::record::{DecisionAction, DecisionKind};
-use std::{future::Future, path::PathBuf, time::Duration};
+use std::{collections::HashMap, future::Future, path::PathBuf, time::Duration};
 
 use k8s_openapi::api::core::v1::Node;
 use tokio::{sync::mpsc, time::Instant};
@@ -15,6 +15,7 @@ use crate::{
     capacity::{self, Snapshot},
     checkpoint::{self, Verdict},
     episode::{Episode, Episodes, OpenWindow, Seen, Timing, Tracker, Window},
+    fleet::{self, Fleet},
     node::{EventType, NodeApi},
     pipeline::{self, InvalidSetting, Pipeline},
     reconcile,
@@ -25,6 +26,7 @@ use crate::{
     verify,
 };
 
+mod budget;
 mod reset;
 mod update;
 
@@ -54,6 +56,8 @@ pub struct Config {
     pub kubelet_root: PathBuf,
     pub static_policy: StaticPolicy,
     pub cgroup_root: PathBuf,
+    /// Cluster-wide budgets on restarts and drains (only with a client).
+    pub fleet: fleet::Config,
 }
 
 impl Config {
@@ -70,6 +74,7 @@ impl Config {
             ("verify-timeout", self.verify_timeout, true),
             ("api-timeout", self.api_timeout, true),
             ("min-refresh-interval", self.guard.min_interval, false),
+            ("lease-duration", self.fleet.lease_duration, true),
         ];
         if let Some(timeout) = self.backend.timeout() {
             durations.push(("refresh-timeout", timeout, true));
@@ -133,7 +138,11 @@ pub async fn control(
             }
         }
     });
-    let controller = Controller::new(config, client, decisions, episodes.window());
+    let fleet = client
+        .clone()
+        .map(|c| Fleet::new(c, &config.fleet, &config.node_name, config.api_timeout));
+    let (holder, api_timeout) = (config.node_name.clone(), config.api_timeout);
+    let controller = Controller::new(config, client, decisions, episodes.window(), fleet.clone());
     let control = tokio::spawn(controller.run(episodes));
     let tasks = [pump.abort_handle(), control.abort_handle()];
     // Either task ending on its own is a fault: the pipeline's records stopped (its task
@@ -166,6 +175,10 @@ pub async fn control(
     watch_faults.abort();
     for task in tasks {
         task.abort();
+    }
+    // A slot held by a restart the shutdown cut short goes back now, not after it expires.
+    if let Some(fleet) = &fleet {
+        fleet.release_all(&holder, api_timeout).await;
     }
     result.map_err(RunError::Write)?;
     match fault {
@@ -209,6 +222,12 @@ struct Controller {
     /// The stale state last announced on the Node: a retry of the same work does not
     /// announce it again.
     announced: Option<String>,
+    /// The fleet budgets (none without a cluster), the slots held, since when each budget
+    /// has been waited for, and the budget the pending retry waits on.
+    fleet: Option<Fleet>,
+    held: Vec<fleet::Slot>,
+    fleet_waiting: HashMap<fleet::Action, Instant>,
+    fleet_retry: Option<fleet::Action>,
 }
 
 const API_RETRY_MIN: Duration = Duration::from_secs(1);
@@ -220,6 +239,7 @@ impl Controller {
         client: Option<kube::Client>,
         log: mpsc::Sender<Record>,
         window: Window,
+        fleet: Option<Fleet>,
     ) -> Self {
         let node =
             client.map(|c| NodeApi::new(c, &config.node_name).with_timeout(config.api_timeout));
@@ -235,6 +255,10 @@ impl Controller {
             api_backoff: API_RETRY_MIN,
             events_failing: false,
             announced: None,
+            fleet,
+            held: Vec::new(),
+            fleet_waiting: HashMap::new(),
+            fleet_retry: None,
         }
     }
 
@@ -255,7 +279,13 @@ impl Controller {
                 self.settled(&ep, true).await;
             }
             pending = false;
-            match self.handle().await {
+            self.fleet_retry = None;
+            let next = self.handle().await;
+            if self.fleet_retry.is_none() {
+                // Not waiting for a slot (any more): the next wait is announced again.
+                self.fleet_waiting.clear();
+            }
+            match next {
                 Next::Done => {}
                 Next::RetryAt(at) => {
                     pending = true;
@@ -265,6 +295,7 @@ impl Controller {
                     tokio::select! {
                         () = tokio::time::sleep_until(at) => {}
                         () = self.caught_up(at) => {}
+                        () = self.fleet_changed(at) => {}
                         ep = episodes.next() => {
                             let Some(ep) = ep else { return };
                             self.episode += 1;
@@ -483,6 +514,8 @@ impl Controller {
         self.refresh(&node, &machine, advertised, &summary).await
     }
 
+    /// The refresh with the fleet budget's slots given back once it is over (verify
+    /// finished, or it stopped short).
     async fn refresh(
         &mut self,
         node: &Node,
@@ -490,7 +523,33 @@ impl Controller {
         before: Advertised,
         summary: &str,
     ) -> Next {
+        let next = self
+            .refresh_within_budget(node, machine, before, summary)
+            .await;
+        self.release_slots().await;
+        next
+    }
+
+    async fn refresh_within_budget(
+        &mut self,
+        node: &Node,
+        machine: &Snapshot,
+        before: Advertised,
+        summary: &str,
+    ) -> Next {
         let backend = self.config.backend.name();
+        if crate::node::paused(node) {
+            self.decide(DecisionKind::Refresh, DecisionAction::Skipped, |d| {
+                d.backend = Some(backend.into());
+                d.reason = Some("paused".into());
+                d.message = Some(format!(
+                    "the Node carries {}: report only until it is removed",
+                    crate::node::PAUSE_KEY
+                ));
+            })
+            .await;
+            return Next::Done;
+        }
         if matches!(self.config.backend, Backend::None) {
             self.decide(DecisionKind::Refresh, DecisionAction::Skipped, |d| {
                 d.backend = Some(backend.into());
@@ -520,6 +579,12 @@ impl Controller {
                     })
                     .await;
                     return Next::RetryAt(deferred.until);
+                }
+                if let Err(next) = self
+                    .take_slots(&[fleet::Action::Drain, fleet::Action::Restart])
+                    .await
+                {
+                    return next;
                 }
                 self.guard.started(now);
                 if let Err(next) = self.drain_and_reset(node, blocked).await {
@@ -560,9 +625,14 @@ impl Controller {
             .await;
             return Next::RetryAt(deferred.until);
         }
+        let taken = match self.take_slots(&[fleet::Action::Restart]).await {
+            Ok(taken) => taken,
+            Err(next) => return next,
+        };
         self.guard.started(now);
         self.decide(DecisionKind::Refresh, DecisionAction::Started, |d| {
-            d.backend = Some(backend.into())
+            d.backend = Some(backend.into());
+            d.fleet = taken.into_iter().next();
         })
         .await;
         let started = Instant::now();

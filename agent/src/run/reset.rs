@@ -36,10 +36,20 @@ impl Controller {
             .await;
     }
 
+    /// `uncordon`: the agent cordoned the Node for this reset, so it undoes that; a Node
+    /// cordoned by someone else stays cordoned. The message says which.
     async fn abort(&mut self, node: &Node, why: String, uncordon: bool) -> Next {
-        if uncordon && let Some(api) = &self.node {
-            let _ = api.cordon(false).await;
-        }
+        let why = if uncordon && let Some(api) = &self.node {
+            match api.cordon_by_agent(false).await {
+                Ok(()) => format!("{why}; the agent's cordon was lifted again"),
+                Err(e) => format!(
+                    "{why}; lifting the agent's cordon failed too: {}",
+                    error_chain(&e)
+                ),
+            }
+        } else {
+            why
+        };
         self.step(DecisionAction::Failed, why.clone()).await;
         self.warn(
             node,
@@ -81,16 +91,28 @@ impl Controller {
             .node
             .as_ref()
             .expect("reset is only called with a client");
-        if let Err(e) = api.cordon(true).await {
-            return Err(self
-                .abort(node, format!("cordon failed: {}", error_chain(&e)), false)
-                .await);
-        }
-        self.step(DecisionAction::Cordoned, "the Node is unschedulable".into())
+        // Respect the operator: a Node cordoned by someone else (not carrying our
+        // annotation) stays cordoned, during and after the reset. Ours (an earlier reset
+        // that the agent's restart cut short) is ours to lift.
+        let ours = !node_cordoned(node) || crate::node::cordoned_by_agent(node);
+        if ours {
+            if let Err(e) = api.cordon_by_agent(true).await {
+                return Err(self
+                    .abort(node, format!("cordon failed: {}", error_chain(&e)), false)
+                    .await);
+            }
+            self.step(DecisionAction::Cordoned, "the Node is unschedulable".into())
+                .await;
+        } else {
+            self.step(
+                DecisionAction::Cordoned,
+                "the Node was already cordoned, not by the agent: left cordoned, now and after the reset".into(),
+            )
             .await;
+        }
 
         if let Err(why) = self.evict_pinned(&blocked.pods).await {
-            return Err(self.abort(node, why, true).await);
+            return Err(self.abort(node, why, ours).await);
         }
 
         if let Err(e) = refresh::stop(&self.config.backend).await {
@@ -98,7 +120,7 @@ impl Controller {
                 .abort(
                     node,
                     format!("stopping the kubelet failed: {}", error_chain(&e)),
-                    true,
+                    ours,
                 )
                 .await);
         }
@@ -133,7 +155,7 @@ impl Controller {
                         .abort(
                             node,
                             format!("moving {} aside failed: {e}", path.display()),
-                            true,
+                            ours,
                         )
                         .await);
                 }
@@ -197,7 +219,15 @@ impl Controller {
             .node
             .as_ref()
             .expect("reset is only called with a client");
-        if let Err(e) = api.cordon(false).await {
+        if !ours {
+            self.step(
+                DecisionAction::LeftCordoned,
+                "someone else had cordoned the Node before the reset: left cordoned".into(),
+            )
+            .await;
+            return Ok(());
+        }
+        if let Err(e) = api.cordon_by_agent(false).await {
             return Err(self
                 .abort(node, format!("uncordon failed: {}", error_chain(&e)), false)
                 .await);
@@ -245,6 +275,10 @@ impl Controller {
         }
         Ok(())
     }
+}
+
+fn node_cordoned(node: &Node) -> bool {
+    node.spec.as_ref().and_then(|s| s.unschedulable) == Some(true)
 }
 
 /// Ready=True with a heartbeat from after `since`: the restarted kubelet is posting.

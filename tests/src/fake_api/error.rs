@@ -80,7 +80,7 @@ impl ApiError {
             ..Self::new(
                 409,
                 "AlreadyExists",
-                format!("{} {name:?} already exists", kind.plural()),
+                format!("{} {name:?} already exists", kind.qualified()),
             )
         }
     }
@@ -93,7 +93,7 @@ impl ApiError {
                 "Conflict",
                 format!(
                     "Operation cannot be fulfilled on {} {name:?}: the object has been modified; please apply your changes to the latest version and try again",
-                    kind.plural()
+                    kind.qualified()
                 ),
             )
         }

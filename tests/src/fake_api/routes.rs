@@ -197,6 +197,10 @@ fn route(ctx: &Ctx) -> Result<Response<Body>, ApiError> {
                     "name": "events.k8s.io",
                     "versions": [{"groupVersion": "events.k8s.io/v1", "version": "v1"}],
                     "preferredVersion": {"groupVersion": "events.k8s.io/v1", "version": "v1"},
+                }, {
+                    "name": "coordination.k8s.io",
+                    "versions": [{"groupVersion": "coordination.k8s.io/v1", "version": "v1"}],
+                    "preferredVersion": {"groupVersion": "coordination.k8s.io/v1", "version": "v1"},
                 }],
             }),
         )),
@@ -205,7 +209,13 @@ fn route(ctx: &Ctx) -> Result<Response<Body>, ApiError> {
             Ok(json_response(200, &resource_list(Group::Events)))
         }
         (_, ["api", "v1", rest @ ..]) => resource(ctx, Group::Core, rest),
+        ("GET", ["apis", "coordination.k8s.io", "v1"]) => {
+            Ok(json_response(200, &resource_list(Group::Coordination)))
+        }
         (_, ["apis", "events.k8s.io", "v1", rest @ ..]) => resource(ctx, Group::Events, rest),
+        (_, ["apis", "coordination.k8s.io", "v1", rest @ ..]) => {
+            resource(ctx, Group::Coordination, rest)
+        }
         _ => Err(ctx.unhandled()),
     }
 }
@@ -227,11 +237,14 @@ fn resource_list(group: Group) -> Value {
         Group::Events => json!([
             {"name": "events", "singularName": "event", "namespaced": true, "kind": "Event", "verbs": verbs},
         ]),
+        Group::Coordination => json!([
+            {"name": "leases", "singularName": "lease", "namespaced": true, "kind": "Lease", "verbs": verbs},
+        ]),
     };
-    let group_version = if group == Group::Core {
-        "v1"
-    } else {
-        "events.k8s.io/v1"
+    let group_version = match group {
+        Group::Core => "v1",
+        Group::Events => "events.k8s.io/v1",
+        Group::Coordination => "coordination.k8s.io/v1",
     };
     json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version, "resources": resources})
 }
