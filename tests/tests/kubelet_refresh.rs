@@ -293,6 +293,10 @@ fn a_failing_refresh_backs_off_and_warns_without_a_storm() {
     let Some(cpu) = CpuOffline::pick().filter(|&c| c != 0) else {
         return;
     };
+    // Found before the agent starts, so that taking it offline later is quick: the search
+    // can take longer than the 10 s back-off on a busy machine, and the agent would then
+    // rightly retry the first episode before the second arrives.
+    let ids = BlocksOffline::rehearse(1);
     let cluster = start_cluster();
     let mut agent = start_agent(
         &cluster,
@@ -321,7 +325,7 @@ fn a_failing_refresh_backs_off_and_warns_without_a_storm() {
     );
     // A new, still stale episode right away is held back by the back-off instead of
     // restarting again.
-    let blocks = BlocksOffline::take(1);
+    let blocks = BlocksOffline::take_these(&ids);
     if !blocks.blocks.is_empty() {
         let deferred = agent.wait_for("refresh deferred", WAIT, |v| {
             v["kind"] == "refresh" && v["action"] == "deferred"

@@ -165,13 +165,19 @@ pub async fn control(
         let _ = fault_tx.send(fault);
     });
     let mut fault = None;
+    let mut asked_to_stop = false;
     let stop = async {
         tokio::select! {
-            () = shutdown => {}
+            () = shutdown => asked_to_stop = true,
             f = fault_rx => fault = f.ok(),
         }
     };
     let result = drain(sinks, first, &mut log_rx, stop, after_batch).await;
+    // The log's channel can close (both tasks ended) before the watcher's message arrives:
+    // the records stopped without anyone asking, which is the pipeline stopping.
+    if fault.is_none() && !asked_to_stop {
+        fault = Some(Fault::PipelineStopped);
+    }
     watch_faults.abort();
     for task in tasks {
         task.abort();
