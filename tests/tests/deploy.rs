@@ -65,6 +65,11 @@ struct Rendered {
     daemon_sets: Vec<DaemonSet>,
     services: Vec<Service>,
     config_maps: Vec<ConfigMap>,
+    /// The monitoring component's: Grafana dashboards (ConfigMaps labelled
+    /// `grafana_dashboard`) and the Prometheus Operator's objects (no k8s-openapi type;
+    /// tests/monitoring.rs checks them).
+    dashboards: Vec<ConfigMap>,
+    monitoring: Vec<Value>,
 }
 
 /// Parses a multi-document manifest; an error names the object and the offending path.
@@ -84,7 +89,13 @@ fn parse_manifests(yaml: &str) -> Result<Rendered, String> {
             ("v1", "Namespace") => out.namespaces.push(strict(doc).map_err(at)?),
             ("v1", "ServiceAccount") => out.service_accounts.push(strict(doc).map_err(at)?),
             ("v1", "Service") => out.services.push(strict(doc).map_err(at)?),
+            ("v1", "ConfigMap") if doc["metadata"]["labels"]["grafana_dashboard"].is_string() => {
+                out.dashboards.push(strict(doc).map_err(at)?)
+            }
             ("v1", "ConfigMap") => out.config_maps.push(strict(doc).map_err(at)?),
+            ("monitoring.coreos.com/v1", "PodMonitor" | "ServiceMonitor" | "PrometheusRule") => {
+                out.monitoring.push(doc.clone())
+            }
             ("apps/v1", "DaemonSet") => out.daemon_sets.push(strict(doc).map_err(at)?),
             ("rbac.authorization.k8s.io/v1", "ClusterRole") => {
                 out.cluster_roles.push(strict(doc).map_err(at)?)
@@ -300,7 +311,7 @@ const fn variant(name: &'static str) -> Variant {
 }
 
 /// Every overlay in deploy/kubernetes/overlays, and what it must render to.
-const OVERLAYS: [Variant; 7] = [
+const OVERLAYS: [Variant; 8] = [
     variant("capabilities"),
     Variant {
         privileged: true,
@@ -328,6 +339,7 @@ const OVERLAYS: [Variant; 7] = [
         image: Some("registry.example.com/platform/hotplug-agent:0.1.0"),
         ..variant("example")
     },
+    variant("monitoring"),
 ];
 
 /// Collects every violated invariant of one variant, to report them all at once.
