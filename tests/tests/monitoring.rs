@@ -262,6 +262,14 @@ fn promtool_checks_a_live_scrape() {
     let (agent, addr) = agent_with_metrics(&[]);
     let (status, body) = http_get(&addr, "/metrics");
     assert_eq!(status, 200, "{body}");
+    // The running agent's own configuration, with where each value came from.
+    let (status, config) = http_get(&addr, "/config");
+    assert_eq!(status, 200, "{config}");
+    let line = config
+        .lines()
+        .find(|l| l.contains("metrics_addr"))
+        .unwrap_or_else(|| panic!("no metrics_addr in /config:\n{config}"));
+    assert!(line.contains(&addr) && line.contains("flag"), "{line}");
     drop(agent);
 
     let mut check = Command::new(&promtool)
