@@ -316,7 +316,7 @@ async fn run_command(args: RunArgs, described: Option<String>) -> Result<(), App
         .map_err(|e| AppError::Run("run", e))
 }
 
-/// Under systemd (`Type=notify`): READY=1 once running (sources listening, first reconcile
+/// Under systemd (`Type=notify`): `STATUS=starting: ...` until then, READY=1 once running (sources listening, first reconcile
 /// tried, even if the API did not answer: the agent records events without it, and waiting
 /// for the API would have the start timeout kill and restart it in a loop), `STATUS=` with
 /// what `/readyz` says whenever that changes (`systemctl status` shows it), and watchdog
@@ -334,18 +334,19 @@ fn systemd_notify(metrics: Arc<Metrics>) -> impl FnMut() {
     let mut notified = false;
     let mut last_status = String::new();
     move || {
-        if !metrics.running() {
-            return;
-        }
+        // STATUS= from the first record on: before READY=1 too, so that `systemctl status`
+        // says what the start waits for (the first reconcile: the Kubernetes API).
+        let running = metrics.running();
         let status = match metrics.ready() {
             Ok(()) => "ready".to_string(),
-            Err(why) => format!("running, not ready: {why}"),
+            Err(why) if running => format!("running, not ready: {why}"),
+            Err(why) => format!("starting: {why}"),
         };
         if status != last_status {
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status)]);
             last_status = status;
         }
-        if !notified {
+        if running && !notified {
             notified = true;
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         }

@@ -498,7 +498,7 @@ impl Metrics {
         }
         if h.reconciling.load(Ordering::Relaxed) {
             if !h.first_reconcile.load(Ordering::Relaxed) {
-                return Err("first reconcile not done yet".into());
+                return Err("first reconcile not done yet (waiting for the Kubernetes API)".into());
             }
             if h.api_down.load(Ordering::Relaxed) {
                 return Err("the Kubernetes API is unreachable".into());
