@@ -1,6 +1,9 @@
 # hotplug-agent container image: the DaemonSet's (deploy/kubernetes).
 #
-#   docker build -t hotplug-agent:0.1.0 .
+#   docker build -t hotplug-agent:0.1.0 --build-arg REVISION="$(git rev-parse HEAD)" .
+#
+# REVISION (the build context has no .git) becomes `hotplug_agent_build_info{revision}` and
+# the image's org.opencontainers.image.revision label.
 #
 # Two stages: the builder has the whole toolchain (the same recipe as `cargo xtask setup`,
 # xtask/src/setup.rs); the runtime image has the binary and libudev, nothing else.
@@ -27,9 +30,10 @@ ENV PATH=/opt/rust-toolchain/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/b
 
 WORKDIR /src
 COPY . .
+ARG REVISION=unknown
 # The release profile keeps line tables (debug = 1); the image drops them (symbols stay, so
 # backtraces still name functions). The eBPF object is embedded as data, not touched.
-RUN cargo build --release --locked -p hotplug-agent \
+RUN HOTPLUG_AGENT_REVISION="$REVISION" cargo build --release --locked -p hotplug-agent \
     && strip --strip-debug -o /hotplug-agent target/release/hotplug-agent
 
 FROM debian:bookworm-slim
@@ -42,7 +46,14 @@ RUN apt-get update \
 
 COPY --from=builder /hotplug-agent /usr/local/bin/hotplug-agent
 
+ARG REVISION=unknown
+ARG VERSION=0.1.0
+# Where the sources are published (the repository URL): --build-arg SOURCE=https://...
+ARG SOURCE=
 LABEL org.opencontainers.image.title="hotplug-agent" \
+      org.opencontainers.image.version="$VERSION" \
+      org.opencontainers.image.revision="$REVISION" \
+      org.opencontainers.image.source="$SOURCE" \
       org.opencontainers.image.description="Makes the kubelet see hot-plugged CPUs and memory" \
       org.opencontainers.image.licenses="MIT OR Apache-2.0"
 

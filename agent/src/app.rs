@@ -72,11 +72,22 @@ pub enum AppError {
 
 /// Runs the command `cli` asks for, to its end.
 pub fn main(cli: Cli) -> Result<(), AppError> {
-    if let Command::Config { run_args } = cli.command {
-        print!("{}", crate::cli::describe_run(run_args)?);
-        return Ok(());
+    match cli.command {
+        Command::Config { run_args } => {
+            print!("{}", crate::cli::describe_run(run_args)?);
+            return Ok(());
+        }
+        Command::Completions { shell } => {
+            crate::cli::completions(shell, &mut io::stdout().lock());
+            return Ok(());
+        }
+        Command::Man { subcommand } => {
+            return crate::cli::man(subcommand.as_deref(), &mut io::stdout().lock())
+                .map_err(|e| AppError::Write("man page", e));
+        }
+        _ => {}
     }
-    crate::telemetry::init();
+    crate::telemetry::init(cli.color.enabled(io::stderr().is_terminal()));
     // One thread: the agent's work is waiting; blocking work has threads of its own.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -97,9 +108,11 @@ pub fn main(cli: Cli) -> Result<(), AppError> {
                 .block_on(watch::run(config, &mut sinks, shutdown_signal()))
                 .map_err(|e| AppError::Run("watch", e))
         }
-        Command::Run(args) => runtime.block_on(run_command(*args)),
-        Command::Events(args) => runtime.block_on(events_command(args)),
-        Command::Config { .. } => unreachable!("handled before the runtime starts"),
+        Command::Run(args) => runtime.block_on(run_command(*args, own_config())),
+        Command::Events(args) => runtime.block_on(events_command(args, cli.color)),
+        Command::Config { .. } | Command::Completions { .. } | Command::Man { .. } => {
+            unreachable!("handled before the runtime starts")
+        }
         Command::Status {
             format,
             every_method,
@@ -126,7 +139,7 @@ pub fn main(cli: Cli) -> Result<(), AppError> {
     }
 }
 
-async fn events_command(args: EventsArgs) -> Result<(), AppError> {
+async fn events_command(args: EventsArgs, color: crate::cli::Color) -> Result<(), AppError> {
     let endpoint = match args.addr {
         Some(addr) => events::Endpoint::Tcp(addr),
         None => events::Endpoint::Unix(args.socket),
@@ -137,9 +150,14 @@ async fn events_command(args: EventsArgs) -> Result<(), AppError> {
         tail: args.tail,
         kinds: args.kind,
     };
-    let colour = args.format == Format::Text && io::stdout().is_terminal();
+    // As `watch`: text for a person, json for a pipe.
+    let terminal = io::stdout().is_terminal();
+    let format = args
+        .format
+        .unwrap_or(if terminal { Format::Text } else { Format::Json });
+    let colour = format == Format::Text && color.enabled(terminal);
     let mut out = io::stdout().lock();
-    match events::follow(&endpoint, &request, args.format, colour, &mut out).await {
+    match events::follow(&endpoint, &request, format, colour, &mut out).await {
         // `hotplug-agent events | head`: the reader had enough.
         Err(events::EventsError::Write(e)) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
         other => other.map_err(AppError::Events),
@@ -285,10 +303,30 @@ async fn run_sinks(args: &RunArgs, metrics: &Arc<Metrics>) -> Result<Sinks<'stat
     Ok(sinks)
 }
 
-async fn run_command(args: RunArgs) -> Result<(), AppError> {
+/// `hotplug-agent config` with this process's own `run` arguments and environment: what
+/// `/config` serves, so that what runs can be read back, not recomputed elsewhere.
+fn own_config() -> Option<String> {
+    let mut args = std::env::args_os().skip(1).skip_while(|a| a != "run");
+    args.next()?;
+    match crate::cli::describe_run(args.collect()) {
+        Ok(description) => Some(description),
+        Err(e) => {
+            tracing::warn!(
+                "cannot describe the configuration for /config: {}",
+                crate::sources::error_chain(&e)
+            );
+            None
+        }
+    }
+}
+
+async fn run_command(args: RunArgs, described: Option<String>) -> Result<(), AppError> {
     let config = run_config(&args)?;
     let client = client(&args).await;
     let metrics = Metrics::new();
+    if let Some(d) = described {
+        metrics.set_config(d);
+    }
     let mut sinks = run_sinks(&args, &metrics).await?;
     let notify = systemd_notify(metrics);
     run::run(config, client, &mut sinks, shutdown_signal(), notify)
@@ -296,7 +334,7 @@ async fn run_command(args: RunArgs) -> Result<(), AppError> {
         .map_err(|e| AppError::Run("run", e))
 }
 
-/// Under systemd (`Type=notify`): READY=1 once running (sources listening, first reconcile
+/// Under systemd (`Type=notify`): `STATUS=starting: ...` until then, READY=1 once running (sources listening, first reconcile
 /// tried, even if the API did not answer: the agent records events without it, and waiting
 /// for the API would have the start timeout kill and restart it in a loop), `STATUS=` with
 /// what `/readyz` says whenever that changes (`systemctl status` shows it), and watchdog
@@ -314,18 +352,19 @@ fn systemd_notify(metrics: Arc<Metrics>) -> impl FnMut() {
     let mut notified = false;
     let mut last_status = String::new();
     move || {
-        if !metrics.running() {
-            return;
-        }
+        // STATUS= from the first record on: before READY=1 too, so that `systemctl status`
+        // says what the start waits for (the first reconcile: the Kubernetes API).
+        let running = metrics.running();
         let status = match metrics.ready() {
             Ok(()) => "ready".to_string(),
-            Err(why) => format!("running, not ready: {why}"),
+            Err(why) if running => format!("running, not ready: {why}"),
+            Err(why) => format!("starting: {why}"),
         };
         if status != last_status {
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status)]);
             last_status = status;
         }
-        if !notified {
+        if running && !notified {
             notified = true;
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         }

@@ -18,9 +18,45 @@ use crate::{
 #[derive(Debug, Parser)]
 #[command(version, about)]
 pub struct Cli {
+    /// Colour on stderr's diagnostics and `events`' text: `auto` (only on a terminal, and
+    /// never with NO_COLOR set), `always` or `never`.
+    #[arg(long, value_enum, default_value = "auto", global = true)]
+    pub color: Color,
     #[command(subcommand)]
     pub command: Command,
 }
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Color {
+    Auto,
+    Always,
+    Never,
+}
+
+impl Color {
+    /// Whether to colour a stream that is (or is not) a terminal. `auto` follows
+    /// <https://no-color.org>: NO_COLOR set to anything but the empty string turns it off.
+    pub fn enabled(self, terminal: bool) -> bool {
+        match self {
+            Self::Always => true,
+            Self::Never => false,
+            Self::Auto => terminal && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+        }
+    }
+}
+
+/// What `events --kind` accepts: the record kinds of the event log.
+pub const RECORD_KINDS: [&str; 9] = [
+    "cpu",
+    "memory_block",
+    "memory",
+    "agent",
+    "episode",
+    "reconcile",
+    "refresh",
+    "verify",
+    "reset",
+];
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -37,9 +73,24 @@ pub enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         run_args: Vec<std::ffi::OsString>,
     },
+    /// Print a completion script: `hotplug-agent completions bash > /etc/bash_completion.d/hotplug-agent`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) of the program or of one subcommand (`run`:
+    /// hotplug-agent-run(1)); `cargo xtask man` writes them all to target/man/.
+    #[command(hide = true)]
+    Man { subcommand: Option<String> },
     /// Print the machine's capacity and which probes can attach here.
     Status {
-        #[arg(long, value_enum, default_value = "text")]
+        #[arg(
+            long,
+            short = 'o',
+            visible_alias = "output",
+            value_enum,
+            default_value = "text"
+        )]
         format: Format,
         /// Try every attach method of every probe (perf-event, raw and BTF tracepoint;
         /// fentry and kprobe), not only until one attaches as `run` does.
@@ -67,7 +118,7 @@ pub enum Command {
 #[derive(Debug, clap::Args)]
 pub struct WatchArgs {
     /// `json`: one object per line (the event log). Default: text on a terminal, else json.
-    #[arg(long, value_enum)]
+    #[arg(long, short = 'o', visible_alias = "output", value_enum)]
     pub format: Option<Format>,
     #[command(flatten)]
     pub sources: SourceArgs,
@@ -85,11 +136,11 @@ pub struct EventsArgs {
     #[arg(long)]
     pub tail: Option<usize>,
     /// Only these kinds (cpu, memory_block, memory, agent, episode, reconcile, refresh, verify, reset).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(RECORD_KINDS))]
     pub kind: Vec<String>,
-    /// `text` (default, coloured on a terminal) or `json` for piping.
-    #[arg(long, value_enum, default_value = "text")]
-    pub format: Format,
+    /// `text` (coloured on a terminal) or `json`. Default: text on a terminal, else json.
+    #[arg(long, short = 'o', visible_alias = "output", value_enum)]
+    pub format: Option<Format>,
     /// The agent's stream socket.
     #[arg(long, default_value = stream::DEFAULT_SOCKET)]
     pub socket: PathBuf,
@@ -105,7 +156,13 @@ pub struct RunArgs {
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// `json` (the event log, default) or `text`.
-    #[arg(long, value_enum, default_value = "json")]
+    #[arg(
+        long,
+        short = 'o',
+        visible_alias = "output",
+        value_enum,
+        default_value = "json"
+    )]
     pub format: Format,
     #[command(flatten)]
     pub sources: SourceArgs,
@@ -284,6 +341,41 @@ pub fn parse() -> Cli {
     Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
 
+/// `hotplug-agent completions SHELL`: the script, from the same definition as the parser
+/// (with the `HOTPLUG_AGENT_*` variables of [`config::with_env`]).
+pub fn completions(shell: clap_complete::Shell, out: &mut dyn std::io::Write) {
+    let mut cmd = config::with_env(Cli::command());
+    clap_complete::generate(shell, &mut cmd, "hotplug-agent", out);
+}
+
+/// The subcommands that have a man page of their own (`hotplug-agent-NAME(1)`).
+pub fn man_pages() -> Vec<String> {
+    Cli::command()
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+        .map(|s| s.get_name().to_owned())
+        .collect()
+}
+
+/// `hotplug-agent man [SUBCOMMAND]`: the man page, in roff; a subcommand's has its flags
+/// and their `HOTPLUG_AGENT_*` variables.
+pub fn man(subcommand: Option<&str>, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    let cmd = config::with_env(Cli::command());
+    let page = match subcommand {
+        None => cmd,
+        Some(name) => {
+            let sub = cmd.find_subcommand(name).ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("no subcommand {name:?}"),
+                )
+            })?;
+            sub.clone().name(format!("hotplug-agent-{name}"))
+        }
+    };
+    clap_mangen::Man::new(page).render(out)
+}
+
 /// Why `hotplug-agent config` could not describe a configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum DescribeError {
@@ -315,4 +407,83 @@ pub fn describe_run(run_args: Vec<OsString>) -> Result<String, DescribeError> {
         before.subcommand_matches("run"),
         file.as_ref(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("hotplug-agent").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn output_is_the_kubectl_style_alias_of_format() {
+        for flag in ["-o", "--output", "--format"] {
+            let Command::Events(e) = parse(&["events", flag, "json"]).unwrap().command else {
+                panic!("not events");
+            };
+            assert_eq!(e.format, Some(Format::Json), "{flag}");
+        }
+        let Command::Run(r) = parse(&["run", "-o", "text"]).unwrap().command else {
+            panic!("not run");
+        };
+        assert_eq!(r.format, Format::Text);
+    }
+
+    #[test]
+    fn an_unknown_kind_is_refused_with_a_suggestion() {
+        let err = parse(&["events", "--kind", "cpu,refrsh"]).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("refrsh") && text.contains("refresh"),
+            "{text}"
+        );
+        assert_eq!(err.kind(), clap::error::ErrorKind::InvalidValue);
+        let Command::Events(e) = parse(&["events", "--kind", "cpu,verify"]).unwrap().command else {
+            panic!("not events");
+        };
+        assert_eq!(e.kind, ["cpu", "verify"]);
+    }
+
+    #[test]
+    fn completions_and_the_man_page_name_every_subcommand() {
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            let mut out = Vec::new();
+            completions(shell, &mut out);
+            let text = String::from_utf8(out).unwrap();
+            for word in ["watch", "events", "settle-ms", "color"] {
+                assert!(text.contains(word), "{shell}: no {word}");
+            }
+        }
+        let mut out = Vec::new();
+        man(None, &mut out).unwrap();
+        assert!(String::from_utf8(out).unwrap().contains("completions"));
+        assert!(man_pages().contains(&"run".to_owned()));
+        let mut out = Vec::new();
+        man(Some("run"), &mut out).unwrap();
+        let roff = String::from_utf8(out).unwrap();
+        assert!(roff.starts_with(".ie") || roff.contains(".TH"), "{roff}");
+        assert!(
+            roff.contains("settle\\-ms") && roff.contains("HOTPLUG_AGENT_SETTLE_MS"),
+            "{roff}"
+        );
+    }
+
+    #[test]
+    fn color_is_global_and_never_beats_a_terminal() {
+        let cli = parse(&["events", "--color", "never"]).unwrap();
+        assert_eq!(cli.color, Color::Never);
+        assert!(!cli.color.enabled(true));
+        assert!(Color::Always.enabled(false));
+        assert!(!Color::Auto.enabled(false));
+        assert_eq!(
+            parse(&["--color", "always", "status"]).unwrap().color,
+            Color::Always
+        );
+    }
 }

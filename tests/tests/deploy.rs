@@ -68,6 +68,11 @@ struct Rendered {
     daemon_sets: Vec<DaemonSet>,
     services: Vec<Service>,
     config_maps: Vec<ConfigMap>,
+    /// The monitoring component's: Grafana dashboards (ConfigMaps labelled
+    /// `grafana_dashboard`) and the Prometheus Operator's objects (no k8s-openapi type;
+    /// tests/monitoring.rs checks them).
+    dashboards: Vec<ConfigMap>,
+    monitoring: Vec<Value>,
 }
 
 /// Parses a multi-document manifest; an error names the object and the offending path.
@@ -87,7 +92,13 @@ fn parse_manifests(yaml: &str) -> Result<Rendered, String> {
             ("v1", "Namespace") => out.namespaces.push(strict(doc).map_err(at)?),
             ("v1", "ServiceAccount") => out.service_accounts.push(strict(doc).map_err(at)?),
             ("v1", "Service") => out.services.push(strict(doc).map_err(at)?),
+            ("v1", "ConfigMap") if doc["metadata"]["labels"]["grafana_dashboard"].is_string() => {
+                out.dashboards.push(strict(doc).map_err(at)?)
+            }
             ("v1", "ConfigMap") => out.config_maps.push(strict(doc).map_err(at)?),
+            ("monitoring.coreos.com/v1", "PodMonitor" | "ServiceMonitor" | "PrometheusRule") => {
+                out.monitoring.push(doc.clone())
+            }
             ("apps/v1", "DaemonSet") => out.daemon_sets.push(strict(doc).map_err(at)?),
             ("rbac.authorization.k8s.io/v1", "ClusterRole") => {
                 out.cluster_roles.push(strict(doc).map_err(at)?)
@@ -307,7 +318,7 @@ const fn variant(name: &'static str) -> Variant {
 }
 
 /// Every overlay in deploy/kubernetes/overlays, and what it must render to.
-const OVERLAYS: [Variant; 7] = [
+const OVERLAYS: [Variant; 8] = [
     variant("capabilities"),
     Variant {
         privileged: true,
@@ -335,6 +346,7 @@ const OVERLAYS: [Variant; 7] = [
         image: Some("registry.example.com/platform/hotplug-agent:0.1.0"),
         ..variant("example")
     },
+    variant("monitoring"),
 ];
 
 /// Collects every violated invariant of one variant, to report them all at once.
@@ -730,12 +742,17 @@ fn check_variant(v: &Variant, yaml: &str) {
         args.first().map(String::as_str) == Some("run"),
         "the agent does not `run`",
     );
-    for arg in [
-        "--node-name=$(NODE_NAME)".to_string(),
-        format!("--metrics-addr=$(POD_IP):{METRICS_PORT}"),
-    ] {
-        c.check(args.contains(&arg), format!("argument {arg} missing"));
-    }
+    // Settings are variables, so that `hotplug-agent config` run in the container (which
+    // inherits them, not the main process's arguments) describes what the agent runs with.
+    c.check(
+        args == ["run"],
+        format!("arguments {args:?}: settings belong in env"),
+    );
+    c.check(
+        literal_env(agent, "HOTPLUG_AGENT_METRICS_ADDR").as_deref()
+            == Some(format!("$(POD_IP):{METRICS_PORT}").as_str()),
+        "HOTPLUG_AGENT_METRICS_ADDR is not $(POD_IP):9477",
+    );
     let resources = agent.resources.as_ref();
     let requests = resources
         .and_then(|r| r.requests.clone())
@@ -818,15 +835,16 @@ fn check_variant(v: &Variant, yaml: &str) {
         "/var/lib/kubelet without mountPropagation HostToContainer (would pin pod volumes)",
     );
     c.check(
-        args.contains(&"--cgroup-root=/host/sys/fs/cgroup".to_string()),
-        "--cgroup-root does not point at the host's cgroup mount",
+        literal_env(agent, "HOTPLUG_AGENT_CGROUP_ROOT").as_deref() == Some("/host/sys/fs/cgroup"),
+        "HOTPLUG_AGENT_CGROUP_ROOT does not point at the host's cgroup mount",
     );
 
-    // The config file: a mounted ConfigMap with config.toml, named by --config.
+    // The config file: a mounted ConfigMap with config.toml, named by HOTPLUG_AGENT_CONFIG.
     let cm = &rendered.config_maps[0];
     let config_toml = cm.data.as_ref().and_then(|d| d.get("config.toml"));
     c.check(config_toml.is_some(), "the ConfigMap has no config.toml");
-    let config_arg = args.iter().find_map(|a| a.strip_prefix("--config="));
+    let config_arg = literal_env(agent, "HOTPLUG_AGENT_CONFIG");
+    let config_arg = config_arg.as_deref();
     let config_mount = config_arg.and_then(|p| mount_of(agent, p));
     let config_volume = config_mount.and_then(|m| volume(pod, m));
     c.check(
@@ -834,7 +852,7 @@ fn check_variant(v: &Variant, yaml: &str) {
             && config_volume
                 .and_then(|v| v.config_map.as_ref())
                 .is_some_and(|cmv| Some(&cmv.name) == cm.metadata.name.as_ref()),
-        "--config does not name config.toml of the generated ConfigMap",
+        "HOTPLUG_AGENT_CONFIG does not name config.toml of the generated ConfigMap",
     );
 
     // Refresh backend and what it needs.
@@ -946,7 +964,14 @@ fn check_with_agent(
         .env
         .iter()
         .flatten()
-        .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+        .filter_map(|e| {
+            let value = match e.name.as_str() {
+                "HOTPLUG_AGENT_CONFIG" => file.display().to_string(),
+                _ => e.value.clone()?.replace("$(POD_IP)", "10.1.2.3"),
+            };
+            Some((e.name.clone(), value))
+        })
+        .chain([("NODE_NAME".to_owned(), "node-a".to_owned())])
         .collect();
     let settings = agent_config(bin, &args, &env, v.name);
     let get = |key: &str| settings.get(key).cloned().unwrap_or_default();
@@ -960,7 +985,7 @@ fn check_with_agent(
     }
     c.check(
         get("node_name").0 == "node-a",
-        "--node-name did not take effect",
+        "--node-name (NODE_NAME) did not take effect",
     );
     c.check(
         get("metrics_addr").0 == format!("10.1.2.3:{METRICS_PORT}"),
@@ -1290,6 +1315,13 @@ fn systemd_unit_has_the_directives_the_agent_needs() {
         ("Service", "Type", "notify"),
         ("Service", "NotifyAccess", "main"),
         ("Service", "WatchdogSec", "30s"),
+        ("Service", "MemoryMax", "128M"),
+        ("Service", "TasksMax", "256"),
+        (
+            "Unit",
+            "Documentation",
+            "man:hotplug-agent-run(1) man:hotplug-agent(1)",
+        ),
         ("Service", "Restart", "on-failure"),
         ("Service", "EnvironmentFile", "-/etc/default/hotplug-agent"),
         ("Service", "RuntimeDirectory", "hotplug-agent"),

@@ -68,9 +68,16 @@ fn metrics_stream_and_file_follow_real_hotplug() {
     });
     let (_, after) = http_get(&addr, "/metrics");
     assert_eq!(metric(&after, key), Some(1.0), "{after}");
-    let cpus_before = metric(&before, r#"hotplug_agent_machine_capacity{resource="cpu"}"#).unwrap();
+    let cpus_before = metric(
+        &before,
+        r#"hotplug_agent_machine_capacity{resource="cpu",unit="core"}"#,
+    )
+    .unwrap();
     assert_eq!(
-        metric(&after, r#"hotplug_agent_machine_capacity{resource="cpu"}"#),
+        metric(
+            &after,
+            r#"hotplug_agent_machine_capacity{resource="cpu",unit="core"}"#
+        ),
         Some(cpus_before - 1.0),
         "{after}"
     );

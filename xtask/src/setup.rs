@@ -13,7 +13,10 @@ const BPF_LINKER_VERSION: &str = "0.10.2";
 /// pkg-config. dbus-daemon: the systemd refresh tests run a private bus. qemu-system-x86,
 /// busybox-static, kmod, cpio: `cargo xtask vm-test` boots a guest (VM-HOTPLUG.md);
 /// mmdebstrap and qemu-utils (qemu-img): its systemd guest's image and per-boot overlay.
-const DEBIAN_PACKAGES: [&str; 9] = [
+/// prometheus (with promtool): tests/monitoring.rs checks the alert rules, a live scrape and
+/// a real server's view of a CPU toggle. Without an init system, Debian's policy keeps its
+/// service from starting at install time; the tests run their own server.
+const DEBIAN_PACKAGES: [&str; 10] = [
     "libudev-dev",
     "pkg-config",
     "dbus-daemon",
@@ -23,6 +26,7 @@ const DEBIAN_PACKAGES: [&str; 9] = [
     "cpio",
     "mmdebstrap",
     "qemu-utils",
+    "prometheus",
 ];
 /// Where aya looks for tracefs first when it attaches tracepoints.
 const TRACEFS: &str = "/sys/kernel/tracing";

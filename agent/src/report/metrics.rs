@@ -3,15 +3,21 @@
 //!
 //! `/healthz`: the process answers. `/readyz`: every source listens (the `ready` record)
 //! and, in `run` mode, the first reconcile is done and the API answered last time.
+//!
+//! Capacities carry their unit as a label, as kube-state-metrics does
+//! (`kube_node_status_capacity{resource,unit}`): `memory` in `byte`, `cpu` in `core`, and
+//! exact (a Node advertising `1500m` reads 1.5). `/metrics` answers in OpenMetrics to a
+//! client that asks for it (Prometheus does), else in the Prometheus text format 0.0.4
+//! (what `curl` and `promtool check metrics` read).
 use crate::record::{AgentAction, DecisionAction, DecisionKind};
 use std::sync::{
     Arc, Mutex,
-    atomic::{AtomicBool, Ordering},
+    atomic::{AtomicBool, AtomicU64, Ordering},
 };
 
 use hyper::{Request, Response};
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
+    encoding::{EncodeLabelSet, prometheus_text, text::encode},
     metrics::{
         counter::Counter,
         family::Family,
@@ -22,8 +28,18 @@ use prometheus_client::{
 };
 use tokio::{net::TcpListener, sync::watch};
 
-use super::http::{self, Body, Limits};
-use crate::record::Record;
+use super::{
+    http::{self, Body, Limits},
+    source_metrics::{self, SourceCounters},
+};
+use crate::{record::Record, sources::Counters};
+
+/// Buckets of the refresh and verify durations: fine below a few seconds (a kubelet restart
+/// over D-Bus), and past the 2-minute default of `--refresh-timeout` and
+/// `--verify-timeout`, so that a timeout is its own bucket and not lost in `+Inf`.
+const SLOW_BUCKETS: [f64; 16] = [
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0,
+];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EventLabels {
@@ -41,6 +57,35 @@ struct RefreshLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResourceLabels {
     resource: String,
+    /// `byte` or `core`, kube-state-metrics' units.
+    unit: String,
+}
+
+impl ResourceLabels {
+    fn memory() -> Self {
+        Self {
+            resource: "memory".into(),
+            unit: "byte".into(),
+        }
+    }
+
+    fn cpu() -> Self {
+        Self {
+            resource: "cpu".into(),
+            unit: "core".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
+    revision: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -70,15 +115,23 @@ pub struct Metrics {
     refreshes: Family<RefreshLabels, Counter>,
     refresh_seconds: Histogram,
     verify_seconds: Histogram,
-    machine: Family<ResourceLabels, Gauge>,
-    advertised: Family<ResourceLabels, Gauge>,
+    verifications: Family<ResultLabels, Counter>,
+    machine: Family<ResourceLabels, Gauge<f64, AtomicU64>>,
+    advertised: Family<ResourceLabels, Gauge<f64, AtomicU64>>,
     stale: Gauge,
     /// 1 while this node waits for a fleet budget slot (fleet.rs).
     fleet_waiting: Gauge,
+    refresh_failing: Gauge,
+    unconverged: Gauge,
     probes_attached: Gauge,
     losses: Family<SourceLabels, Counter>,
     ringbuf_drops: Counter,
     output_lost: Family<OutputLabels, Counter>,
+    ready: Gauge,
+    api_reachable: Gauge,
+    source_counters: SourceCounters,
+    /// `/config`: the effective configuration of this process, with each value's source.
+    config: std::sync::OnceLock<String>,
     health: Health,
 }
 
@@ -118,28 +171,34 @@ impl Metrics {
             "Kubelet refreshes by backend and result",
             refreshes.clone(),
         );
-        let refresh_seconds = Histogram::new(exponential_buckets(0.01, 2.0, 14));
+        let refresh_seconds = Histogram::new(SLOW_BUCKETS);
         registry.register(
             "refresh_duration_seconds",
             "How long a refresh took",
             refresh_seconds.clone(),
         );
-        let verify_seconds = Histogram::new(exponential_buckets(0.01, 2.0, 14));
+        let verify_seconds = Histogram::new(SLOW_BUCKETS);
         registry.register(
             "verify_duration_seconds",
             "Refresh start to the Node converging",
             verify_seconds.clone(),
         );
-        let machine = Family::<ResourceLabels, Gauge>::default();
+        let verifications = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "verifications",
+            "Verifications after a refresh, by result (converged, timeout, ...)",
+            verifications.clone(),
+        );
+        let machine = Family::<ResourceLabels, Gauge<f64, AtomicU64>>::default();
         registry.register(
             "machine_capacity",
-            "The machine's capacity (memory bytes, cpus)",
+            "The machine's capacity, by resource and unit (memory in bytes, cpu in cores)",
             machine.clone(),
         );
-        let advertised = Family::<ResourceLabels, Gauge>::default();
+        let advertised = Family::<ResourceLabels, Gauge<f64, AtomicU64>>::default();
         registry.register(
             "node_advertised_capacity",
-            "What the Node advertises (memory bytes, cpus)",
+            "What the Node's .status.capacity says, by resource and unit (memory in bytes, cpu in cores)",
             advertised.clone(),
         );
         let stale = Gauge::default();
@@ -153,6 +212,18 @@ impl Metrics {
             "fleet_budget_waiting",
             "1 while this node waits for a slot of the fleet's restart or drain budget",
             fleet_waiting.clone(),
+        );
+        let refresh_failing = Gauge::default();
+        registry.register(
+            "refresh_failing",
+            "1 after a failed refresh, until one succeeds or a reconcile finds the Node in sync",
+            refresh_failing.clone(),
+        );
+        let unconverged = Gauge::default();
+        registry.register(
+            "unconverged",
+            "1 after a verify that did not converge (or left the pods' cgroup limit behind), until one converges or a reconcile finds the Node in sync",
+            unconverged.clone(),
         );
         let probes_attached = Gauge::default();
         registry.register(
@@ -178,8 +249,53 @@ impl Metrics {
             "Records an output (stdout, log_file) could not take: queue full behind a stalled reader, or a failed write",
             output_lost.clone(),
         );
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        registry.register(
+            "build_info",
+            "Always 1: the agent's version and the commit it was built from",
+            build_info.clone(),
+        );
+        build_info
+            .get_or_create(&BuildLabels {
+                version: source_metrics::VERSION.into(),
+                revision: source_metrics::REVISION.into(),
+            })
+            .set(1);
+        let ready = Gauge::default();
+        registry.register(
+            "ready",
+            "1 while /readyz answers 200 (sources listening; run mode: first reconcile done, API answering)",
+            ready.clone(),
+        );
+        let api_reachable = Gauge::default();
+        registry.register(
+            "api_reachable",
+            "run mode: 1 while the Kubernetes API answered the last reconcile, 0 after api_unreachable",
+            api_reachable.clone(),
+        );
+        // Zero from the start, so that `increase()` in the alert rules sees the first loss:
+        // a series that appears at 1 has no increase.
+        for source in ["uevent", "ebpf"] {
+            drop(losses.get_or_create(&SourceLabels {
+                source: source.into(),
+            }));
+        }
+        for output in ["stdout", "log_file"] {
+            drop(output_lost.get_or_create(&OutputLabels {
+                output: output.into(),
+            }));
+        }
+        let source_counters = SourceCounters::default();
+        registry.register_collector(Box::new(source_counters.clone()));
         Arc::new(Self {
             registry,
+            verifications,
+            refresh_failing,
+            unconverged,
+            ready,
+            api_reachable,
+            source_counters,
+            config: std::sync::OnceLock::new(),
             events,
             detection,
             episodes,
@@ -207,6 +323,17 @@ impl Metrics {
             .inc_by(n);
     }
 
+    /// What `/config` serves: `hotplug-agent config`'s description of this process's own
+    /// settings. Set once at start-up.
+    pub fn set_config(&self, description: String) {
+        let _ = self.config.set(description);
+    }
+
+    /// The pipeline's source counters, read at every scrape.
+    pub fn attach_counters(&self, counters: Arc<Counters>) {
+        self.source_counters.attach(counters);
+    }
+
     /// `run` mode: readiness also waits for the first reconcile.
     pub fn expect_reconcile(&self) {
         self.health.reconciling.store(true, Ordering::Relaxed);
@@ -214,15 +341,11 @@ impl Metrics {
 
     fn set_machine(&self, memory: u64, cpus: u32) {
         self.machine
-            .get_or_create(&ResourceLabels {
-                resource: "memory".into(),
-            })
-            .set(memory as i64);
+            .get_or_create(&ResourceLabels::memory())
+            .set(memory as f64);
         self.machine
-            .get_or_create(&ResourceLabels {
-                resource: "cpu".into(),
-            })
-            .set(i64::from(cpus));
+            .get_or_create(&ResourceLabels::cpu())
+            .set(f64::from(cpus));
     }
 
     pub fn observe(&self, record: &Record) {
@@ -287,17 +410,14 @@ impl Metrics {
         let advertised = |adv: &crate::record::Advertised| {
             if let Some(m) = adv.memory_bytes {
                 self.advertised
-                    .get_or_create(&ResourceLabels {
-                        resource: "memory".into(),
-                    })
-                    .set(m as i64);
+                    .get_or_create(&ResourceLabels::memory())
+                    .set(m as f64);
             }
             if let Some(c) = adv.cpu_millis {
+                // Exact: 1500m is 1.5 cores, not 1.
                 self.advertised
-                    .get_or_create(&ResourceLabels {
-                        resource: "cpu".into(),
-                    })
-                    .set((c / 1000) as i64);
+                    .get_or_create(&ResourceLabels::cpu())
+                    .set(c as f64 / 1000.0);
             }
         };
         match (d.kind, d.action, d.reason.as_deref()) {
@@ -322,15 +442,21 @@ impl Metrics {
                 self.health
                     .api_down
                     .store(action == DecisionAction::ApiUnreachable, Ordering::Relaxed);
+                self.api_reachable
+                    .set(i64::from(action != DecisionAction::ApiUnreachable));
                 if let Some(a) = &d.advertised {
                     advertised(a);
                 }
-                if let Some(stale) = match action {
-                    DecisionAction::InSync => Some(0),
-                    DecisionAction::Stale => Some(1),
-                    _ => None,
-                } {
-                    self.stale.set(stale);
+                match action {
+                    DecisionAction::InSync => {
+                        self.stale.set(0);
+                        self.refresh_failing.set(0);
+                        self.unconverged.set(0);
+                    }
+                    DecisionAction::Stale => {
+                        self.stale.set(1);
+                    }
+                    _ => {}
                 }
             }
             (
@@ -347,6 +473,11 @@ impl Metrics {
                         result: action.as_str().into(),
                     })
                     .inc();
+                if action == DecisionAction::Failed {
+                    self.refresh_failing.set(1);
+                } else if action == DecisionAction::Succeeded {
+                    self.refresh_failing.set(0);
+                }
 
                 if let Some(ms) = d.duration_ms.filter(|_| action != DecisionAction::Skipped) {
                     self.refresh_seconds.observe(ms as f64 / 1000.0);
@@ -359,9 +490,15 @@ impl Metrics {
                 if let Some(ms) = d.duration_ms {
                     self.verify_seconds.observe(ms as f64 / 1000.0);
                 }
+                self.verifications
+                    .get_or_create(&ResultLabels {
+                        result: action.as_str().into(),
+                    })
+                    .inc();
                 let stale =
                     action != DecisionAction::Converged || d.cgroup.as_ref().is_some_and(|c| !c.ok);
                 self.stale.set(i64::from(stale));
+                self.unconverged.set(i64::from(stale));
             }
             _ => {}
         }
@@ -381,7 +518,7 @@ impl Metrics {
         }
         if h.reconciling.load(Ordering::Relaxed) {
             if !h.first_reconcile.load(Ordering::Relaxed) {
-                return Err("first reconcile not done yet".into());
+                return Err("first reconcile not done yet (waiting for the Kubernetes API)".into());
             }
             if h.api_down.load(Ordering::Relaxed) {
                 return Err("the Kubernetes API is unreachable".into());
@@ -400,26 +537,58 @@ impl Metrics {
             && (!h.reconciling.load(Ordering::Relaxed) || h.first_reconcile.load(Ordering::Relaxed))
     }
 
+    /// OpenMetrics 1.0.0.
     pub fn render(&self) -> String {
+        self.refresh_ready();
         let mut out = String::new();
         let _ = encode(&mut out, &self.registry);
         out
     }
+
+    /// The Prometheus text format 0.0.4.
+    pub fn render_text(&self) -> String {
+        self.refresh_ready();
+        let mut out = String::new();
+        let _ = prometheus_text::encode(&mut out, &self.registry);
+        out
+    }
+
+    fn refresh_ready(&self) {
+        self.ready.set(i64::from(self.ready().is_ok()));
+    }
+}
+
+/// Whether the client's `Accept` asks for OpenMetrics (Prometheus' scrapes do).
+fn wants_openmetrics(req: &Request<hyper::body::Incoming>) -> bool {
+    req.headers()
+        .get_all(hyper::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"))
 }
 
 fn handle(m: &Metrics, req: &Request<hyper::body::Incoming>) -> Response<Body> {
     match req.uri().path() {
-        "/metrics" => http::text(
+        "/metrics" if wants_openmetrics(req) => http::text(
             200,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             m.render(),
         ),
+        "/metrics" => http::text(200, prometheus_text::CONTENT_TYPE, m.render_text()),
         "/healthz" => http::text(200, "text/plain", "ok\n"),
+        "/config" => match m.config.get() {
+            Some(c) => http::text(200, "text/plain; charset=utf-8", c.clone()),
+            None => http::text(404, "text/plain", "this process serves no configuration\n"),
+        },
         "/readyz" => match m.ready() {
             Ok(()) => http::text(200, "text/plain", "ready\n"),
             Err(why) => http::text(503, "text/plain", format!("not ready: {why}\n")),
         },
-        _ => http::text(404, "text/plain", "try /metrics, /healthz, /readyz\n"),
+        _ => http::text(
+            404,
+            "text/plain",
+            "try /metrics, /healthz, /readyz, /config\n",
+        ),
     }
 }
 
@@ -449,4 +618,141 @@ pub async fn serve_with(
     Ok(tokio::spawn(http::serve(
         listener, name, limits, handler, shutdown,
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        capacity::Summary,
+        record::{Advertised, AgentRecord, DecisionRecord},
+    };
+
+    /// The value of the sample `key` (name and labels, as rendered).
+    fn sample(text: &str, key: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(' '))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+    }
+
+    fn machine(memory_bytes: u64, cpus_online: u32) -> Summary {
+        Summary {
+            memory_bytes,
+            cpus_online,
+        }
+    }
+
+    #[test]
+    fn capacities_carry_their_unit_and_cpu_is_exact() {
+        let m = Metrics::new();
+        m.observe(&Record::Agent(Box::new(AgentRecord::new(
+            AgentAction::Ready,
+            machine(3 << 30, 2),
+        ))));
+        let mut d = DecisionRecord::new(
+            DecisionKind::Reconcile,
+            DecisionAction::Stale,
+            machine(3 << 30, 2),
+            1,
+        );
+        d.advertised = Some(Advertised {
+            memory_bytes: Some(2 << 30),
+            cpu_millis: Some(1500),
+            ..Advertised::default()
+        });
+        m.observe(&Record::Decision(Box::new(d)));
+        let text = m.render_text();
+        let cpu = r#"hotplug_agent_node_advertised_capacity{resource="cpu",unit="core"}"#;
+        assert_eq!(sample(&text, cpu), Some(1.5), "{text}");
+        let mem = r#"hotplug_agent_machine_capacity{resource="memory",unit="byte"}"#;
+        assert_eq!(sample(&text, mem), Some(f64::from(3u32 << 30)), "{text}");
+        assert_eq!(sample(&text, "hotplug_agent_stale"), Some(1.0));
+    }
+
+    #[test]
+    fn build_info_names_the_version_and_revision() {
+        let text = Metrics::new().render();
+        let key = format!(
+            r#"hotplug_agent_build_info{{version="{}",revision="{}"}}"#,
+            source_metrics::VERSION,
+            source_metrics::REVISION
+        );
+        assert_eq!(sample(&text, &key), Some(1.0), "{text}");
+        assert!(!source_metrics::REVISION.is_empty());
+    }
+
+    #[test]
+    fn the_sources_counters_are_read_at_scrape_time() {
+        let m = Metrics::new();
+        let before = m.render_text();
+        assert_eq!(
+            sample(&before, "hotplug_agent_uevents_malformed_total"),
+            Some(0.0),
+            "present, at 0, before the pipeline starts:\n{before}"
+        );
+        let counters = Arc::new(Counters::default());
+        m.attach_counters(counters.clone());
+        counters.uevents_malformed.store(3, Ordering::Relaxed);
+        counters.probe_malformed.store(2, Ordering::Relaxed);
+        counters.uevent_seqnum_gaps.store(5, Ordering::Relaxed);
+        let text = m.render();
+        for (key, want) in [
+            ("hotplug_agent_uevents_malformed_total", 3.0),
+            ("hotplug_agent_ringbuf_undecodable_records_total", 2.0),
+            ("hotplug_agent_uevent_seqnum_gaps_total", 5.0),
+        ] {
+            assert_eq!(sample(&text, key), Some(want), "{key} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn slow_buckets_cover_the_two_minute_timeouts() {
+        let m = Metrics::new();
+        let mut d = DecisionRecord::new(
+            DecisionKind::Verify,
+            DecisionAction::Timeout,
+            machine(1, 1),
+            1,
+        );
+        d.duration_ms = Some(120_000);
+        m.observe(&Record::Decision(Box::new(d)));
+        let text = m.render_text();
+        let le = |b: &str| {
+            sample(
+                &text,
+                &format!(r#"hotplug_agent_verify_duration_seconds_bucket{{le="{b}"}}"#),
+            )
+        };
+        assert_eq!(le("90"), Some(0.0), "{text}");
+        assert_eq!(le("120"), Some(1.0), "{text}");
+        assert_eq!(sample(&text, "hotplug_agent_unconverged"), Some(1.0));
+        let key = r#"hotplug_agent_verifications_total{result="timeout"}"#;
+        assert_eq!(sample(&text, key), Some(1.0), "{text}");
+    }
+
+    #[test]
+    fn refresh_failing_clears_on_success_or_sync() {
+        let m = Metrics::new();
+        let refresh = |action: DecisionAction| {
+            let mut d = DecisionRecord::new(DecisionKind::Refresh, action, machine(1, 1), 1);
+            d.backend = Some("systemd".into());
+            Record::Decision(Box::new(d))
+        };
+        let failing = |m: &Metrics| sample(&m.render_text(), "hotplug_agent_refresh_failing");
+        m.observe(&refresh(DecisionAction::Failed));
+        assert_eq!(failing(&m), Some(1.0));
+        m.observe(&refresh(DecisionAction::Deferred));
+        assert_eq!(failing(&m), Some(1.0), "a deferral is no success");
+        m.observe(&refresh(DecisionAction::Succeeded));
+        assert_eq!(failing(&m), Some(0.0));
+        m.observe(&refresh(DecisionAction::Failed));
+        let sync = DecisionRecord::new(
+            DecisionKind::Reconcile,
+            DecisionAction::InSync,
+            machine(1, 1),
+            2,
+        );
+        m.observe(&Record::Decision(Box::new(sync)));
+        assert_eq!(failing(&m), Some(0.0));
+    }
 }

@@ -6,6 +6,7 @@ use crate::record::Record;
 pub mod http;
 pub mod metrics;
 pub mod sinks;
+pub mod source_metrics;
 pub mod stream;
 pub mod text;
 

@@ -94,7 +94,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     after_batch: impl FnMut(),
 ) -> Result<(), RunError> {
-    let Pipeline { ready, records, .. } = pipeline::start(config.pipeline.clone()).await?;
+    let Pipeline {
+        ready,
+        records,
+        counters,
+    } = pipeline::start(config.pipeline.clone()).await?;
+    if let Some(m) = &sinks.metrics {
+        m.attach_counters(counters);
+    }
     control(
         config,
         client,

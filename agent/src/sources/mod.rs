@@ -82,13 +82,16 @@ pub enum SourceMsg {
 }
 
 /// Counters every source keeps: datagrams and ring-buffer records seen, ignored, malformed,
-/// and the socket's overflows.
+/// the socket's overflows and seqnum gaps; on `/metrics` (report/source_metrics.rs).
 #[derive(Debug, Default)]
 pub struct Counters {
     pub uevents: AtomicU64,
     pub uevents_ignored: AtomicU64,
     pub uevents_malformed: AtomicU64,
     pub uevent_overflows: AtomicU64,
+    /// `SEQNUM` jumps: uevents this socket never saw (other network namespaces' devices
+    /// leave such gaps too, so a gap is a reason to check, not a proven loss).
+    pub uevent_seqnum_gaps: AtomicU64,
     pub probe_records: AtomicU64,
     pub probe_malformed: AtomicU64,
     pub ringbuf_drops: AtomicU64,

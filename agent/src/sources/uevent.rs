@@ -279,6 +279,7 @@ pub fn handle_datagram(buf: &[u8], seq: &mut SeqnumTracker, counters: &Counters)
     };
     let mut out = Vec::new();
     if let Some(loss) = seq.observe(ev.seqnum) {
+        Counters::bump(&counters.uevent_seqnum_gaps);
         out.push(SourceMsg::Loss {
             source: Source::Uevent,
             loss,
@@ -435,5 +436,26 @@ mod tests {
         // A late, older message is not a gap.
         assert_eq!(t.observe(103), None);
         assert_eq!(t.observe(107), None);
+    }
+
+    #[test]
+    fn seqnum_gaps_are_counted_for_the_metrics() {
+        let counters = Counters::default();
+        let mut seq = SeqnumTracker::default();
+        handle_datagram(&offline_memory42(5), &mut seq, &counters);
+        handle_datagram(&offline_memory42(6), &mut seq, &counters);
+        let out = handle_datagram(&offline_memory42(9), &mut seq, &counters);
+        assert!(matches!(
+            out.as_slice(),
+            [SourceMsg::Loss { .. }, SourceMsg::Change(_)]
+        ));
+        let gaps = || {
+            counters
+                .uevent_seqnum_gaps
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        assert_eq!(gaps(), 1);
+        handle_datagram(&offline_memory42(10), &mut seq, &counters);
+        assert_eq!(gaps(), 1, "a following seqnum is no gap");
     }
 }

@@ -130,7 +130,8 @@ pub fn parse(dockerfile: &str) -> anyhow::Result<Recipe> {
                 recipe.copies.push(((*src).to_owned(), (*dst).to_owned()));
                 recipe.stripped.push(((*src).to_owned(), opts, input));
             }
-            "LABEL" | "ENV" | "WORKDIR" | "USER" | "ENTRYPOINT" | "CMD" => {
+            // ARG: podman build substitutes it in the LABELs that name it (REVISION, ...).
+            "ARG" | "LABEL" | "ENV" | "WORKDIR" | "USER" | "ENTRYPOINT" | "CMD" => {
                 recipe.kept.push(ins.clone())
             }
             other => bail!("{other} in the runtime stage: not translated"),

@@ -79,16 +79,17 @@ fn capabilities_overlay() {
         .iter()
         .position(|a| a == "hotplug-agent:0.1.0")
         .unwrap();
-    assert_eq!(
-        run.args[image + 1..],
-        [
-            "run",
-            "--config=/etc/hotplug-agent/config.toml",
-            "--node-name=vm-node",
-            "--metrics-addr=10.88.0.10:9477",
-            "--cgroup-root=/host/sys/fs/cgroup",
-        ]
-    );
+    assert_eq!(run.args[image + 1..], ["run"]);
+    // The settings are variables (so that `hotplug-agent config` in the pod sees them),
+    // `$(POD_IP)` expanded.
+    for env in [
+        "--env=HOTPLUG_AGENT_CONFIG=/etc/hotplug-agent/config.toml",
+        "--env=HOTPLUG_AGENT_METRICS_ADDR=10.88.0.10:9477",
+        "--env=HOTPLUG_AGENT_CGROUP_ROOT=/host/sys/fs/cgroup",
+        "--env=NODE_NAME=vm-node",
+    ] {
+        assert!(has(&run, env), "{env} missing from {:?}", run.args);
+    }
     assert_eq!(run.files.len(), 1);
     assert_eq!(run.files[0].0, "/var/lib/pods/x1/config/config.toml");
     assert!(run.files[0].1.contains("settle_ms"));
