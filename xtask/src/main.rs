@@ -19,6 +19,7 @@ mod bench;
 mod process;
 mod run;
 mod setup;
+mod tally;
 mod test;
 mod vm;
 mod workspace;
