@@ -8,7 +8,9 @@
 //! - [`idle`]: a fresh agent left alone: RSS and context switches;
 //! - [`refresh`]: hot-add to Node through `hotplug-agent run`, and a burst's restarts;
 //! - [`seed_scale`]: the 64 GiB hot-add of `vm-test --scenario seed-scale` against a
-//!   per-block udev rule and KEP-3953's 5-minute poll.
+//!   per-block udev rule and KEP-3953's 5-minute poll;
+//! - [`storm`]: 5 minutes of hostile clients on the metrics port and the stream socket:
+//!   RSS and descriptors before, during and after, and detection throughout.
 //!
 //! Each suite appends [`Section`]s (rows of p50/p99/max or single values, with targets);
 //! they are printed as one table and written to `target/bench/watch.json`. To add a suite,
@@ -36,6 +38,7 @@ mod refresh;
 mod report;
 mod seed_scale;
 mod stats;
+mod storm;
 mod watch;
 
 use machine::{Interrupt, MachineLock};
@@ -58,7 +61,8 @@ pub struct Args {
     /// compare two builds).
     #[arg(long, value_name = "PATH")]
     pub agent: Option<PathBuf>,
-    /// Run only these suites (`watch`, `idle`, `refresh`, `seed-scale`); all by default.
+    /// Run only these suites (`watch`, `idle`, `refresh`, `seed-scale`, `storm`); all by
+    /// default.
     #[arg(last = true)]
     pub suites: Vec<String>,
 }
@@ -81,6 +85,7 @@ const SUITES: &[(&str, Suite)] = &[
     ("idle", idle::section),
     ("refresh", refresh::sections),
     ("seed-scale", seed_scale::sections),
+    ("storm", storm::section),
 ];
 
 pub fn run(args: Args) -> anyhow::Result<()> {

@@ -29,6 +29,10 @@ pub struct Tally {
     pub lost: AtomicU64,
 }
 
+#[allow(
+    dead_code,
+    reason = "included by path into several test crates; not each uses every helper"
+)]
 impl Tally {
     pub fn new(name: &str) -> Self {
         Self {
@@ -45,10 +49,6 @@ impl Tally {
         self.inputs.fetch_add(1, Relaxed);
     }
 
-    #[allow(
-        dead_code,
-        reason = "included by path into several test crates; not each uses every helper"
-    )]
     pub fn inputs(&self) -> u64 {
         self.inputs.load(Relaxed)
     }
