@@ -68,6 +68,8 @@ pub enum AppError {
     Write(&'static str, #[source] io::Error),
     #[error("hotplug-agent config")]
     Describe(#[from] crate::cli::DescribeError),
+    #[error("hotplug-agent run")]
+    Client(#[source] kube_client::ClientError),
 }
 
 /// Runs the command `cli` asks for, to its end.
@@ -203,13 +205,15 @@ fn backend(args: &RunArgs) -> Result<refresh::Backend, AppError> {
 /// broken kubeconfig, or no trust store, would crash-loop a unit. The stand-in client
 /// fails every request with the reason, which the first reconcile reports once
 /// (`api_unreachable`); the agent records events meanwhile, refreshes nothing, and picks
-/// up a fixed kubeconfig on a retry.
-async fn client(args: &RunArgs) -> Option<kube::Client> {
+/// up a fixed kubeconfig on a retry. Fails only where no retry can help: a server that is
+/// not http(s)://.
+async fn client(args: &RunArgs) -> Result<Option<kube::Client>, AppError> {
     if args.no_kubernetes {
-        return None;
+        return Ok(None);
     }
-    match kube_client::build(args.kubeconfig.as_deref()).await {
+    Ok(match kube_client::build(args.kubeconfig.as_deref()).await {
         Ok(c) => Some(c),
+        Err(e) if e.is_permanent() => return Err(AppError::Client(e)),
         // A host outside any cluster: events, stream, metrics, nothing to reconcile.
         Err(e) if args.refresh == refresh::Kind::None && args.kubeconfig.is_none() => {
             tracing::info!(
@@ -219,7 +223,7 @@ async fn client(args: &RunArgs) -> Option<kube::Client> {
             None
         }
         Err(_) => Some(kube_client::lazy(args.kubeconfig.clone())),
-    }
+    })
 }
 
 fn run_config(args: &RunArgs) -> Result<run::Config, AppError> {
@@ -322,7 +326,7 @@ fn own_config() -> Option<String> {
 
 async fn run_command(args: RunArgs, described: Option<String>) -> Result<(), AppError> {
     let config = run_config(&args)?;
-    let client = client(&args).await;
+    let client = client(&args).await?;
     let metrics = Metrics::new();
     if let Some(d) = described {
         metrics.set_config(d);

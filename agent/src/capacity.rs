@@ -196,10 +196,13 @@ pub fn read_snapshot(root: &Path) -> Result<Snapshot, CapacityError> {
 /// `:used/group` strides that sysfs never prints). The result is sorted and deduplicated.
 pub fn parse_cpu_list(s: &str) -> Result<Vec<u32>, CpuListError> {
     let s = s.trim();
-    let mut cpus = Vec::new();
     if s.is_empty() {
-        return Ok(cpus);
+        return Ok(Vec::new());
     }
+    // One bit per possible id (8 KiB), not one u32 per element's id: a list repeating
+    // `0-65535` (a checkpoint may hold 4 MiB of it) would otherwise expand to gigabytes
+    // before the duplicates are dropped.
+    let mut seen = vec![0u64; (MAX_CPU_ID as usize + 1).div_ceil(64)];
     for element in s.split(',') {
         let bad = || CpuListError {
             element: element.to_owned(),
@@ -214,10 +217,22 @@ pub fn parse_cpu_list(s: &str) -> Result<Vec<u32>, CpuListError> {
         if first > last {
             return Err(bad());
         }
-        cpus.extend(first..=last);
+        let (mut from, end) = (first as usize, last as usize + 1);
+        while from < end {
+            let (word, bit) = (from / 64, from % 64);
+            let n = (64 - bit).min(end - from);
+            seen[word] |= (u64::MAX >> (64 - n)) << bit;
+            from += n;
+        }
     }
-    cpus.sort_unstable();
-    cpus.dedup();
+    let mut cpus = Vec::new();
+    for (word, &bits) in (0u32..).zip(&seen) {
+        let mut bits = bits;
+        while bits != 0 {
+            cpus.push(word * 64 + bits.trailing_zeros());
+            bits &= bits - 1;
+        }
+    }
     Ok(cpus)
 }
 

@@ -8,7 +8,11 @@
 //! an unknown key is rejected with the closest valid one as a hint.
 use std::{collections::BTreeMap, ffi::OsString, path::PathBuf};
 
-use clap::{ArgMatches, Command, parser::ValueSource};
+use clap::{
+    ArgMatches, Command,
+    error::{ContextKind, ContextValue},
+    parser::ValueSource,
+};
 
 pub const ENV_PREFIX: &str = "HOTPLUG_AGENT_";
 
@@ -184,6 +188,15 @@ pub fn merge(cmd: &Command, argv: Vec<OsString>) -> Result<Vec<OsString>, Config
         if decided {
             continue;
         }
+        // Checked here, where the error can name the file and the key: clap would name
+        // a flag the user never wrote.
+        check_values(cmd, sub, arg, values.as_deref()).map_err(|message| {
+            ConfigError::BadValue {
+                path: path.clone(),
+                key: original.clone(),
+                message,
+            }
+        })?;
         match values {
             None => {}
             Some(v) if v.is_empty() => inserted.push(OsString::from(format!("--{key}"))),
@@ -196,6 +209,63 @@ pub fn merge(cmd: &Command, argv: Vec<OsString>) -> Result<Vec<OsString>, Config
     let mut out = argv;
     out.splice(pos + 1..pos + 1, inserted);
     Ok(out)
+}
+
+/// Whether clap would take `values` (from a file key) for `arg`; why not, if not.
+fn check_values(
+    cmd: &Command,
+    sub: &Command,
+    arg: &clap::Arg,
+    values: Option<&[String]>,
+) -> Result<(), String> {
+    let takes_values = arg.get_action().takes_values();
+    let values = match values {
+        // `key = false`: the switch stays off; nothing is inserted.
+        None if !takes_values => return Ok(()),
+        None => return Err("expected a value, not `false`".into()),
+        Some([]) if !takes_values => return Ok(()),
+        Some([]) => return Err("expected a value".into()),
+        Some(_) if !takes_values => return Err("a switch: expected true or false".into()),
+        Some(v) => v,
+    };
+    if values.len() > 1 && !matches!(arg.get_action(), clap::ArgAction::Append) {
+        return Err(format!(
+            "expected one value, not a list of {}",
+            values.len()
+        ));
+    }
+    // clap's value parsers are reachable only through a parse: this key's values alone.
+    let Some(long) = arg.get_long() else {
+        return Ok(());
+    };
+    let flag = format!("--{long}");
+    let argv = ["hotplug-agent".to_owned(), sub.get_name().to_owned()]
+        .into_iter()
+        .chain(values.iter().map(|v| format!("{flag}={v}")));
+    let Err(e) = cmd.clone().try_get_matches_from(argv) else {
+        return Ok(());
+    };
+    // Another argument's problem (a required one, a bad environment variable) is left
+    // for the real parse to report.
+    let ours = e
+        .get(ContextKind::InvalidArg)
+        .is_some_and(|a| a.to_string().split(' ').next() == Some(flag.as_str()));
+    if !ours {
+        return Ok(());
+    }
+    let value = match e.get(ContextKind::InvalidValue) {
+        Some(ContextValue::String(v)) => format!(" {v:?}"),
+        _ => String::new(),
+    };
+    let why = match (
+        std::error::Error::source(&e),
+        e.get(ContextKind::ValidValue),
+    ) {
+        (Some(source), _) => format!(": {source}"),
+        (None, Some(valid)) => format!("; expected one of {valid}"),
+        (None, None) => String::new(),
+    };
+    Err(format!("invalid value{value}{why}"))
 }
 
 /// Where each effective value came from, for `hotplug-agent config`. `before` are the
@@ -354,11 +424,35 @@ mod tests {
             err.contains("\"setle_ms\"") && err.contains("did you mean \"settle_ms\""),
             "{err}"
         );
-        // Invalid values: the parse names the flag.
+        // Invalid values: named by the file and its key, not by a flag nobody wrote.
+        for (line, why) in [
+            (
+                "settle_ms = \"soon\"",
+                "invalid value \"soon\": invalid digit",
+            ),
+            ("settle_ms = [1, 2]", "expected one value, not a list of 2"),
+            ("settle_ms = true", "expected a value"),
+            ("no_ebpf = \"yes\"", "a switch: expected true or false"),
+        ] {
+            std::fs::write(&file, format!("{line}\n")).unwrap();
+            let err = merge(&cli(), args(&["a", "run", "--config", f]))
+                .unwrap_err()
+                .to_string();
+            let key = line.split(' ').next().unwrap();
+            assert!(
+                err.starts_with(&format!("{f}: key {key:?}: ")) && err.contains(why),
+                "{line}: {err}"
+            );
+            assert!(!err.contains("--"), "{err}");
+        }
+        // A flag on the command line still wins over a bad file value, which is not read.
         std::fs::write(&file, "settle_ms = \"soon\"\n").unwrap();
-        let argv = merge(&cli(), args(&["a", "run", "--config", f])).unwrap();
-        let err = cli().try_get_matches_from(argv).unwrap_err().to_string();
-        assert!(err.contains("soon") && err.contains("--settle-ms"), "{err}");
+        let argv = merge(
+            &cli(),
+            args(&["a", "run", "--config", f, "--settle-ms", "1"]),
+        )
+        .unwrap();
+        assert_eq!(effective(argv).0, 1);
         // Broken TOML and sections.
         std::fs::write(&file, "settle_ms = \n").unwrap();
         assert!(matches!(

@@ -62,6 +62,11 @@ pub enum ClientError {
         #[source]
         source: kube::Error,
     },
+    #[error(
+        "the API server {server} is not an http:// or https:// URL: no retry can reach it; \
+         fix the kubeconfig's `server`"
+    )]
+    Scheme { server: String },
     #[error("building the Kubernetes client for {server}")]
     Build {
         server: String,
@@ -123,9 +128,22 @@ fn read_kubeconfig_blocking(path: &Path) -> Result<Kubeconfig, ClientError> {
     })
 }
 
+impl ClientError {
+    /// An error that no retry and no file appearing later can fix: the agent refuses to
+    /// start rather than retry forever.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Self::Scheme { .. })
+    }
+}
+
 /// Builds the client for a loaded configuration.
 pub fn from_config(mut config: Config) -> Result<Client, ClientError> {
     let server = config.cluster_url.to_string();
+    // kube would build a client for `ftp://` too, whose every request then fails as an
+    // unreachable API, retried for ever.
+    if !matches!(config.cluster_url.scheme_str(), Some("http" | "https")) {
+        return Err(ClientError::Scheme { server });
+    }
     let plain_http = config.cluster_url.scheme_str() == Some("http");
     let tls_proxy = config
         .proxy_url
@@ -381,6 +399,31 @@ mod tests {
             .unwrap();
         let e = refused(build(Some(&big)).await);
         assert!(matches!(e, ClientError::TooLarge { .. }), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn a_server_that_is_not_http_is_refused_for_good() {
+        let dir = tempfile::tempdir().unwrap();
+        for server in [
+            "ftp://127.0.0.1/",
+            "gopher://127.0.0.1:70",
+            "ws://127.0.0.1:6443",
+        ] {
+            let path = kubeconfig(dir.path(), server, "");
+            let err = refused(build(Some(&path)).await);
+            assert!(
+                matches!(&err, ClientError::Scheme { server: s } if s.starts_with(&server[..4])),
+                "{server}: {err:?}"
+            );
+            assert!(err.is_permanent());
+            assert!(
+                err.to_string().contains("not an http:// or https:// URL"),
+                "{err}"
+            );
+        }
+        // What a retry may fix is not permanent.
+        let err = refused(build(Some(&dir.path().join("absent"))).await);
+        assert!(!err.is_permanent(), "{err:?}");
     }
 
     #[tokio::test]

@@ -37,7 +37,6 @@
 use std::{
     fs,
     io::{BufRead as _, BufReader, Write as _},
-    os::unix::fs::MetadataExt as _,
     process::{Child, ChildStdin, Command, Stdio},
     sync::mpsc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -68,13 +67,6 @@ const BURST_GAP: Duration = Duration::from_millis(250);
 const BLOCK_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_ITERATIONS: usize = 10;
 
-const LOCK_PATH: &str = "/tmp/hotplug-agent-tests.lock";
-/// Set by `cargo xtask bench` to its PID: it holds [`LOCK_PATH`] for all its suites, and
-/// this test runs as its grandchild (through cargo). Taking the flock again from here would
-/// wait for the bench, which waits for us: instead the lock is handed over, after checking
-/// in /proc/locks that this PID really holds it.
-const LOCK_HOLDER_ENV: &str = "HOTPLUG_BENCH_LOCK_HOLDER";
-
 const MEM_DIR: &str = "/sys/devices/system/memory";
 
 #[test]
@@ -83,7 +75,7 @@ fn bench_refresh() {
     if !can_change_machine("bench_refresh") {
         return;
     }
-    let _lock = machine_lock();
+    let _lock = MachineLock::take_or_inherit("bench_refresh");
     let iterations = std::env::var("BENCH_ITERATIONS")
         .ok()
         .map(|s| s.parse::<usize>().expect("BENCH_ITERATIONS: a number"))
@@ -118,38 +110,6 @@ fn bench_refresh() {
 }
 
 /// The machine lock: taken here, or handed over by the bench that started this test.
-fn machine_lock() -> Option<MachineLock> {
-    if let Ok(holder) = std::env::var(LOCK_HOLDER_ENV) {
-        if lock_held_by(&holder) {
-            eprintln!("bench_refresh: {LOCK_PATH} is held by the bench (pid {holder}) for us");
-            return None;
-        }
-        eprintln!(
-            "bench_refresh: {LOCK_HOLDER_ENV}={holder}, but that process holds no flock on \
-             {LOCK_PATH}: taking it"
-        );
-    }
-    Some(MachineLock::take())
-}
-
-/// Whether `pid` holds an exclusive flock on [`LOCK_PATH`], per /proc/locks
-/// (`1: FLOCK  ADVISORY  WRITE 864 fe:00:5693581 0 EOF`; waiters have `->` after the number).
-fn lock_held_by(pid: &str) -> bool {
-    let Ok(ino) = fs::metadata(LOCK_PATH).map(|m| m.ino().to_string()) else {
-        return false;
-    };
-    fs::read_to_string("/proc/locks").is_ok_and(|locks| {
-        locks.lines().any(|line| {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            f.len() >= 6
-                && f[1] == "FLOCK"
-                && f[3] == "WRITE"
-                && f[4] == pid
-                && f[5].rsplit(':').next() == Some(ino.as_str())
-        })
-    })
-}
-
 /// The e2e tests' cluster, with the agent flags this benchmark wants.
 trait BenchCluster {
     fn start_agent(&self) -> Agent;

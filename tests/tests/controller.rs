@@ -185,6 +185,8 @@ struct Options {
     fleet: Option<hotplug_agent::fleet::Config>,
     /// `--static-policy drain-and-reset`, stopping the stand-in by its pidfile.
     drain_and_reset: bool,
+    /// The agent looks for this Node instead of the one the stand-in registers.
+    node_name: Option<&'static str>,
 }
 
 /// A TCP proxy in front of the fake API that can hang: frozen, it accepts connections and
@@ -308,7 +310,7 @@ impl Harness {
                 ..pipeline::Config::default()
             },
             timing,
-            node_name: NODE.into(),
+            node_name: options.node_name.unwrap_or(NODE).into(),
             backend: Backend::Command(command),
             guard: options.guard.unwrap_or_default(),
             verify_timeout: options.verify_timeout.unwrap_or(VERIFY_TIMEOUT),
@@ -729,6 +731,48 @@ fn a_hanging_api_is_reported_and_a_stale_snapshot_never_acted_on() {
     assert!(h.records("refresh", "started").is_empty(), "log:\n{log}");
     assert_eq!(h.cluster.kubelet.restarts(), 1, "no restart; log:\n{log}");
     eprintln!("hang noticed after {noticed:?}");
+}
+
+/// The API answers 404 for the agent's Node (not registered yet, deleted, a wrong
+/// --node-name): said once as that, never as an unreachable API, which it is not.
+#[test]
+fn a_missing_node_is_reported_as_missing_not_as_an_unreachable_api() {
+    let mut h = Harness::start_with(Options {
+        node_name: Some("no-such-node"),
+        ..Options::default()
+    });
+    let r = h.wait_for("the start-up reconcile", |r| {
+        r["kind"] == "reconcile" && r["episode"] == 0
+    });
+    let log = h.log();
+    assert_eq!(r["action"], "failed", "log:\n{log}");
+    assert_eq!(r["reason"], "node_not_found", "log:\n{log}");
+    assert!(
+        r["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("\"no-such-node\"")),
+        "log:\n{log}"
+    );
+    // A change meanwhile: the Node is still missing, and that is not said again.
+    let base = h.machine.summary();
+    h.change(
+        Kind::Cpu,
+        Action::Offline,
+        "cpu1",
+        Summary {
+            cpus_online: 1,
+            ..base
+        },
+    );
+    h.wait_for("the episode", |r| {
+        r["kind"] == "episode" && r["episode"] == 1
+    });
+    let log = h.log();
+    assert!(
+        h.records("reconcile", "api_unreachable").is_empty(),
+        "log:\n{log}"
+    );
+    assert_eq!(h.records("reconcile", "failed").len(), 1, "log:\n{log}");
 }
 
 /// After the hourly cap deferred a refresh, someone restarts the kubelet by hand: the

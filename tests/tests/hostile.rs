@@ -8,9 +8,22 @@ use std::{
 
 use hotplug_tests::agent_bin;
 
+#[path = "support/tally.rs"]
+mod tally;
+
+/// One tally per command line (tally.rs), so the closing counts of issue #9 come from here.
+fn tally_for(args: &[&str]) -> tally::Tally {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    args.hash(&mut h);
+    tally::Tally::new(&format!("hostile-cli-{:016x}", h.finish()))
+}
+
 /// Runs the agent; its exit status and stderr. Killed (by its PID; the test fails) if it
 /// does not end within `limit`.
 fn run(args: &[&str], limit: Duration) -> (Option<i32>, String) {
+    let tally = tally_for(args);
+    tally.input();
     let child = Command::new(agent_bin())
         .args(args)
         .env_remove("HOTPLUG_AGENT_CONFIG")
@@ -28,9 +41,18 @@ fn run(args: &[&str], limit: Duration) -> (Option<i32>, String) {
         Ok(out) => {
             let out = out.expect("waiting for the agent");
             let err = String::from_utf8_lossy(&out.stderr).into_owned();
+            // A panic, or death by a signal (SIGSEGV, SIGABRT), is a crash.
+            if err.contains("panicked") || out.status.code().is_none() {
+                tally
+                    .crashes
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             (out.status.code(), err)
         }
         Err(_) => {
+            tally
+                .hangs
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             // SAFETY: kill(2) of our own child, by its PID.
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
             panic!(
@@ -124,4 +146,59 @@ fn a_config_file_that_is_a_device_or_a_fifo_is_refused_at_once() {
     let mut args = STANDALONE.to_vec();
     args.extend(["--config", &fifo]);
     refused(&args, &["FIFO, not a regular file"]);
+}
+
+#[test]
+fn an_api_server_no_retry_can_reach_is_refused_at_start_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\n\
+         clusters:\n- name: k\n  cluster:\n    server: ftp://127.0.0.1/\n\
+         contexts:\n- name: c\n  context:\n    cluster: k\n    user: u\n\
+         users:\n- name: u\n  user:\n    token: t\n",
+    )
+    .expect("writing the kubeconfig");
+    let kubeconfig = kubeconfig.to_str().expect("utf-8").to_owned();
+    refused(
+        &[
+            "run",
+            "--kubeconfig",
+            &kubeconfig,
+            "--node-name",
+            "n",
+            "--refresh",
+            "none",
+            "--no-ebpf",
+            "--no-uevent",
+            "--stream-socket",
+            "off",
+            "--metrics-addr",
+            "off",
+        ],
+        &["ftp://127.0.0.1/", "not an http:// or https:// URL"],
+    );
+}
+
+#[test]
+fn a_bad_value_in_the_config_file_is_named_by_file_and_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("agent.toml");
+    std::fs::write(&file, "settle_ms = \"soon\"\n").expect("writing the config");
+    let file = file.to_str().expect("utf-8").to_owned();
+    let mut args = STANDALONE.to_vec();
+    args.extend(["--config", &file]);
+    let (code, err) = run(&args, Duration::from_secs(10));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{file}: key \"settle_ms\": invalid value \"soon\""
+        )),
+        "{err}"
+    );
+    assert!(
+        !err.contains("--settle-ms"),
+        "named by a flag nobody wrote:\n{err}"
+    );
 }

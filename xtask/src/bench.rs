@@ -10,7 +10,9 @@
 //! - [`fleet`]: 200 simulated nodes hit by one hot-add: fleet convergence time against the
 //!   restart budget (no hotplug on this machine);
 //! - [`seed_scale`]: the 64 GiB hot-add of `vm-test --scenario seed-scale` against a
-//!   per-block udev rule and KEP-3953's 5-minute poll.
+//!   per-block udev rule and KEP-3953's 5-minute poll;
+//! - [`storm`]: 5 minutes of hostile clients on the metrics port and the stream socket:
+//!   RSS and descriptors before, during and after, and detection throughout.
 //!
 //! Each suite appends [`Section`]s (rows of p50/p99/max or single values, with targets);
 //! they are printed as one table and written to `target/bench/watch.json`. To add a suite,
@@ -39,6 +41,7 @@ mod refresh;
 mod report;
 mod seed_scale;
 mod stats;
+mod storm;
 mod watch;
 
 use machine::{Interrupt, MachineLock};
@@ -61,7 +64,8 @@ pub struct Args {
     /// compare two builds).
     #[arg(long, value_name = "PATH")]
     pub agent: Option<PathBuf>,
-    /// Run only these suites (`watch`, `idle`, `refresh`, `seed-scale`, `fleet`); all by default.
+    /// Run only these suites (`watch`, `idle`, `refresh`, `seed-scale`, `fleet`, `storm`); all
+    /// by default.
     #[arg(last = true)]
     pub suites: Vec<String>,
 }
@@ -85,6 +89,7 @@ const SUITES: &[(&str, Suite)] = &[
     ("refresh", refresh::sections),
     ("seed-scale", seed_scale::sections),
     ("fleet", fleet::sections),
+    ("storm", storm::section),
 ];
 
 pub fn run(args: Args) -> anyhow::Result<()> {

@@ -21,6 +21,7 @@ mod man;
 mod process;
 mod run;
 mod setup;
+mod tally;
 mod test;
 mod vm;
 mod workspace;

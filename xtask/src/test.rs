@@ -23,7 +23,7 @@ use std::{
 use anyhow::Context as _;
 use clap::Args as ClapArgs;
 
-use crate::{process, setup, workspace};
+use crate::{process, setup, tally, workspace};
 
 /// Arguments of `cargo xtask test [-- FILTER...]`.
 #[derive(Debug, ClapArgs)]
@@ -45,6 +45,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     setup::run()?;
     let root = process::is_root();
     let mut suite = Suite::default();
+    tally::clear();
 
     // agent-ebpf is a no_std crate for the bpf target (agent/build.rs builds it); `--workspace`
     // would build it for the host too.
@@ -131,6 +132,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .args(&vm_filters);
     suite.run(&mut vm)?;
 
+    tally::report();
     Ok(suite.finish())
 }
 

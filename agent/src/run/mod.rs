@@ -16,7 +16,7 @@ use crate::{
     checkpoint::{self, Verdict},
     episode::{Episode, Episodes, OpenWindow, Seen, Timing, Tracker, Window},
     fleet::{self, Fleet},
-    node::{EventType, NodeApi},
+    node::{EventType, NodeApi, NodeError},
     pipeline::{self, InvalidSetting, Pipeline},
     reconcile,
     record::{Advertised, DecisionRecord, Record},
@@ -241,6 +241,8 @@ struct Controller {
     held: Vec<fleet::Slot>,
     fleet_waiting: HashMap<fleet::Action, Instant>,
     fleet_retry: Option<fleet::Action>,
+    /// The API answered that our Node does not exist, and we said so once.
+    node_missing: bool,
 }
 
 const API_RETRY_MIN: Duration = Duration::from_secs(1);
@@ -272,6 +274,7 @@ impl Controller {
             held: Vec::new(),
             fleet_waiting: HashMap::new(),
             fleet_retry: None,
+            node_missing: false,
         }
     }
 
@@ -429,16 +432,31 @@ impl Controller {
             .expect("fetch is only called with a client");
         match api.get().await {
             Ok(node) => {
-                if self.api_down {
-                    self.api_down = false;
-                    self.api_backoff = API_RETRY_MIN;
-                    self.decide(DecisionKind::Reconcile, DecisionAction::ApiReachable, |d| {
-                        d.message =
-                            Some("the API answers again; reconciling the pending episode".into())
+                self.api_answered().await;
+                self.node_missing = false;
+                Ok(node)
+            }
+            // The API answered: it is up, and the Node is not there (the kubelet has not
+            // registered it yet, it was deleted, or --node-name is wrong). Said once as
+            // what it is, not as an unreachable API; looked for again at the slowest
+            // retry pace, which a kubelet registering the Node will be well within.
+            Err(NodeError::Api(kube::Error::Api(status))) if status.code == 404 => {
+                self.api_answered().await;
+                if !self.node_missing {
+                    self.node_missing = true;
+                    let name = self.config.node_name.clone();
+                    self.decide(DecisionKind::Reconcile, DecisionAction::Failed, |d| {
+                        d.reason = Some("node_not_found".into());
+                        d.message = Some(format!(
+                            "the API has no Node {name:?} (not registered yet, deleted, or the \
+                             wrong --node-name); keeping the episode and looking again every \
+                             {}s",
+                            API_RETRY_MAX.as_secs()
+                        ));
                     })
                     .await;
                 }
-                Ok(node)
+                Err(Next::RetryAt(Instant::now() + API_RETRY_MAX))
             }
             Err(e) => {
                 let message = error_chain(&e);
@@ -459,6 +477,18 @@ impl Controller {
                 self.api_backoff = (self.api_backoff * 2).min(API_RETRY_MAX);
                 Err(Next::RetryAt(at))
             }
+        }
+    }
+
+    /// The API answered a call: if we said it was down, say it is back.
+    async fn api_answered(&mut self) {
+        if self.api_down {
+            self.api_down = false;
+            self.api_backoff = API_RETRY_MIN;
+            self.decide(DecisionKind::Reconcile, DecisionAction::ApiReachable, |d| {
+                d.message = Some("the API answers again; reconciling the pending episode".into())
+            })
+            .await;
         }
     }
 

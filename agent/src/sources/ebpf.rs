@@ -421,16 +421,29 @@ fn attach(
     Ok(())
 }
 
+/// A ring-buffer item that is not a [`ProbeRecord`] of this build.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("ring buffer record of {len} bytes, shorter than a probe record ({want})")]
+    Short { len: usize, want: usize },
+    #[error("ring buffer record with unknown probe {probe}")]
+    UnknownProbe { probe: u16 },
+}
+
 /// Decodes one ring-buffer item, with a length check.
-pub fn decode(bytes: &[u8], received_ns: u64) -> Option<ProbeEvent> {
-    if bytes.len() < size_of::<ProbeRecord>() {
-        return None;
+pub fn decode(bytes: &[u8], received_ns: u64) -> Result<ProbeEvent, DecodeError> {
+    let want = size_of::<ProbeRecord>();
+    if bytes.len() < want {
+        return Err(DecodeError::Short {
+            len: bytes.len(),
+            want,
+        });
     }
     // SAFETY: length checked; ProbeRecord is Pod, any bit pattern is valid.
     let r: ProbeRecord = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-    let probe = Probe::from_u16(r.probe)?;
+    let probe = Probe::from_u16(r.probe).ok_or(DecodeError::UnknownProbe { probe: r.probe })?;
     let comm_len = r.comm.iter().position(|&b| b == 0).unwrap_or(r.comm.len());
-    Some(ProbeEvent {
+    Ok(ProbeEvent {
         probe,
         kernel_ns: r.kernel_ns,
         received_ns,
@@ -505,10 +518,10 @@ impl EbpfSource {
             let ring = guard.get_inner_mut();
             while let Some(item) = ring.next() {
                 match decode(&item, now) {
-                    Some(ev) => batch.push(EbpfMsg::Hit(ev)),
-                    None => {
+                    Ok(ev) => batch.push(EbpfMsg::Hit(ev)),
+                    Err(e) => {
                         Counters::bump(&counters.probe_malformed);
-                        tracing::warn!(len = item.len(), "undecodable ring buffer record ignored");
+                        tracing::warn!(error = %e, "undecodable ring buffer record ignored");
                     }
                 }
             }
@@ -755,9 +768,15 @@ mod tests {
                 ..
             }
         ));
-        assert_eq!(decode(&bytes[..40], 0), None);
+        assert_eq!(
+            decode(&bytes[..40], 0),
+            Err(DecodeError::Short { len: 40, want: 56 })
+        );
         let mut unknown = bytes.to_vec();
         unknown[36] = 99; // probe discriminant, after kernel_ns, pages, pfn, pid, cpu, subject
-        assert_eq!(decode(&unknown, 0), None);
+        assert_eq!(
+            decode(&unknown, 0),
+            Err(DecodeError::UnknownProbe { probe: 99 })
+        );
     }
 }

@@ -134,9 +134,10 @@ pub struct SeqnumTracker {
 impl SeqnumTracker {
     /// Returns the gap, if this seqnum does not follow the previous one.
     pub fn observe(&mut self, seqnum: u64) -> Option<Loss> {
-        let gap = match self.last {
-            Some(last) if seqnum > last + 1 => Some(Loss::SeqnumGap {
-                expected: last + 1,
+        // No gap can follow u64::MAX (and `last + 1` would overflow there).
+        let gap = match self.last.and_then(|last| last.checked_add(1)) {
+            Some(expected) if seqnum > expected => Some(Loss::SeqnumGap {
+                expected,
                 got: seqnum,
             }),
             _ => None,
