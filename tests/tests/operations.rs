@@ -186,10 +186,13 @@ fn bad_configuration_is_rejected_at_start_up() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+    // Named where the operator wrote it: the file and the key, not the flag.
+    let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("--settle-ms"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        err.contains(file.to_str().unwrap())
+            && err.contains("key \"settle_ms\"")
+            && err.contains("-4"),
+        "{err}"
     );
     // Precedence, end to end: flag > environment > file.
     std::fs::write(&file, "settle_ms = 100\nrefresh = \"none\"\n").unwrap();

@@ -129,7 +129,10 @@ pub fn deploy(g: &mut Guest) -> anyhow::Result<()> {
     m.check(&format!(
         "install -m 0755 {SHARE}/bin/hotplug-agent /usr/local/bin/hotplug-agent && \
          install -m 0644 {SHARE}/deploy/hotplug-agent.service /etc/systemd/system/ && \
-         install -m 0644 {SHARE}/deploy/hotplug-agent.default /etc/default/hotplug-agent"
+         install -m 0644 {SHARE}/deploy/hotplug-agent.default /etc/default/hotplug-agent && \
+         install -d /usr/local/share/man/man1 && \
+         hotplug-agent man > /usr/local/share/man/man1/hotplug-agent.1 && \
+         hotplug-agent man run > /usr/local/share/man/man1/hotplug-agent-run.1"
     ))?;
     let default = String::from_utf8(m.read_file("/etc/default/hotplug-agent")?)?;
     ensure!(
