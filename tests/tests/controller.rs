@@ -1637,9 +1637,10 @@ fn an_initial_capacity_already_on_the_node_is_never_overwritten() {
 #[test]
 fn a_refused_initial_capacity_write_defers_the_restart() {
     let mut h = Harness::start_with(Options::default());
+    // Two: the stale condition's status PATCH (logged, not retried), then the annotation.
     h.cluster
         .api
-        .fail_next("PATCH", &format!("/api/v1/nodes/{NODE}?"), 500, 1);
+        .fail_next("PATCH", &format!("/api/v1/nodes/{NODE}"), 500, 2);
     h.cpu1_offline();
     let deferred = h.wait_for("the deferral", |r| {
         r["kind"] == "refresh" && r["action"] == "deferred" && r["reason"] == "initial_capacity"
