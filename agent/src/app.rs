@@ -251,6 +251,10 @@ fn run_config(args: &RunArgs) -> Result<run::Config, AppError> {
         verify_timeout: args.verify_timeout,
         api_timeout: args.api_timeout,
         kubelet_root: args.kubelet_root_dir.clone(),
+        kubelet_config: args
+            .kubelet_config
+            .clone()
+            .unwrap_or_else(|| args.kubelet_root_dir.join("config.yaml")),
         static_policy: args.static_policy,
         cgroup_root: args.cgroup_root.clone(),
         fleet: crate::fleet::Config {

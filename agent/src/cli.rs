@@ -228,6 +228,12 @@ pub struct RunArgs {
     /// The kubelet's root dir, for its CPU and memory manager checkpoints.
     #[arg(long, default_value = "/var/lib/kubelet")]
     pub kubelet_root_dir: PathBuf,
+    /// The kubelet's config file. Where it turns the kubelet's InPlaceNodeResourceResize
+    /// feature gate on, the kubelet resizes the Node itself and the agent only reports.
+    /// A missing file is normal; an unreadable one is said once and ignored.
+    /// Default: KUBELET_ROOT_DIR/config.yaml.
+    #[arg(long, value_name = "FILE")]
+    pub kubelet_config: Option<PathBuf>,
     /// Keep the refresh guard rails' history in DIR/guard.json, so that restarting the agent
     /// (a crash loop included) does not reset the hourly cap or the back-off. Default:
     /// $STATE_DIRECTORY (systemd's StateDirectory=), else kept in memory only.

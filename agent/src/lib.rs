@@ -21,6 +21,7 @@
 //! - [`kube_client`]: the API client from a kubeconfig; where it cannot be built, a stand-in
 //!   that keeps trying while the agent runs report-only.
 //! - [`fleet`]: cluster-wide budgets (Leases) on kubelet restarts and drains.
+//! - [`upstream`]: the kubelet's config file; standing down where the kubelet resizes itself.
 //! - [`node`]: this node's object: get, watch, Events, the agent's condition.
 //! - [`verify`]: the pods' cgroup memory limit check.
 //! - [`run`]: the controller; `hotplug-agent run`.
@@ -53,5 +54,6 @@ pub mod run;
 pub mod sources;
 pub mod status;
 pub mod telemetry;
+pub mod upstream;
 pub mod verify;
 pub mod watch;

@@ -25,6 +25,34 @@ pub const CORDONED_ANNOTATION: &str = "hotplug-agent.io/cordoned";
 /// On the Node as an annotation or a label (any value but `false`): the agent acts on
 /// nothing there (no restart, no drain) and only reports, until it is removed.
 pub const PAUSE_KEY: &str = "hotplug-agent.io/paused";
+/// The Node's capacity as the agent first saw it, written once before its first change to
+/// the Node (a kubelet restart) and never overwritten: `{"cpu":"2","memory":"4Gi"}`. A
+/// hint for the Cluster Autoscaler's node templates (KEP-3953 discusses an initial-capacity
+/// annotation), which a node grown by hotplug would otherwise skew.
+pub const INITIAL_CAPACITY_ANNOTATION: &str = "hotplug-agent.io/initial-capacity";
+
+/// The value of [`INITIAL_CAPACITY_ANNOTATION`] for `node`: its `cpu` and `memory`
+/// capacity as advertised, quantities as the kubelet wrote them; `None` where the Node
+/// already carries the annotation (it is never overwritten) or advertises neither.
+pub fn initial_capacity(node: &Node) -> Option<String> {
+    let present = node
+        .metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(INITIAL_CAPACITY_ANNOTATION));
+    if present {
+        return None;
+    }
+    let capacity = node.status.as_ref()?.capacity.as_ref()?;
+    let picked: std::collections::BTreeMap<&str, &str> = ["cpu", "memory"]
+        .into_iter()
+        .filter_map(|k| capacity.get(k).map(|q| (k, q.0.as_str())))
+        .collect();
+    if picked.is_empty() {
+        return None;
+    }
+    Some(serde_json::to_string(&picked).expect("a map of strings serialises"))
+}
 
 /// Whether the Node's cordon is the agent's own ([`CORDONED_ANNOTATION`]).
 pub fn cordoned_by_agent(node: &Node) -> bool {
@@ -49,6 +77,35 @@ const EVENTS_NAMESPACE: &str = "default";
 /// must become an error that the controller reports (`api_unreachable`) and retries, not a
 /// wait that wedges the controller for good.
 pub const DEFAULT_API_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(annotations: Option<(&str, &str)>, capacity: &[(&str, &str)]) -> Node {
+        serde_json::from_value(json!({
+            "metadata": {"name": "n", "annotations": annotations
+                .map(|(k, v)| std::collections::BTreeMap::from([(k, v)]))},
+            "status": {"capacity": capacity
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<std::collections::BTreeMap<_, _>>()},
+        }))
+        .expect("a Node")
+    }
+
+    #[test]
+    fn initial_capacity_is_cpu_and_memory_as_advertised_and_never_replaces_one() {
+        let n = node(None, &[("cpu", "2"), ("memory", "4Gi"), ("pods", "110")]);
+        assert_eq!(
+            initial_capacity(&n).as_deref(),
+            Some(r#"{"cpu":"2","memory":"4Gi"}"#)
+        );
+        let n = node(Some((INITIAL_CAPACITY_ANNOTATION, "{}")), &[("cpu", "2")]);
+        assert_eq!(initial_capacity(&n), None);
+        assert_eq!(initial_capacity(&node(None, &[("pods", "110")])), None);
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -217,6 +274,15 @@ impl NodeApi {
             "metadata": {"annotations": {CORDONED_ANNOTATION: mark}},
             "spec": {"unschedulable": unschedulable},
         }));
+        let params = PatchParams::default();
+        self.within("PATCH node", self.nodes.patch(&self.name, &params, &patch))
+            .await?;
+        Ok(())
+    }
+
+    /// Sets one annotation on the Node (a merge patch: the others stay).
+    pub async fn annotate(&self, key: &str, value: &str) -> Result<(), NodeError> {
+        let patch = Patch::Merge(json!({"metadata": {"annotations": {key: value}}}));
         let params = PatchParams::default();
         self.within("PATCH node", self.nodes.patch(&self.name, &params, &patch))
             .await?;

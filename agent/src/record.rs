@@ -250,6 +250,24 @@ pub struct AgentRecord {
     /// auto_online: why the write failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// ready (`run`): the kubelet's config file as read at start-up (upstream.rs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubelet_config: Option<KubeletConfigStatus>,
+}
+
+/// The kubelet's config file, as `run` read it at start-up.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KubeletConfigStatus {
+    pub path: String,
+    /// Whether there is such a file (none is normal: a kubelet configured by flags).
+    pub found: bool,
+    /// The file turns the kubelet's `InPlaceNodeResourceResize` gate on: the kubelet
+    /// resizes the Node itself and the agent only reports (`refresh` `skipped`, reason
+    /// `upstream_resize`).
+    pub upstream_resize: bool,
+    /// Why the file could not be read or parsed; it is ignored then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// The start-up snapshot in one line's worth.
@@ -302,6 +320,7 @@ impl AgentRecord {
             device: None,
             state: None,
             error: None,
+            kubelet_config: None,
         }
     }
 }

@@ -9,8 +9,8 @@ use hotplug_agent::{
     capacity::Summary,
     record::{
         Action, Advertised, AgentRecord, CgroupCheck, CheckpointChange, DecisionRecord,
-        EventRecord, FleetBudget, Kind, MachineSummary, ProbeStatus, Record, SCHEMA_VERSION,
-        Source, SourceStatus,
+        EventRecord, FleetBudget, Kind, KubeletConfigStatus, MachineSummary, ProbeStatus, Record,
+        SCHEMA_VERSION, Source, SourceStatus,
     },
 };
 
@@ -276,6 +276,45 @@ fn records() -> Vec<Record> {
     left.message =
         Some("someone else had cordoned the Node before the reset: left cordoned".into());
     out.push(Record::Decision(Box::new(left)));
+    // Standing down where the kubelet resizes the Node itself (upstream.rs): the ready
+    // record of `run` says so, and each refresh is skipped with the reason.
+    let mut standing_down = agent("ready");
+    standing_down.rescan_interval_s = Some(Some(60));
+    standing_down.version = Some("0.1.0".into());
+    standing_down.kubelet_config = Some(KubeletConfigStatus {
+        path: "/var/lib/kubelet/config.yaml".into(),
+        found: true,
+        upstream_resize: true,
+        error: None,
+    });
+    out.push(Record::Agent(Box::new(standing_down)));
+    let mut garbled = agent("ready");
+    garbled.rescan_interval_s = Some(Some(60));
+    garbled.kubelet_config = Some(KubeletConfigStatus {
+        path: "/var/lib/kubelet/config.yaml".into(),
+        found: true,
+        upstream_resize: false,
+        error: Some("parsing /var/lib/kubelet/config.yaml as the kubelet's YAML configuration: invalid type".into()),
+    });
+    out.push(Record::Agent(Box::new(garbled)));
+    let mut upstream = decision("refresh", "skipped", 1);
+    upstream.backend = Some("systemd".into());
+    upstream.reason = Some("upstream_resize".into());
+    upstream.message = Some(
+        "/var/lib/kubelet/config.yaml turns on the kubelet's InPlaceNodeResourceResize feature \
+         gate: the kubelet resizes the Node itself, so the agent reports and does not restart it"
+            .into(),
+    );
+    out.push(Record::Decision(Box::new(upstream)));
+    let mut annotation = decision("refresh", "deferred", 1);
+    annotation.backend = Some("systemd".into());
+    annotation.reason = Some("initial_capacity".into());
+    annotation.message = Some(
+        "writing hotplug-agent.io/initial-capacity before the first change: the API server did not answer PATCH node within 20s"
+            .into(),
+    );
+    annotation.until = Some("2026-11-30T12:00:01.123456Z".into());
+    out.push(Record::Decision(Box::new(annotation)));
     out
 }
 

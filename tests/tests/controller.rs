@@ -187,6 +187,8 @@ struct Options {
     drain_and_reset: bool,
     /// The agent looks for this Node instead of the one the stand-in registers.
     node_name: Option<&'static str>,
+    /// The kubelet's config file (`kubelet-root/config.yaml`); none by default.
+    kubelet_config: Option<&'static str>,
 }
 
 /// A TCP proxy in front of the fake API that can hang: frozen, it accepts connections and
@@ -298,6 +300,10 @@ impl Harness {
             command.stop = Some(sh(format!("kill $(cat '{pidfile}')")));
             command.start = Some(sh(cluster.kubelet.restart_command()));
         }
+        if let Some(text) = options.kubelet_config {
+            fs::write(cluster.path("kubelet-root/config.yaml"), text)
+                .expect("writing the kubelet's config");
+        }
         if let Some(state) = options.cpu_manager_state {
             fs::write(cluster.path("kubelet-root/cpu_manager_state"), state)
                 .expect("writing the checkpoint");
@@ -316,6 +322,7 @@ impl Harness {
             verify_timeout: options.verify_timeout.unwrap_or(VERIFY_TIMEOUT),
             api_timeout: API_TIMEOUT,
             kubelet_root: cluster.path("kubelet-root").into(),
+            kubelet_config: cluster.path("kubelet-root/config.yaml").into(),
             static_policy: if options.drain_and_reset {
                 StaticPolicy::DrainAndReset
             } else {
@@ -1440,10 +1447,11 @@ fn reset_with_cordon(cordoned_before: bool) {
                 && !p.contains("/status")
         })
         .count();
+    // And one more: the agent's initial-capacity annotation, before its first change.
     assert_eq!(
         marked,
-        if cordoned_before { 1 } else { 2 },
-        "cordon+uncordon by the agent, or only the operator's"
+        if cordoned_before { 2 } else { 3 },
+        "cordon+uncordon by the agent, or only the operator's; and the initial capacity"
     );
 }
 
@@ -1455,4 +1463,170 @@ fn drain_and_reset_leaves_an_operators_cordon_in_place() {
 #[test]
 fn drain_and_reset_lifts_only_its_own_cordon() {
     reset_with_cordon(false);
+}
+
+const INITIAL_CAPACITY: &str = "hotplug-agent.io/initial-capacity";
+
+impl Harness {
+    /// The ready record the controller wrote first.
+    fn ready(&mut self) -> Value {
+        self.wait_for("the ready record", |r| {
+            r["kind"] == "agent" && r["action"] == "ready"
+        })
+    }
+
+    /// The agent's non-status PATCHes of the Node so far.
+    fn node_patches(&self) -> usize {
+        self.cluster
+            .api
+            .requests()
+            .iter()
+            .filter(|(m, p)| {
+                m == "PATCH"
+                    && p.starts_with(&format!("/api/v1/nodes/{NODE}"))
+                    && !p.contains("/status")
+            })
+            .count()
+    }
+
+    fn annotation(&self, key: &str) -> Option<String> {
+        let node = self.cluster.api.node(NODE).expect("node");
+        node["metadata"]["annotations"][key]
+            .as_str()
+            .map(str::to_owned)
+    }
+}
+
+/// The kubelet's config turns `InPlaceNodeResourceResize` on: the kubelet resizes the Node
+/// itself, so the agent says so once at start-up (ready record, a Normal Event), reports
+/// the stale Node, and neither restarts the kubelet nor writes on the Node.
+#[test]
+fn with_the_upstream_resize_gate_on_the_agent_only_reports() {
+    let mut h = Harness::start_with(Options {
+        kubelet_config: Some(
+            "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\n\
+             featureGates:\n  InPlaceNodeResourceResize: true\n",
+        ),
+        ..Options::default()
+    });
+    let ready = h.ready();
+    assert_eq!(ready["kubelet_config"]["upstream_resize"], true, "{ready}");
+    assert_eq!(ready["kubelet_config"]["found"], true, "{ready}");
+    let event = h.cluster.rt.block_on(
+        h.cluster
+            .api
+            .wait_event(CONVERGE, |e| e["reason"] == "UpstreamNodeResizeEnabled"),
+    );
+    assert!(
+        event["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("InPlaceNodeResourceResize"),
+        "{event}"
+    );
+    h.cpu1_offline();
+    let skipped = h.wait_for("refresh skipped", |r| {
+        r["kind"] == "refresh" && r["action"] == "skipped"
+    });
+    assert_eq!(skipped["reason"], "upstream_resize", "{skipped}");
+    assert_eq!(
+        h.records("reconcile", "stale").len(),
+        1,
+        "log:\n{}",
+        h.log()
+    );
+    assert!(
+        h.records("refresh", "started").is_empty(),
+        "log:\n{}",
+        h.log()
+    );
+    assert_eq!(h.cluster.kubelet.restarts(), 1, "log:\n{}", h.log());
+    assert_eq!(h.node_patches(), 0, "nothing written on the Node");
+    assert_eq!(
+        h.cluster
+            .api
+            .events()
+            .iter()
+            .filter(|e| e["reason"] == "UpstreamNodeResizeEnabled")
+            .count(),
+        1,
+        "said once"
+    );
+}
+
+/// A kubelet config that is not YAML is said (in the ready record, with the file) and
+/// ignored: the agent restarts the kubelet as it would without the file.
+#[test]
+fn a_garbled_kubelet_config_is_reported_and_ignored() {
+    let mut h = Harness::start_with(Options {
+        kubelet_config: Some("featureGates: [InPlaceNodeResourceResize: true\n  : : :\n"),
+        ..Options::default()
+    });
+    let ready = h.ready();
+    let status = &ready["kubelet_config"];
+    assert_eq!(status["upstream_resize"], false, "{ready}");
+    assert!(
+        status["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("config.yaml"),
+        "{ready}"
+    );
+    h.cpu1_offline();
+    h.wait_converged();
+    assert_eq!(h.cluster.kubelet.restarts(), 2, "log:\n{}", h.log());
+    assert!(
+        h.records("refresh", "skipped").is_empty(),
+        "log:\n{}",
+        h.log()
+    );
+}
+
+/// The Node's capacity as first seen is written once before the agent's first restart
+/// (its value is the capacity before the change), and neither a second episode nor an
+/// operator's own value is overwritten.
+#[test]
+fn the_initial_capacity_is_annotated_once_before_the_first_restart() {
+    let mut h = Harness::start_with(Options::default());
+    let before = h.cluster.api.node(NODE).expect("node")["status"]["capacity"].clone();
+    assert_eq!(
+        h.annotation(INITIAL_CAPACITY),
+        None,
+        "not before any change"
+    );
+    let ready = h.ready();
+    assert_eq!(ready["kubelet_config"]["found"], false, "{ready}");
+    let base = h.machine.summary();
+    h.cpu1_offline();
+    h.wait_converged();
+    let written = h.annotation(INITIAL_CAPACITY).expect("written");
+    let value: Value = serde_json::from_str(&written).expect("JSON");
+    assert_eq!(
+        value,
+        serde_json::json!({"cpu": before["cpu"], "memory": before["memory"]}),
+        "the capacity before the restart, not after"
+    );
+    assert_eq!(value["cpu"], "2");
+    assert_eq!(h.node_patches(), 1);
+    // A second episode: the kubelet restarts again, the annotation stays as it was.
+    h.change(Kind::Cpu, Action::Online, "cpu1", base);
+    h.wait_converged();
+    assert_eq!(h.cluster.kubelet.restarts(), 3, "log:\n{}", h.log());
+    assert_eq!(
+        h.annotation(INITIAL_CAPACITY).as_deref(),
+        Some(written.as_str())
+    );
+    assert_eq!(h.node_patches(), 1, "written once");
+}
+
+/// An annotation already on the Node (an operator's, or a previous agent's) is kept.
+#[test]
+fn an_initial_capacity_already_on_the_node_is_never_overwritten() {
+    let mut h = Harness::start_with(Options::default());
+    let theirs = r#"{"cpu":"8","memory":"32Gi"}"#;
+    h.patch_node(serde_json::json!({"metadata": {"annotations": {INITIAL_CAPACITY: theirs}}}));
+    h.cpu1_offline();
+    h.wait_converged();
+    assert_eq!(h.annotation(INITIAL_CAPACITY).as_deref(), Some(theirs));
+    assert_eq!(h.node_patches(), 1, "only the operator's own PATCH");
 }

@@ -54,6 +54,9 @@ pub struct Config {
     /// The deadline of each API call (node.rs).
     pub api_timeout: Duration,
     pub kubelet_root: PathBuf,
+    /// The kubelet's config file (upstream.rs): with its `InPlaceNodeResourceResize` gate
+    /// on, the agent only reports.
+    pub kubelet_config: PathBuf,
     pub static_policy: StaticPolicy,
     pub cgroup_root: PathBuf,
     /// Cluster-wide budgets on restarts and drains (only with a client).
@@ -127,6 +130,13 @@ pub async fn control(
     shutdown: impl Future<Output = ()>,
     after_batch: impl FnMut(),
 ) -> Result<(), RunError> {
+    // Read once, said in the ready record: the kubelet may resize the Node itself.
+    let kubelet_config = crate::upstream::status(&config.kubelet_config);
+    let upstream_resize = kubelet_config.upstream_resize;
+    let mut first = first;
+    if let Record::Agent(a) = &mut first {
+        a.kubelet_config = Some(kubelet_config);
+    }
     if let Some(m) = &sinks.metrics
         && client.is_some()
     {
@@ -149,7 +159,9 @@ pub async fn control(
         .clone()
         .map(|c| Fleet::new(c, &config.fleet, &config.node_name, config.api_timeout));
     let (holder, api_timeout) = (config.node_name.clone(), config.api_timeout);
-    let controller = Controller::new(config, client, decisions, episodes.window(), fleet.clone());
+    let mut controller =
+        Controller::new(config, client, decisions, episodes.window(), fleet.clone());
+    controller.upstream_resize = upstream_resize;
     let control = tokio::spawn(controller.run(episodes));
     let tasks = [pump.abort_handle(), control.abort_handle()];
     // Either task ending on its own is a fault: the pipeline's records stopped (its task
@@ -243,6 +255,8 @@ struct Controller {
     fleet_retry: Option<fleet::Action>,
     /// The API answered that our Node does not exist, and we said so once.
     node_missing: bool,
+    /// The kubelet resizes the Node itself (upstream.rs): report only.
+    upstream_resize: bool,
 }
 
 const API_RETRY_MIN: Duration = Duration::from_secs(1);
@@ -275,12 +289,18 @@ impl Controller {
             fleet_waiting: HashMap::new(),
             fleet_retry: None,
             node_missing: false,
+            upstream_resize: false,
         }
     }
 
     async fn run(mut self, mut episodes: Episodes) {
         // The start-up reconcile: a hot-add while the agent was down is caught here.
         let mut pending = true;
+        if self.upstream_resize {
+            let message = upstream_message(&self.config.kubelet_config);
+            self.event(EventType::Normal, crate::upstream::EVENT_REASON, &message)
+                .await;
+        }
         self.decide(DecisionKind::Episode, DecisionAction::Settled, |d| {
             d.trigger = Some("startup".into());
             d.events = Some(0);
@@ -593,6 +613,16 @@ impl Controller {
             .await;
             return Next::Done;
         }
+        if self.upstream_resize {
+            let message = upstream_message(&self.config.kubelet_config);
+            self.decide(DecisionKind::Refresh, DecisionAction::Skipped, |d| {
+                d.backend = Some(backend.into());
+                d.reason = Some(crate::upstream::REASON.into());
+                d.message = Some(message);
+            })
+            .await;
+            return Next::Done;
+        }
         if matches!(self.config.backend, Backend::None) {
             self.decide(DecisionKind::Refresh, DecisionAction::Skipped, |d| {
                 d.backend = Some(backend.into());
@@ -610,7 +640,16 @@ impl Controller {
         let cgroup_before = cgroup_file
             .as_deref()
             .and_then(|f| verify::read_limit(f).ok().flatten());
-        let reset = match self.static_policy_blocks(node, machine).await {
+        let blocking = self.static_policy_blocks(node, machine).await;
+        if let Blocking::Stop(next) = blocking {
+            return next;
+        }
+        // The agent is about to change the Node (a restart, a drain): its capacity as first
+        // seen goes on it before, once.
+        if let Err(next) = self.annotate_initial_capacity(node).await {
+            return next;
+        }
+        let reset = match blocking {
             Blocking::No => false,
             Blocking::Stop(next) => return next,
             Blocking::Reset(blocked) => {
@@ -868,6 +907,43 @@ impl Controller {
         }
     }
 
+    /// Writes [`crate::node::INITIAL_CAPACITY_ANNOTATION`] unless the Node has it. If the
+    /// API refuses, nothing changes yet: the hint must precede the change, so the refresh
+    /// waits (`refresh` `deferred`, reason `initial_capacity`) and is tried again.
+    async fn annotate_initial_capacity(&mut self, node: &Node) -> Result<(), Next> {
+        let Some(value) = crate::node::initial_capacity(node) else {
+            return Ok(());
+        };
+        let api = self
+            .node
+            .as_ref()
+            .expect("refresh is only called with a client");
+        match api
+            .annotate(crate::node::INITIAL_CAPACITY_ANNOTATION, &value)
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let message = format!(
+                    "writing {} before the first change: {}",
+                    crate::node::INITIAL_CAPACITY_ANNOTATION,
+                    error_chain(&e)
+                );
+                let wait = self.api_backoff;
+                self.api_backoff = (self.api_backoff * 2).min(API_RETRY_MAX);
+                let backend = self.config.backend.name();
+                self.decide(DecisionKind::Refresh, DecisionAction::Deferred, |d| {
+                    d.backend = Some(backend.into());
+                    d.reason = Some("initial_capacity".into());
+                    d.message = Some(message);
+                    d.until = Some(crate::record::rfc3339_in(wait));
+                })
+                .await;
+                Err(Next::RetryAt(Instant::now() + wait))
+            }
+        }
+    }
+
     /// The kubelet's static CPU or memory manager: a restart would crash-loop it.
     async fn static_policy_blocks(&mut self, node: &Node, machine: &Snapshot) -> Blocking {
         let verdicts = match checkpoint::check(&self.config.kubelet_root, machine) {
@@ -982,6 +1058,16 @@ fn could_have_seen(seen: &Seen, now: &Snapshot, adv: &Advertised, before: &Adver
     then.memory_bytes = adv.memory_bytes;
     then.cpu_millis = adv.cpu_millis;
     reconcile::differences(&then, adv).is_empty()
+}
+
+/// Why the agent only reports where the kubelet resizes the Node itself.
+fn upstream_message(config: &std::path::Path) -> String {
+    format!(
+        "{} turns on the kubelet's {} feature gate: the kubelet resizes the Node itself, \
+         so the agent reports and does not restart it",
+        config.display(),
+        crate::upstream::FEATURE_GATE
+    )
 }
 
 fn show(v: Option<u64>) -> String {
