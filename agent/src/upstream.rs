@@ -36,8 +36,9 @@ pub enum KubeletConfigError {
     #[error("parsing {} as the kubelet's YAML configuration", path.display())]
     Parse {
         path: PathBuf,
+        /// Boxed: the parser's error is large, and this one travels in every `Result`.
         #[source]
-        source: serde_saphyr::Error,
+        source: Box<serde_saphyr::Error>,
     },
 }
 
@@ -64,7 +65,7 @@ pub fn gate_enabled(path: &Path) -> Result<Option<bool>, KubeletConfigError> {
     let config: KubeletConfiguration =
         serde_saphyr::from_str(&text).map_err(|source| KubeletConfigError::Parse {
             path: path.to_owned(),
-            source,
+            source: Box::new(source),
         })?;
     Ok(Some(
         config
