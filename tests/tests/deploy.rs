@@ -1320,7 +1320,7 @@ fn systemd_unit_has_the_directives_the_agent_needs() {
         (
             "Unit",
             "Documentation",
-            "man:hotplug-agent-run(1) man:hotplug-agent(1)",
+            "file:/usr/local/share/doc/hotplug-agent/README.md",
         ),
         ("Service", "Restart", "on-failure"),
         ("Service", "EnvironmentFile", "-/etc/default/hotplug-agent"),
