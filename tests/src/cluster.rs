@@ -63,6 +63,22 @@ impl Cluster {
     }
 
     /// The flags that point `hotplug-agent run` at this cluster, restarting the stand-in.
+    /// `hotplug-agent run` against this cluster with [`Cluster::run_args`] and `extra`,
+    /// once its start-up reconcile is recorded; returns the agent and that record.
+    pub fn start_run(&self, extra: &[&str]) -> (crate::Agent, serde_json::Value) {
+        let mut args = vec!["run".to_owned()];
+        args.extend(self.run_args());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (mut agent, _ready) = crate::Agent::start(&args);
+        let startup = agent.wait_for(
+            "the start-up reconcile",
+            std::time::Duration::from_secs(120),
+            |v| v["kind"] == "reconcile" && v["episode"] == 0,
+        );
+        (agent, startup)
+    }
+
     pub fn run_args(&self) -> Vec<String> {
         [
             "--format",

@@ -8,7 +8,7 @@ use std::{
 };
 
 use hotplug_agent::checkpoint::format::parse_cpu;
-use hotplug_tests::{Agent, CpuOffline, MachineLock, can_change_machine, cluster::Cluster};
+use hotplug_tests::{CpuOffline, MachineLock, can_change_machine, cluster::Cluster};
 
 const NODE: &str = "static-update-e2e";
 const WAIT: Duration = Duration::from_secs(30);
@@ -39,24 +39,14 @@ fn a_cpu_coming_online_joins_the_static_shared_pool_with_one_restart() {
     let state = format!(r#"{{"policyName":"static","defaultCpuSet":"{before}","checksum":0}}"#);
     fs::write(&path, &state).expect("writing the checkpoint");
 
-    let mut args = vec!["run".to_owned()];
-    args.extend(cluster.run_args());
-    args.extend(
-        [
-            "--settle-ms",
-            "300",
-            "--verify-timeout",
-            "20s",
-            "--static-policy",
-            "update-in-place",
-        ]
-        .map(String::from),
-    );
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (mut agent, _ready) = Agent::start(&args);
-    let startup = agent.wait_for("the start-up reconcile", WAIT, |v| {
-        v["kind"] == "reconcile" && v["episode"] == 0
-    });
+    let (mut agent, startup) = cluster.start_run(&[
+        "--settle-ms",
+        "300",
+        "--verify-timeout",
+        "20s",
+        "--static-policy",
+        "update-in-place",
+    ]);
     assert_eq!(startup["action"], "in_sync", "{startup}");
 
     let t0 = Instant::now();
