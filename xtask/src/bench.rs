@@ -37,6 +37,7 @@ mod agent;
 mod fleet;
 mod idle;
 mod machine;
+mod measured;
 mod refresh;
 mod report;
 mod seed_scale;

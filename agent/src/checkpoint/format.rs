@@ -91,16 +91,21 @@ pub struct CpuState {
     pub pod_entries: Option<BTreeMap<String, String>>,
 }
 
+/// A checkpoint file as read: its layout, the state the kubelet would hold, and how its
+/// checksum compares.
 #[derive(Debug, Clone)]
-pub struct CpuFile {
+pub struct File<S> {
     pub layout: Layout,
-    pub state: CpuState,
+    pub state: S,
     pub checksum: Checksum,
     /// Keys the kubelet ignores; a rewrite would drop them.
     pub unknown_fields: Vec<String>,
     /// The object as read, for a rewrite that keeps the layout.
     pub raw: Map<String, Value>,
 }
+
+pub type CpuFile = File<CpuState>;
+pub type MemoryFile = File<MemoryState>;
 
 const CPU_FIELDS: &[&str] = &[
     "policyName",
@@ -114,85 +119,56 @@ const CPU_FIELDS: &[&str] = &[
 const CPU_DATA_FIELDS: &[&str] = &["policyName", "defaultCpuSet", "entries", "podEntries"];
 
 pub fn parse_cpu(bytes: &[u8]) -> Result<CpuFile, FormatError> {
-    let mut raw = object(bytes)?;
-    let mut unknown = fold_keys(&mut raw, CPU_FIELDS, "");
-    if let Some(Value::String(data)) = raw.get("data") {
-        let mut inner = object(data.as_bytes()).map_err(|e| match e {
-            FormatError::Json(e) => FormatError::Data(e),
-            other => other,
-        })?;
-        unknown.extend(fold_keys(&mut inner, CPU_DATA_FIELDS, "data."));
-        let state = cpu_state(&inner)?;
-        let stored = field::<u64>(&raw, "dataChecksum")?.unwrap_or(0);
-        let computed = u64::from(data_checksum(data));
-        return Ok(CpuFile {
-            layout: Layout::Data,
-            state,
-            checksum: Checksum {
-                stored,
-                computed,
-                valid: stored == computed,
-            },
-            unknown_fields: unknown,
-            raw,
-        });
-    }
-    let state = cpu_state(&raw)?;
-    let stored = field::<u64>(&raw, "checksum")?.unwrap_or(0);
-    let flat = raw
-        .get("entries")
-        .and_then(Value::as_object)
-        .is_some_and(|m| m.values().any(Value::is_string));
-    let (layout, computed, alternatives) = if flat {
-        (
-            Layout::V1,
-            cpu_checksum(&state, Layout::V1, CPU_NAME),
-            vec![],
-        )
-    } else if raw.contains_key("podEntries") {
-        let own = cpu_checksum(&state, Layout::V3, "state.CPUManagerCheckpointV3");
-        (
-            Layout::V3,
-            cpu_checksum(&state, Layout::V3, CPU_NAME),
-            vec![own],
-        )
-    } else {
-        // Without entries an old kubelet first reads the file as v1 and accepts its checksum.
-        let empty = state.entries.as_ref().is_none_or(BTreeMap::is_empty);
-        let v1 = empty.then(|| cpu_checksum(&state, Layout::V1, CPU_NAME));
-        // A kubelet that knows v3 reads a v2 file as v3 (no pod entries) and accepts the
-        // v3 checksum of it too, under either name; its own tests' v2 files carry that one.
-        let v3 = [CPU_NAME, "state.CPUManagerCheckpointV3"]
-            .map(|name| cpu_checksum(&state, Layout::V3, name));
-        (
-            Layout::V2,
-            cpu_checksum(&state, Layout::V2, CPU_NAME),
-            v1.into_iter().chain(v3).collect(),
-        )
-    };
-    let zero_ok = matches!(layout, Layout::V1 | Layout::V2);
-    let valid = stored == computed || alternatives.contains(&stored) || (zero_ok && stored == 0);
-    Ok(CpuFile {
-        layout,
-        state,
-        checksum: Checksum {
-            stored,
-            computed,
-            valid,
+    let no_nested = |_: &mut Map<String, Value>, _: &str| Vec::new();
+    parse(
+        bytes,
+        CPU_FIELDS,
+        CPU_DATA_FIELDS,
+        no_nested,
+        cpu_state,
+        |raw, state| {
+            if v1_entries(raw) {
+                Legacy::new(
+                    Layout::V1,
+                    cpu_checksum(state, Layout::V1, CPU_NAME),
+                    vec![],
+                )
+            } else if raw.contains_key("podEntries") {
+                let own = cpu_checksum(state, Layout::V3, "state.CPUManagerCheckpointV3");
+                let v3 = cpu_checksum(state, Layout::V3, CPU_NAME);
+                // The CPU manager's v3 has no "compatibility with old file backend".
+                Legacy {
+                    zero_ok: false,
+                    ..Legacy::new(Layout::V3, v3, vec![own])
+                }
+            } else {
+                // Without entries an old kubelet first reads the file as v1 and accepts its
+                // checksum.
+                let empty = state.entries.as_ref().is_none_or(BTreeMap::is_empty);
+                let v1 = empty.then(|| cpu_checksum(state, Layout::V1, CPU_NAME));
+                // A kubelet that knows v3 reads a v2 file as v3 (no pod entries) and accepts
+                // the v3 checksum of it too, under either name; its own tests' v2 files carry
+                // that one.
+                let v3 = [CPU_NAME, "state.CPUManagerCheckpointV3"]
+                    .map(|name| cpu_checksum(state, Layout::V3, name));
+                let v2 = cpu_checksum(state, Layout::V2, CPU_NAME);
+                Legacy::new(Layout::V2, v2, v1.into_iter().chain(v3).collect())
+            }
         },
-        unknown_fields: unknown,
-        raw,
-    })
+    )
 }
 
 const CPU_NAME: &str = "state.CPUManagerCheckpoint";
 
-fn cpu_state(obj: &Map<String, Value>) -> Result<CpuState, FormatError> {
-    let flat = obj
-        .get("entries")
+/// v1's `entries` map container IDs straight to CPU sets.
+fn v1_entries(obj: &Map<String, Value>) -> bool {
+    obj.get("entries")
         .and_then(Value::as_object)
-        .is_some_and(|m| m.values().any(Value::is_string));
-    let entries = if flat {
+        .is_some_and(|m| m.values().any(Value::is_string))
+}
+
+fn cpu_state(obj: &Map<String, Value>) -> Result<CpuState, FormatError> {
+    let entries = if v1_entries(obj) {
         field::<Option<BTreeMap<String, String>>>(obj, "entries")?
             .unwrap_or(Some(BTreeMap::new()))
             .map(|m| BTreeMap::from([(String::new(), m)]))
@@ -265,33 +241,27 @@ pub fn cpu_checksum(state: &CpuState, layout: Layout, name: &str) -> u64 {
     };
     fields.push(("Entries", entries));
     if layout == Layout::V3 {
-        let pods = state.pod_entries.as_ref().map(|pods| {
-            pods.iter()
-                .map(|(pod, set)| {
-                    let cpus = capacity::parse_cpu_list(set).unwrap_or_default();
-                    let elems = cpus
-                        .into_iter()
-                        .map(|c| {
-                            let unit = Go::Struct("struct {}".into(), vec![]);
-                            (Go::Int("int".into(), i64::from(c)), unit)
-                        })
-                        .collect();
-                    let set = Go::Struct(
-                        "cpuset.CPUSet".into(),
-                        vec![("elems", Go::Map("map[int]struct {}".into(), Some(elems)))],
-                    );
-                    let entry = Go::Struct("state.PodEntry".into(), vec![("CPUSet", set)]);
-                    (Go::string(pod), entry)
+        let set = |set: &String| {
+            let cpus = capacity::parse_cpu_list(set).unwrap_or_default();
+            let elems = cpus
+                .into_iter()
+                .map(|c| {
+                    let unit = Go::Struct("struct {}".into(), vec![]);
+                    (Go::Int("int".into(), i64::from(c)), unit)
                 })
-                .collect()
-        });
+                .collect();
+            Go::Struct(
+                "cpuset.CPUSet".into(),
+                vec![("elems", Go::Map("map[int]struct {}".into(), Some(elems)))],
+            )
+        };
+        let pods = pod_entries(&state.pod_entries, "CPUSet", set);
         fields.push((
             "PodEntries",
             Go::Map("state.PodCPUAssignments".into(), pods),
         ));
     }
-    fields.push(("Checksum", Go::Uint("checksum.Checksum".into(), 0)));
-    hash_struct(name, fields)
+    hash_checkpoint(name, fields)
 }
 
 /// Ready to be written in the layout of `file` with `state`: the kubelet's own field
@@ -409,15 +379,6 @@ pub struct MemoryState {
     pub pod_entries: Option<BTreeMap<String, Option<Vec<Block>>>>,
 }
 
-#[derive(Debug, Clone)]
-pub struct MemoryFile {
-    pub layout: Layout,
-    pub state: MemoryState,
-    pub checksum: Checksum,
-    pub unknown_fields: Vec<String>,
-    pub raw: Map<String, Value>,
-}
-
 const MEMORY_FIELDS: &[&str] = &[
     "policyName",
     "machineState",
@@ -434,60 +395,24 @@ const BLOCK_FIELDS: &[&str] = &["numaAffinity", "type", "size"];
 const MEMORY_NAME: &str = "state.MemoryManagerCheckpoint";
 
 pub fn parse_memory(bytes: &[u8]) -> Result<MemoryFile, FormatError> {
-    let mut raw = object(bytes)?;
-    let mut unknown = fold_keys(&mut raw, MEMORY_FIELDS, "");
-    if let Some(Value::String(data)) = raw.get("data") {
-        let mut inner = object(data.as_bytes()).map_err(|e| match e {
-            FormatError::Json(e) => FormatError::Data(e),
-            other => other,
-        })?;
-        unknown.extend(fold_keys(&mut inner, MEMORY_DATA_FIELDS, "data."));
-        unknown.extend(fold_memory(&mut inner, "data."));
-        let state = memory_state(&inner)?;
-        let stored = field::<u64>(&raw, "dataChecksum")?.unwrap_or(0);
-        let computed = u64::from(data_checksum(data));
-        return Ok(MemoryFile {
-            layout: Layout::Data,
-            state,
-            checksum: Checksum {
-                stored,
-                computed,
-                valid: stored == computed,
-            },
-            unknown_fields: unknown,
-            raw,
-        });
-    }
-    unknown.extend(fold_memory(&mut raw, ""));
-    let state = memory_state(&raw)?;
-    let stored = field::<u64>(&raw, "checksum")?.unwrap_or(0);
-    let (layout, computed, alternatives) = if raw.contains_key("podEntries") {
-        let own = memory_checksum(&state, Layout::V2, "state.MemoryManagerCheckpointV2");
-        (
-            Layout::V2,
-            memory_checksum(&state, Layout::V2, MEMORY_NAME),
-            vec![own],
-        )
-    } else {
-        (
-            Layout::V1,
-            memory_checksum(&state, Layout::V1, MEMORY_NAME),
-            vec![],
-        )
-    };
-    // The memory manager's v1 accepts a zero checksum as the CPU manager's does.
-    let valid = stored == computed || alternatives.contains(&stored) || stored == 0;
-    Ok(MemoryFile {
-        layout,
-        state,
-        checksum: Checksum {
-            stored,
-            computed,
-            valid,
+    let fields = (MEMORY_FIELDS, MEMORY_DATA_FIELDS);
+    parse(
+        bytes,
+        fields.0,
+        fields.1,
+        fold_memory,
+        memory_state,
+        |raw, state| {
+            if raw.contains_key("podEntries") {
+                let own = memory_checksum(state, Layout::V2, "state.MemoryManagerCheckpointV2");
+                let v2 = memory_checksum(state, Layout::V2, MEMORY_NAME);
+                Legacy::new(Layout::V2, v2, vec![own])
+            } else {
+                let v1 = memory_checksum(state, Layout::V1, MEMORY_NAME);
+                Legacy::new(Layout::V1, v1, vec![])
+            }
         },
-        unknown_fields: unknown,
-        raw,
-    })
+    )
 }
 
 fn fold_memory(obj: &mut Map<String, Value>, prefix: &str) -> Vec<String> {
@@ -684,24 +609,13 @@ pub fn memory_checksum(state: &MemoryState, layout: Layout, name: &str) -> u64 {
         ),
     ];
     if layout == Layout::V2 {
-        let pods = state.pod_entries.as_ref().map(|pods| {
-            pods.iter()
-                .map(|(pod, list)| {
-                    let entry = Go::Struct(
-                        "state.PodEntry".into(),
-                        vec![("MemoryBlocks", blocks(list))],
-                    );
-                    (Go::string(pod), entry)
-                })
-                .collect()
-        });
+        let pods = pod_entries(&state.pod_entries, "MemoryBlocks", blocks);
         fields.push((
             "PodEntries",
             Go::Map("state.PodMemoryAssignments".into(), pods),
         ));
     }
-    fields.push(("Checksum", Go::Uint("checksum.Checksum".into(), 0)));
-    hash_struct(name, fields)
+    hash_checkpoint(name, fields)
 }
 
 /// Ready to be written in the layout of `file` with `state`.
@@ -770,7 +684,107 @@ pub fn write_memory(file: &MemoryFile, state: &MemoryState) -> Vec<u8> {
 
 // ---- shared ---------------------------------------------------------------------------
 
-fn hash_struct(name: &str, fields: Vec<(&'static str, Go)>) -> u64 {
+/// A pre-data layout and the checksums the kubelet accepts for it.
+struct Legacy {
+    layout: Layout,
+    /// What the kubelet computes under the legacy type name.
+    computed: u64,
+    /// Other values it also accepts (its own newer type name, an older layout's).
+    also: Vec<u64>,
+    /// A zero checksum passes ("compatibility with old file backend").
+    zero_ok: bool,
+}
+
+impl Legacy {
+    fn new(layout: Layout, computed: u64, also: Vec<u64>) -> Self {
+        Self {
+            layout,
+            computed,
+            also,
+            zero_ok: true,
+        }
+    }
+}
+
+/// Reads either manager's file: keys folded as encoding/json matches them, then the
+/// `data` layout (the state as a JSON string under its own checksum) or a legacy layout,
+/// which `legacy` names with the checksum the kubelet computes for it and the other
+/// values it also accepts. `nested` folds the keys below the top level.
+fn parse<S>(
+    bytes: &[u8],
+    fields: &[&str],
+    data_fields: &[&str],
+    nested: impl Fn(&mut Map<String, Value>, &str) -> Vec<String>,
+    state_of: impl Fn(&Map<String, Value>) -> Result<S, FormatError>,
+    legacy: impl FnOnce(&Map<String, Value>, &S) -> Legacy,
+) -> Result<File<S>, FormatError> {
+    let mut raw = object(bytes)?;
+    let mut unknown = fold_keys(&mut raw, fields, "");
+    if let Some(Value::String(data)) = raw.get("data") {
+        let mut inner = object(data.as_bytes()).map_err(|e| match e {
+            FormatError::Json(e) => FormatError::Data(e),
+            other => other,
+        })?;
+        unknown.extend(fold_keys(&mut inner, data_fields, "data."));
+        unknown.extend(nested(&mut inner, "data."));
+        let state = state_of(&inner)?;
+        let stored = field::<u64>(&raw, "dataChecksum")?.unwrap_or(0);
+        let computed = u64::from(data_checksum(data));
+        return Ok(File {
+            layout: Layout::Data,
+            state,
+            checksum: Checksum {
+                stored,
+                computed,
+                valid: stored == computed,
+            },
+            unknown_fields: unknown,
+            raw,
+        });
+    }
+    unknown.extend(nested(&mut raw, ""));
+    let state = state_of(&raw)?;
+    let stored = field::<u64>(&raw, "checksum")?.unwrap_or(0);
+    let Legacy {
+        layout,
+        computed,
+        also,
+        zero_ok,
+    } = legacy(&raw, &state);
+    let valid = stored == computed || also.contains(&stored) || (zero_ok && stored == 0);
+    Ok(File {
+        layout,
+        state,
+        checksum: Checksum {
+            stored,
+            computed,
+            valid,
+        },
+        unknown_fields: unknown,
+        raw,
+    })
+}
+
+/// Pod UID -> `state.PodEntry{<field>: value}`, as both managers' v3/v2 hold them.
+fn pod_entries<T>(
+    pods: &Option<BTreeMap<String, T>>,
+    field: &'static str,
+    value: impl Fn(&T) -> Go,
+) -> Option<Vec<(Go, Go)>> {
+    pods.as_ref().map(|pods| {
+        (pods.iter())
+            .map(|(pod, v)| {
+                let entry = Go::Struct("state.PodEntry".into(), vec![(field, value(v))]);
+                (Go::string(pod), entry)
+            })
+            .collect()
+    })
+}
+
+/// The checksum of a checkpoint struct: its fields with `Checksum` zeroed, as the kubelet
+/// hashes it.
+fn hash_checkpoint(name: &str, mut fields: Vec<(&'static str, Go)>) -> u64 {
+    fields.push(("Checksum", Go::Uint("checksum.Checksum".into(), 0)));
     let value = Go::Ptr(
         format!("*{name}"),
         Some(Box::new(Go::Struct(name.into(), fields))),

@@ -131,13 +131,6 @@ fn inspect_cpu(path: PathBuf, bytes: Vec<u8>, machine: &Machine) -> Inspection {
         Ok(file) => file,
         Err(e) => return unreadable("cpu", path, format!("{e}")),
     };
-    let accepts = if !file.checksum.valid {
-        Err(CORRUPT.to_owned())
-    } else if file.state.policy_name == "static" {
-        rewrite::validate_cpu(&file.state, &machine.online, &machine.reserved)
-    } else {
-        Ok(())
-    };
     let update = match rewrite::plan_cpu(&file, &machine.online, &machine.reserved) {
         Ok(None) => Update::NotNeeded,
         Ok(Some(plan)) => Update::Rewrite {
@@ -148,15 +141,46 @@ fn inspect_cpu(path: PathBuf, bytes: Vec<u8>, machine: &Machine) -> Inspection {
         },
         Err(refused) => Update::Refused { reason: refused.0 },
     };
+    let policy = &file.state.policy_name;
+    let validate = || rewrite::validate_cpu(&file.state, &machine.online, &machine.reserved);
+    let accepts = kubelet_accepts(&file, policy == "static", validate);
+    inspection("cpu", path, bytes, &file, policy, accepts, update)
+}
+
+/// What the kubelet says of the file as it is: a wrong checksum first, then the static
+/// policy's own start-up checks.
+fn kubelet_accepts<S>(
+    file: &format::File<S>,
+    is_static: bool,
+    validate: impl FnOnce() -> Result<(), String>,
+) -> Result<(), String> {
+    if !file.checksum.valid {
+        Err(CORRUPT.to_owned())
+    } else if is_static {
+        validate()
+    } else {
+        Ok(())
+    }
+}
+
+fn inspection<S>(
+    manager: &'static str,
+    path: PathBuf,
+    original: Vec<u8>,
+    file: &format::File<S>,
+    policy: &str,
+    kubelet_accepts: Result<(), String>,
+    update: Update,
+) -> Inspection {
     Inspection {
-        manager: "cpu",
+        manager,
         path,
-        policy: Some(file.state.policy_name.clone()),
+        policy: Some(policy.to_owned()),
         layout: Some(file.layout),
         checksum: Some(file.checksum.clone()),
-        kubelet_accepts: accepts,
+        kubelet_accepts,
         update,
-        original: bytes,
+        original,
     }
 }
 
@@ -184,13 +208,6 @@ fn inspect_memory(path: PathBuf, bytes: Vec<u8>, machine: &Machine) -> Inspectio
         Ok(file) => file,
         Err(e) => return unreadable("memory", path, format!("{e}")),
     };
-    let accepts = if !file.checksum.valid {
-        Err(CORRUPT.to_owned())
-    } else if file.state.policy_name == "Static" {
-        rewrite::validate_memory(&file.state, &machine.nodes)
-    } else {
-        Ok(())
-    };
     let update = match rewrite::plan_memory(&file, &machine.nodes) {
         Ok(None) => Update::NotNeeded,
         Ok(Some(plan)) => {
@@ -213,16 +230,10 @@ fn inspect_memory(path: PathBuf, bytes: Vec<u8>, machine: &Machine) -> Inspectio
         }
         Err(refused) => Update::Refused { reason: refused.0 },
     };
-    Inspection {
-        manager: "memory",
-        path,
-        policy: Some(file.state.policy_name.clone()),
-        layout: Some(file.layout),
-        checksum: Some(file.checksum.clone()),
-        kubelet_accepts: accepts,
-        update,
-        original: bytes,
-    }
+    let policy = &file.state.policy_name;
+    let validate = || rewrite::validate_memory(&file.state, &machine.nodes);
+    let accepts = kubelet_accepts(&file, policy == "Static", validate);
+    inspection("memory", path, bytes, &file, policy, accepts, update)
 }
 
 /// Writes a planned rewrite. The file must still be what was inspected.

@@ -54,17 +54,7 @@ fn hostile() -> impl Strategy<Value = Vec<u8>> {
     let valid = (server, extra, user).prop_map(|(s, e, u)| kubeconfig(s, e, u).into_bytes());
     prop_oneof![
         valid.clone(),
-        (valid, vec((any::<u16>(), any::<u8>(), 0u8..3), 1..5)).prop_map(|(mut bytes, edits)| {
-            for (at, byte, how) in edits {
-                let at = usize::from(at) % (bytes.len() + 1);
-                match how {
-                    0 if at < bytes.len() => bytes[at] = byte,
-                    1 => bytes.insert(at, byte),
-                    _ => bytes.truncate(at),
-                }
-            }
-            bytes
-        }),
+        super::mutated(valid, 5),
         vec(any::<u8>(), 0..200),
         select(
             &[

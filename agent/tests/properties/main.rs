@@ -19,6 +19,8 @@ use std::{
 };
 
 use proptest::{
+    collection::vec,
+    prelude::any,
     strategy::Strategy,
     test_runner::{Config, RngSeed, TestCaseError, TestRunner},
 };
@@ -99,4 +101,27 @@ fn scratch() -> tempfile::TempDir {
     tempfile::tempdir_in("/dev/shm")
         .or_else(|_| tempfile::tempdir())
         .expect("a scratch directory")
+}
+
+/// `valid` with 1 to `max_edits - 1` bytes changed, inserted or cut: what a corrupted or
+/// hostile copy of a valid input looks like.
+fn mutated(
+    valid: impl Strategy<Value = Vec<u8>>,
+    max_edits: usize,
+) -> impl Strategy<Value = Vec<u8>> {
+    (
+        valid,
+        vec((any::<u16>(), any::<u8>(), 0u8..3), 1..max_edits),
+    )
+        .prop_map(|(mut bytes, edits)| {
+            for (at, byte, how) in edits {
+                let at = usize::from(at) % (bytes.len() + 1);
+                match how {
+                    0 if at < bytes.len() => bytes[at] = byte,
+                    1 => bytes.insert(at, byte),
+                    _ => bytes.truncate(at),
+                }
+            }
+            bytes
+        })
 }

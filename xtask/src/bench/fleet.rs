@@ -7,16 +7,12 @@
 //! new memory) inside a restart slot. It touches nothing on this machine. This suite runs it
 //! with `cargo test`, reads its one `BENCH_FLEET_JSON` line and writes one row per budget;
 //! the raw line is kept in `target/bench/fleet.json`.
-use std::{
-    fs,
-    io::{BufRead as _, BufReader},
-    process::Stdio,
-};
+use std::fs;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use serde::Deserialize;
 
-use super::{Context, report::Section};
+use super::{Context, measured, report::Section};
 use crate::process;
 
 const JSON_PREFIX: &str = "BENCH_FLEET_JSON ";
@@ -39,43 +35,9 @@ struct Row {
 }
 
 pub fn sections(ctx: &Context, out: &mut Vec<Section>) -> anyhow::Result<()> {
-    let mut cmd = process::cargo();
-    cmd.args([
-        "test",
-        "-p",
-        "hotplug-tests",
-        "--test",
-        "fleet",
-        "--",
-        "--ignored",
-        "--exact",
-        "bench_fleet_convergence",
-        "--nocapture",
-    ])
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped());
+    let cmd = measured::test_command("fleet", "bench_fleet_convergence", &["--ignored"]);
     eprintln!("$ {}", process::display(&cmd));
-    let mut child = cmd.spawn().context("starting cargo test")?;
-    let stdout = child
-        .stdout
-        .take()
-        .context("cargo test's stdout not piped")?;
-    let mut json = None;
-    for line in BufReader::new(stdout).lines() {
-        let line = line.context("reading cargo test's stdout")?;
-        match line.find(JSON_PREFIX) {
-            Some(at) => json = Some(line[at + JSON_PREFIX.len()..].to_owned()),
-            None => eprintln!("{line}"),
-        }
-    }
-    let status = child.wait().context("waiting for cargo test")?;
-    if !status.success() {
-        bail!(
-            "`{}` failed ({status}); its output is above",
-            process::display(&cmd)
-        );
-    }
-    let raw = json.with_context(|| format!("the test printed no {JSON_PREFIX}line"))?;
+    let raw = measured::json_line(cmd, JSON_PREFIX, || Ok(()))?;
     let raw_path = ctx.out_dir.join("fleet.json");
     fs::write(&raw_path, format!("{raw}\n"))
         .with_context(|| format!("writing {}", raw_path.display()))?;

@@ -22,20 +22,15 @@
 //! The test restores the machine itself (guards that drop on panic); a test killed outright
 //! (Ctrl-C reaches it too) runs no destructors, so [`Restore`] puts back online every CPU and
 //! memory block that was online before the suite.
-use std::{
-    collections::BTreeMap,
-    fs,
-    io::{BufRead as _, BufReader},
-    path::Path,
-    process::Stdio,
-};
+use std::{collections::BTreeMap, fs, path::Path};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use serde::Deserialize;
 
 use super::{
     Context,
     machine::{BlockGuard, Interrupt, numbered_entries},
+    measured,
     report::{LatencyTarget, Section, Target},
 };
 use crate::process;
@@ -69,59 +64,24 @@ pub fn sections(ctx: &Context, out: &mut Vec<Section>) -> anyhow::Result<()> {
 /// Runs the test and returns its JSON line; the machine is put back whatever happened.
 fn run_test(ctx: &Context, iterations: u32) -> anyhow::Result<String> {
     let restore = Restore::snapshot();
-    let mut cmd = process::cargo();
-    cmd.args([
-        "test",
-        "-p",
-        "hotplug-tests",
-        "--test",
+    let mut cmd = measured::test_command(
         "bench_refresh",
-        "--",
-        "--ignored",
-        "--exact",
         "bench_refresh",
-        "--nocapture",
-        "--test-threads=1",
-    ])
-    .env("HOTPLUG_AGENT_BIN", &ctx.binary)
-    .env("BENCH_ITERATIONS", iterations.to_string())
-    .env(LOCK_HOLDER_ENV, std::process::id().to_string())
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped());
+        &["--ignored", "--test-threads=1"],
+    );
+    cmd.env("HOTPLUG_AGENT_BIN", &ctx.binary)
+        .env("BENCH_ITERATIONS", iterations.to_string())
+        .env(LOCK_HOLDER_ENV, std::process::id().to_string());
     eprintln!(
         "$ HOTPLUG_AGENT_BIN={} BENCH_ITERATIONS={iterations} {}",
         ctx.binary.display(),
         process::display(&cmd)
     );
-    let mut child = cmd.spawn().context("starting cargo test")?;
-    let stdout = child
-        .stdout
-        .take()
-        .context("cargo test's stdout not piped")?;
     // The test's progress goes to stderr (inherited); its stdout is libtest's lines and ours.
-    let mut json = None;
-    for line in BufReader::new(stdout).lines() {
-        let line = line.context("reading cargo test's stdout")?;
-        // The test starts its line with a newline, but libtest's own `test NAME ... ` may
-        // still share it: look for the prefix anywhere.
-        match line.find(JSON_PREFIX) {
-            Some(at) => {
-                json = Some(line[at + JSON_PREFIX.len()..].to_owned());
-                eprintln!("{}", &line[..at]);
-            }
-            None => eprintln!("{line}"),
-        }
-    }
-    let status = child.wait().context("waiting for cargo test")?;
-    drop(restore);
-    Interrupt::check()?;
-    if !status.success() {
-        bail!(
-            "`{}` failed ({status}); its output is above",
-            process::display(&cmd)
-        );
-    }
-    json.with_context(|| format!("the test printed no {JSON_PREFIX}line"))
+    measured::json_line(cmd, JSON_PREFIX, || {
+        drop(restore);
+        Interrupt::check()
+    })
 }
 
 /// CPUs and memory blocks online when the suite started; any of them offline when it is

@@ -15,6 +15,7 @@ use serde_json::Value;
 use super::{
     Context,
     machine::Interrupt,
+    measured,
     report::{Section, Target},
 };
 use crate::{process, workspace};
@@ -29,22 +30,16 @@ pub fn section(ctx: &Context, out: &mut Vec<Section>) -> anyhow::Result<()> {
         .unwrap_or(STORM_SECS);
     let json_path = workspace::target_dir().join("tmp/storm.json");
     let _ = fs::remove_file(&json_path);
-    let mut cmd = process::cargo();
-    cmd.args([
-        "test",
-        "-p",
-        "hotplug-tests",
-        "--test",
+    let mut cmd = measured::test_command(
         "storm",
-        "--",
-        "--exact",
         "a_client_storm_leaks_nothing_and_detection_goes_on",
-        "--nocapture",
-    ])
-    .env("HOTPLUG_AGENT_BIN", &ctx.binary)
-    .env("HOTPLUG_STORM_SECS", secs.to_string())
-    .env("HOTPLUG_BENCH_LOCK_HOLDER", std::process::id().to_string())
-    .stdin(Stdio::null());
+        &[],
+    );
+    // Its figures go to a file: the test's stdout stays on the terminal.
+    cmd.env("HOTPLUG_AGENT_BIN", &ctx.binary)
+        .env("HOTPLUG_STORM_SECS", secs.to_string())
+        .env("HOTPLUG_BENCH_LOCK_HOLDER", std::process::id().to_string())
+        .stdout(Stdio::inherit());
     eprintln!(
         "$ HOTPLUG_AGENT_BIN={} HOTPLUG_STORM_SECS={secs} {}",
         ctx.binary.display(),
