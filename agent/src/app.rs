@@ -30,6 +30,8 @@ pub enum AppError {
     Runtime(#[source] io::Error),
     #[error(transparent)]
     Setting(#[from] InvalidSetting),
+    #[error(transparent)]
+    Config(crate::config::ConfigError),
     #[error("--refresh command needs --refresh-command 'PROGRAM ARG...'")]
     NoRefreshCommand,
     #[error("{flag} {line:?}")]
@@ -73,7 +75,19 @@ pub enum AppError {
 }
 
 /// Runs the command `cli` asks for, to its end.
-pub fn main(cli: Cli) -> Result<(), AppError> {
+pub fn main(mut cli: Cli) -> Result<(), AppError> {
+    let origins = std::mem::take(&mut cli.origins);
+    command(cli).map_err(|e| match e {
+        // Found after parsing, so named by its flag: by the file and key where it came
+        // from the config file, as the parse errors are.
+        AppError::Setting(s) => origins
+            .file_error(s.flag, s.problem)
+            .map_or(AppError::Setting(s), AppError::Config),
+        e => e,
+    })
+}
+
+fn command(cli: Cli) -> Result<(), AppError> {
     match cli.command {
         Command::Config { run_args } => {
             print!("{}", crate::cli::describe_run(run_args)?);

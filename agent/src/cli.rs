@@ -24,6 +24,9 @@ pub struct Cli {
     pub color: Color,
     #[command(subcommand)]
     pub command: Command,
+    /// Which settings came from the config file, to name it in errors found after parsing.
+    #[arg(skip)]
+    pub origins: config::Origins,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -336,7 +339,7 @@ impl SourceArgs {
 /// prints the error and exits (2, as clap does) when they are wrong.
 pub fn parse() -> Cli {
     let cmd = config::with_env(Cli::command());
-    let argv = match config::merge(&cmd, std::env::args_os().collect()) {
+    let (argv, origins) = match config::merge_traced(&cmd, std::env::args_os().collect()) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("error: {}", crate::sources::error_chain(&e));
@@ -344,7 +347,9 @@ pub fn parse() -> Cli {
         }
     };
     let matches = cmd.get_matches_from(argv);
-    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    cli.origins = origins;
+    cli
 }
 
 /// `hotplug-agent completions SHELL`: the script, from the same definition as the parser

@@ -124,24 +124,63 @@ fn read_file(path: &std::path::Path) -> Result<BTreeMap<String, Option<Vec<Strin
     Ok(out)
 }
 
+/// Which flags took their values from the config file, and the key and values as the file
+/// wrote them: a setting found wrong after parsing (a duration out of range) is then
+/// named where the operator wrote it, `FILE: key "x"`, as the parse errors are, not by a
+/// flag nobody typed.
+#[derive(Clone, Debug, Default)]
+pub struct Origins {
+    path: Option<PathBuf>,
+    /// Long flag -> (key as written, values).
+    keys: BTreeMap<String, (String, Vec<String>)>,
+}
+
+impl Origins {
+    /// The error for `flag` (its long name) being `problem`, by file and key, if the
+    /// config file set it; `None` if a flag, a variable or the default did.
+    pub fn file_error(&self, flag: &str, problem: &str) -> Option<ConfigError> {
+        let path = self.path.as_ref()?;
+        let (key, values) = self.keys.get(flag)?;
+        let value = match values.as_slice() {
+            [one] => format!("{one:?}"),
+            many => format!("{many:?}"),
+        };
+        Some(ConfigError::BadValue {
+            path: path.clone(),
+            key: key.clone(),
+            message: format!("invalid value {value}: {problem}"),
+        })
+    }
+}
+
 /// Inserts the config file's settings into `argv` (after the subcommand) for every flag
 /// that neither the command line nor the environment set. `cmd` must already have its
 /// environment variables ([`with_env`]).
 pub fn merge(cmd: &Command, argv: Vec<OsString>) -> Result<Vec<OsString>, ConfigError> {
+    merge_traced(cmd, argv).map(|(argv, _)| argv)
+}
+
+/// [`merge`], and which flags the file set ([`Origins`]).
+pub fn merge_traced(
+    cmd: &Command,
+    argv: Vec<OsString>,
+) -> Result<(Vec<OsString>, Origins), ConfigError> {
+    let mut origins = Origins::default();
     let Some(path) = config_path(&argv) else {
-        return Ok(argv);
+        return Ok((argv, origins));
     };
     // Which subcommand: the first argument that names one.
     let Some((pos, sub)) = argv.iter().enumerate().skip(1).find_map(|(i, a)| {
         cmd.find_subcommand(a.to_string_lossy().as_ref())
             .map(|s| (i, s))
     }) else {
-        return Ok(argv);
+        return Ok((argv, origins));
     };
     // Only subcommands that take `--config` read the file.
     if !sub.get_arguments().any(|a| a.get_long() == Some("config")) {
-        return Ok(argv);
+        return Ok((argv, origins));
     }
+    origins.path = Some(path.clone());
     let file = read_file(&path)?;
     let longs: Vec<&str> = sub
         .get_arguments()
@@ -200,15 +239,15 @@ pub fn merge(cmd: &Command, argv: Vec<OsString>) -> Result<Vec<OsString>, Config
         match values {
             None => {}
             Some(v) if v.is_empty() => inserted.push(OsString::from(format!("--{key}"))),
-            Some(v) => inserted.extend(
-                v.into_iter()
-                    .map(|v| OsString::from(format!("--{key}={v}"))),
-            ),
+            Some(v) => {
+                inserted.extend(v.iter().map(|v| OsString::from(format!("--{key}={v}"))));
+                origins.keys.insert(key, (original, v));
+            }
         }
     }
     let mut out = argv;
     out.splice(pos + 1..pos + 1, inserted);
-    Ok(out)
+    Ok((out, origins))
 }
 
 /// Whether clap would take `values` (from a file key) for `arg`; why not, if not.
@@ -468,5 +507,34 @@ mod tests {
             merge(&cli(), args(&["a", "run", "--config", "/nonexistent.toml"])),
             Err(ConfigError::Read { .. })
         ));
+    }
+
+    // `refresh` only: the test above sets HOTPLUG_AGENT_SETTLE_MS for a while.
+    #[test]
+    fn origins_name_the_file_and_the_key_as_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.toml");
+        std::fs::write(&file, "refresh = \"someday\"\nno_ebpf = true\n").unwrap();
+        let f = file.to_str().unwrap();
+        let (_, origins) = merge_traced(&cli(), args(&["a", "run", "--config", f])).unwrap();
+        let err = origins
+            .file_error("refresh", "not a backend")
+            .expect("the file set --refresh")
+            .to_string();
+        assert_eq!(
+            err,
+            format!("{f}: key \"refresh\": invalid value \"someday\": not a backend")
+        );
+        // A flag on the command line: the file's value was not used, so not named.
+        let (_, origins) = merge_traced(
+            &cli(),
+            args(&["a", "run", "--config", f, "--refresh", "none"]),
+        )
+        .unwrap();
+        assert!(origins.file_error("refresh", "x").is_none());
+        // The default, and no file at all.
+        assert!(origins.file_error("settle-ms", "x").is_none());
+        let (_, origins) = merge_traced(&cli(), args(&["a", "run"])).unwrap();
+        assert!(origins.file_error("refresh", "x").is_none());
     }
 }

@@ -421,7 +421,8 @@ async fn connections_are_limited_and_slow_requests_are_dropped() {
     hotplug_agent::report::stream::serve_unix_with(hub.clone(), &path, limits)
         .await
         .unwrap();
-    // Four clients that send half a request head and then nothing (slowloris).
+    // Four clients that send half a request head and then nothing (slowloris): they fill
+    // the listener.
     let mut slow = Vec::new();
     for _ in 0..4 {
         let mut s = tokio::net::UnixStream::connect(&path).await.unwrap();
@@ -430,13 +431,23 @@ async fn connections_are_limited_and_slow_requests_are_dropped() {
             .unwrap();
         slow.push(s);
     }
-    // The accept loop takes connections in the order they came (the backlog is a queue),
-    // and each takes its permit when accepted: the fifth is over the limit.
+    // A fifth that sends a whole request is served all the same: the oldest slowloris
+    // makes room for it (it is closed at once, long before the header read timeout).
     let started = std::time::Instant::now();
-    let (status, body) = get(&path, "/events?follow=0").await;
-    assert_eq!(status, 503, "over the limit: {body}");
-    // The slow ones are closed by the header read timeout, not held for ever.
-    for s in &mut slow {
+    hub.publish(&numbered(7));
+    let (status, body) = get(&path, "/events?follow=0&replay=all").await;
+    assert_eq!(
+        status, 200,
+        "at the limit, an idle connection is evicted: {body}"
+    );
+    assert_eq!(numbers(body.as_bytes()), [7]);
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_millis(400), slow[0].read_to_end(&mut rest))
+        .await
+        .expect("the oldest slowloris was evicted before its header read timeout")
+        .ok();
+    // The others are closed by the header read timeout, not held for ever.
+    for s in &mut slow[1..] {
         let mut rest = Vec::new();
         tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
             .await
@@ -448,11 +459,29 @@ async fn connections_are_limited_and_slow_requests_are_dropped() {
         "{:?}",
         started.elapsed()
     );
-    // And the listener serves again.
-    hub.publish(&numbered(7));
+    // Four followers inside their request are never evicted: a fifth is refused (503).
+    let mut followers = Vec::new();
+    for _ in 0..4 {
+        let mut s = tokio::net::UnixStream::connect(&path).await.unwrap();
+        s.write_all(b"GET /events?follow=1 HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        followers.push(s);
+    }
+    clients(&hub, 4).await;
+    let (status, body) = get(&path, "/events?follow=0").await;
+    assert_eq!(status, 503, "over the limit, every connection busy: {body}");
+    // When they leave, the listener serves again.
+    drop(followers);
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while hub.clients() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the followers were let go");
     let (status, body) = get(&path, "/events?follow=0&replay=all").await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(numbers(body.as_bytes()), [7]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -185,6 +185,10 @@ struct Options {
     fleet: Option<hotplug_agent::fleet::Config>,
     /// `--static-policy drain-and-reset`, stopping the stand-in by its pidfile.
     drain_and_reset: bool,
+    /// With `drain_and_reset`: the stop kills the stand-in in the first half of a second,
+    /// just after one of its posts, and the start returns at once while the new stand-in
+    /// comes up 2 s later, as `systemctl start` returns for a kubelet still coming up.
+    racy_restart: bool,
     /// The agent looks for this Node instead of the one the stand-in registers.
     node_name: Option<&'static str>,
     /// The kubelet's config file (`kubelet-root/config.yaml`); none by default.
@@ -297,8 +301,20 @@ impl Harness {
         if options.drain_and_reset {
             let pidfile = cluster.kubelet.pidfile().display().to_string();
             let sh = |c: String| vec!["/bin/sh".to_owned(), "-c".to_owned(), c];
-            command.stop = Some(sh(format!("kill $(cat '{pidfile}')")));
-            command.start = Some(sh(cluster.kubelet.restart_command()));
+            if options.racy_restart {
+                // The stand-in posts every 200 ms: killed 0.25 s after a second's first
+                // tenths, its last post has that second, and so has the start that follows.
+                command.stop = Some(sh(format!(
+                    "while [ \"$(date +%N | cut -c1)\" -ge 3 ]; do sleep 0.02; done; sleep 0.25; kill $(cat '{pidfile}')"
+                )));
+                command.start = Some(sh(format!(
+                    "(sleep 2; exec {}) </dev/null >/dev/null 2>&1 &",
+                    cluster.kubelet.restart_command()
+                )));
+            } else {
+                command.stop = Some(sh(format!("kill $(cat '{pidfile}')")));
+                command.start = Some(sh(cluster.kubelet.restart_command()));
+            }
         }
         if let Some(text) = options.kubelet_config {
             fs::write(cluster.path("kubelet-root/config.yaml"), text)
@@ -1463,6 +1479,55 @@ fn drain_and_reset_leaves_an_operators_cordon_in_place() {
 #[test]
 fn drain_and_reset_lifts_only_its_own_cordon() {
     reset_with_cordon(false);
+}
+
+/// drain-and-reset waits for the Ready of the kubelet it started, not the one it stopped.
+/// The API keeps heartbeats to the second, and here the stopped stand-in's last post is
+/// made in the very second the new one is started, while the new one posts only 2 s
+/// later: a Ready taken "from the start's second on" would be the stopped kubelet's, and
+/// the Node uncordoned before any kubelet runs.
+#[test]
+fn drain_and_reset_waits_for_the_started_kubelets_own_ready() {
+    let mut h = Harness::start_with(Options {
+        cpu_manager_state: Some(r#"{"policyName":"static","defaultCpuSet":"0-1","checksum":0}"#),
+        drain_and_reset: true,
+        racy_restart: true,
+        ..Options::default()
+    });
+    h.cpu1_offline();
+    h.wait_converged();
+    let time = |r: &Value| -> k8s_openapi::jiff::Timestamp {
+        r["time"]
+            .as_str()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_else(|| panic!("no time: {r}"))
+    };
+    let started = h.wait_for("kubelet_started", |r| {
+        r["kind"] == "reset" && r["action"] == "kubelet_started"
+    });
+    let ready = h.wait_for("node_ready", |r| {
+        r["kind"] == "reset" && r["action"] == "node_ready"
+    });
+    // The new stand-in's start-up: the last line of the restarts log (to the second).
+    let log = h.cluster.kubelet.restarts_log();
+    let came_up: k8s_openapi::jiff::Timestamp = log
+        .lines()
+        .last()
+        .and_then(|l| l.split(' ').next())
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("no start-up in the restarts log:\n{log}"));
+    assert_eq!(h.cluster.kubelet.restarts(), 2, "restarts log:\n{log}");
+    assert!(
+        time(&ready) >= came_up,
+        "node_ready at {} before the started kubelet came up at {came_up} (started at {}); log:\n{}",
+        time(&ready),
+        time(&started),
+        h.log()
+    );
+    let uncordoned = h.wait_for("uncordoned", |r| {
+        r["kind"] == "reset" && r["action"] == "uncordoned"
+    });
+    assert!(time(&uncordoned) >= came_up);
 }
 
 const INITIAL_CAPACITY: &str = "hotplug-agent.io/initial-capacity";

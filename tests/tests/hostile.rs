@@ -121,6 +121,48 @@ fn durations_that_would_overflow_a_deadline_are_refused_by_name() {
     );
 }
 
+/// The same settings from a config file: named by the file and the key as written there
+/// (as a value clap refuses is), not by a flag the operator never typed.
+#[test]
+fn durations_from_a_config_file_are_refused_by_file_and_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("agent.toml");
+    let f = file.to_str().expect("utf-8").to_owned();
+    for (line, key, value) in [
+        (
+            "verify_timeout = \"400000000000y\"",
+            "verify_timeout",
+            "400000000000y",
+        ),
+        ("api-timeout = \"0s\"", "api-timeout", "0s"),
+        (
+            "rescan_interval = \"18446744073709551615\"",
+            "rescan_interval",
+            "18446744073709551615",
+        ),
+    ] {
+        std::fs::write(&file, format!("{line}\n")).expect("writing the config");
+        let mut args = STANDALONE.to_vec();
+        args.extend([
+            "--stream-socket",
+            "off",
+            "--metrics-addr",
+            "off",
+            "--config",
+            &f,
+        ]);
+        let (code, err) = run(&args, Duration::from_secs(10));
+        assert!(
+            code.is_some_and(|c| c != 0),
+            "{line}: exited {code:?}:\n{err}"
+        );
+        let want = format!("{f}: key {key:?}: invalid value {value:?}: ");
+        assert!(err.contains(&want), "stderr lacks {want:?}:\n{err}");
+        let flag = format!("--{}", key.replace('_', "-"));
+        assert!(!err.contains(&flag), "named by a flag nobody typed:\n{err}");
+    }
+}
+
 #[test]
 fn a_receive_buffer_the_kernel_would_shrink_silently_is_refused() {
     for value in ["0", "18446744073709551615"] {

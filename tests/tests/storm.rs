@@ -11,8 +11,10 @@
 //! the baseline and stay bounded during; RSS stays bounded; every synthetic uevent made
 //! during the storm (`echo change > /sys/devices/system/cpu/cpu0/uevent`, which changes
 //! nothing on the machine) reaches a stream client that connected before it, with the
-//! machine's real capacity; every metrics request is answered (200, or 503 over the
-//! limit), never left hanging.
+//! machine's real capacity; every metrics request is answered, never left hanging, and
+//! `/healthz` with 200 in (nearly) every probe: at the limit the agent evicts the
+//! connection idle the longest instead of refusing the newcomer, so the holders cannot
+//! starve a liveness probe (before, 1 probe in 598 got its 200 in a 5-minute storm).
 //!
 //! `cargo xtask test` runs it for [`DEFAULT_SECS`]; `cargo xtask bench -- storm` for 5
 //! minutes (`HOTPLUG_STORM_SECS`), and reads the figures from `target/tmp/storm.json`.
@@ -45,9 +47,15 @@ const SLOW_TCP: usize = 100;
 const IDLE_UNIX: usize = 200;
 const SLOW_UNIX: usize = 50;
 const CHURNERS: usize = 2;
-/// report/http.rs `Limits::default().max_connections`: served at once per listener; as
-/// many again may be draining their 503.
+/// report/http.rs `Limits::default().max_connections`: served at once per listener; a
+/// quarter more may be on their way out after an eviction, and as many again may be
+/// draining their 503.
 const MAX_CONNECTIONS: u64 = 64;
+/// Probes that may fail (503 or no answer), per 100: a kubelet restarts the agent after
+/// `failureThreshold` (3 by default) failed liveness probes in a row; at 1 % independent
+/// failures that is about one chance in a million per probe. With the default 20 s storm
+/// (40 probes) this allows none.
+const PROBE_FAILURES_PER_100: u64 = 1;
 /// What the storm may leave behind: RSS the allocator keeps for reuse, not a leak that
 /// grows with the number of clients (600 connections, thousands of followers).
 const RSS_AFTER_SLACK_KIB: u64 = 16 * 1024;
@@ -180,12 +188,11 @@ async fn churn(target: Target, stats: Arc<Stats>, stop: watch::Receiver<bool>) {
     }
 }
 
-/// A well-behaved client: `GET /healthz` twice a second on a new connection. Every one
-/// must be answered, 200 or (over the limit) 503, within [`POLL_DEADLINE`]: with
-/// thousands of connections a second the listen queue overflows now and then, and the
-/// kernel drops a SYN, which the client sends again after 1 s and then 3 s. (With hundreds of
-/// clients reconnecting as fast as they are refused, nearly all are 503: the limit is
-/// per listener, not per client.)
+/// A well-behaved client (a liveness probe): `GET /healthz` twice a second on a new
+/// connection. Every one must be answered within [`POLL_DEADLINE`]: with thousands of
+/// connections a second the listen queue overflows now and then, and the kernel drops
+/// a SYN, which the client sends again after 1 s and then 3 s. Nearly all must be 200
+/// ([`PROBE_FAILURES_PER_100`]): the holders are evicted to make room for it.
 async fn poll(addr: std::net::SocketAddr, stats: Arc<Stats>, stop: watch::Receiver<bool>) {
     while !*stop.borrow() {
         let started = Instant::now();
@@ -460,6 +467,15 @@ fn a_client_storm_leaks_nothing_and_detection_goes_on() {
         0,
         "/healthz left unanswered: {figures:#}"
     );
+    let probes = s(&stats.polls_ok) + s(&stats.polls_busy) + s(&stats.polls_hung);
+    assert!(
+        probes >= secs,
+        "only {probes} probes in {secs} s: {figures:#}"
+    );
+    assert!(
+        (probes - s(&stats.polls_ok)) * 100 <= probes * PROBE_FAILURES_PER_100,
+        "/healthz not 200 in more than {PROBE_FAILURES_PER_100} % of the probes: {figures:#}"
+    );
     assert!(
         s(&stats.followers) > secs * 10,
         "too few followers: {figures:#}"
@@ -470,8 +486,9 @@ fn a_client_storm_leaks_nothing_and_detection_goes_on() {
         before.fds,
         after.fds
     );
-    // Two listeners, each serving at most MAX_CONNECTIONS and draining as many 503s.
-    let bound = before.fds + 2 * 2 * MAX_CONNECTIONS + 16;
+    // Two listeners, each serving at most MAX_CONNECTIONS, a quarter more being evicted,
+    // and draining as many 503s.
+    let bound = before.fds + 2 * (2 * MAX_CONNECTIONS + MAX_CONNECTIONS / 4) + 16;
     assert!(
         peak.fds <= bound,
         "descriptors unbounded: peak {} > {bound}: {figures:#}",

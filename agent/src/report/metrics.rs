@@ -609,7 +609,16 @@ pub async fn serve_with(
     limits: Limits,
     shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    let listener = TcpListener::bind(addr).await?;
+    serve_on(metrics, TcpListener::bind(addr).await?, limits, shutdown)
+}
+
+/// [`serve_with`] on a listener already bound (a test's port 0).
+pub fn serve_on(
+    metrics: Arc<Metrics>,
+    listener: TcpListener,
+    limits: Limits,
+    shutdown: watch::Receiver<bool>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let name = listener.local_addr()?.to_string();
     let handler: http::Handler = Arc::new(move |req: Request<hyper::body::Incoming>| {
         let r = handle(&metrics, &req);

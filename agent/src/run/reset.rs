@@ -162,6 +162,20 @@ impl Controller {
             }
         }
 
+        // The Ready heartbeat the stopped kubelet left: only a new kubelet changes it now
+        // (see `is_ready_since`). Read after the checkpoints moved, the latest before the
+        // start, so that a stop command that returned before its kubelet was gone still
+        // lets that kubelet's last post in first.
+        let left = match self.node.as_mut() {
+            Some(api) => match api.get().await {
+                Ok(n) => Some(ready_heartbeat(&n)),
+                Err(e) => {
+                    tracing::debug!(error = %error_chain(&e), "reading the Node before the kubelet starts");
+                    None
+                }
+            },
+            None => None,
+        };
         let started_at = Timestamp::now();
         if let Err(e) = refresh::start(&self.config.backend).await {
             return Err(self
@@ -187,7 +201,7 @@ impl Controller {
             .expect("reset is only called with a client");
         let ready = api
             .wait_until(self.config.verify_timeout, |n| {
-                is_ready_since(n, started_at)
+                is_ready_since(n, started_at, left)
             })
             .await;
         match ready {
@@ -281,16 +295,135 @@ fn node_cordoned(node: &Node) -> bool {
     node.spec.as_ref().and_then(|s| s.unschedulable) == Some(true)
 }
 
-/// Ready=True with a heartbeat from after `since`: the restarted kubelet is posting.
-fn is_ready_since(node: &Node, since: Timestamp) -> bool {
+/// The Ready condition's status and heartbeat, if it has one.
+fn ready_condition(node: &Node) -> Option<(&str, Option<Timestamp>)> {
     node.status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
         .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
-        .is_some_and(|c| {
-            c.status == "True"
-                && c.last_heartbeat_time
-                    .as_ref()
-                    .is_some_and(|t| t.0.as_second() >= since.as_second())
+        .map(|c| {
+            (
+                c.status.as_str(),
+                c.last_heartbeat_time.as_ref().map(|t| t.0),
+            )
         })
+}
+
+/// The Ready condition's heartbeat, if any.
+fn ready_heartbeat(node: &Node) -> Option<Timestamp> {
+    ready_condition(node).and_then(|(_, t)| t)
+}
+
+/// Whether the Node shows the kubelet started at `started` posting Ready=True.
+///
+/// The API keeps heartbeats to the second (`metav1.Time`), so "a heartbeat from after the
+/// start" cannot be told to the second alone: the stopped kubelet's last post, made in
+/// the second the new one was started (a stop, a rename and a start take milliseconds),
+/// has that second too, and taking it for the new kubelet would uncordon a Node whose
+/// kubelet has not come up (it may never, on a bad checkpoint). Nor can "a later second"
+/// be asked for: a kubelet that posts Ready in the second it was started, and then not
+/// for minutes (nodeStatusReportFrequency), would be missed. So a heartbeat counts when
+/// it is no older than the start's second and is not the one the stopped kubelet left
+/// (`left`: `Some` of what the Node carried just before the start; nothing but a new
+/// kubelet changes it then). Missed only if the new kubelet's post lands in the very
+/// second of the old one's last, and then only until its next post. Without that reading
+/// (`left` is `None`), only a heartbeat from a later second than the start counts.
+fn is_ready_since(node: &Node, started: Timestamp, left: Option<Option<Timestamp>>) -> bool {
+    let Some(("True", Some(heartbeat))) = ready_condition(node) else {
+        return false;
+    };
+    let second = heartbeat.as_second();
+    match left {
+        Some(left) => second >= started.as_second() && left != Some(heartbeat),
+        None => second > started.as_second(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::{
+        api::core::v1::{NodeCondition, NodeStatus},
+        apimachinery::pkg::apis::meta::v1::Time,
+    };
+
+    use super::*;
+
+    fn node(status: &str, heartbeat: Option<&str>) -> Node {
+        Node {
+            status: Some(NodeStatus {
+                conditions: Some(vec![NodeCondition {
+                    type_: "Ready".into(),
+                    status: status.into(),
+                    last_heartbeat_time: heartbeat.map(|t| Time(t.parse().unwrap())),
+                    ..NodeCondition::default()
+                }]),
+                ..NodeStatus::default()
+            }),
+            ..Node::default()
+        }
+    }
+
+    fn at(t: &str) -> Timestamp {
+        t.parse().unwrap()
+    }
+
+    #[test]
+    fn the_stopped_kubelets_last_heartbeat_in_the_same_second_is_not_the_new_one() {
+        let started = at("2026-01-01T10:00:05.600Z");
+        let old = "2026-01-01T10:00:05Z";
+        // The stopped kubelet posted at 10:00:05.4, the start was at 10:00:05.6.
+        assert!(!is_ready_since(
+            &node("True", Some(old)),
+            started,
+            Some(Some(at(old)))
+        ));
+        // The new kubelet's first post, a second later.
+        let new = "2026-01-01T10:00:06Z";
+        assert!(is_ready_since(
+            &node("True", Some(new)),
+            started,
+            Some(Some(at(old)))
+        ));
+        // The new kubelet posts within the second it was started, and the old one's last
+        // post was an earlier second: counted at once.
+        let old = "2026-01-01T10:00:04Z";
+        assert!(is_ready_since(
+            &node("True", Some("2026-01-01T10:00:05Z")),
+            started,
+            Some(Some(at(old)))
+        ));
+        // A Node that had no heartbeat before.
+        assert!(is_ready_since(
+            &node("True", Some("2026-01-01T10:00:05Z")),
+            started,
+            Some(None)
+        ));
+    }
+
+    #[test]
+    fn not_ready_stale_or_unknown_is_not_ready() {
+        let started = at("2026-01-01T10:00:05.600Z");
+        let new = "2026-01-01T10:00:07Z";
+        for status in ["False", "Unknown"] {
+            assert!(!is_ready_since(
+                &node(status, Some(new)),
+                started,
+                Some(None)
+            ));
+        }
+        assert!(!is_ready_since(&node("True", None), started, Some(None)));
+        // From before the start.
+        assert!(!is_ready_since(
+            &node("True", Some("2026-01-01T10:00:04Z")),
+            started,
+            Some(None)
+        ));
+        // Without the reading before the start: only a later second counts.
+        assert!(!is_ready_since(
+            &node("True", Some("2026-01-01T10:00:05Z")),
+            started,
+            None
+        ));
+        assert!(is_ready_since(&node("True", Some(new)), started, None));
+    }
 }
