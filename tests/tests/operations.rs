@@ -108,6 +108,9 @@ fn metrics_stream_and_file_follow_real_hotplug() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     let first = streamed.first().expect("the follower got records");
+    // The follower may be ahead of what this test has read of the agent's stdout.
+    let last = streamed.last().expect("the follower got records").clone();
+    agent.wait_for("the follower's last record on stdout", WAIT, |v| *v == last);
     let start = agent
         .seen
         .iter()
