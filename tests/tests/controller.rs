@@ -189,6 +189,10 @@ struct Options {
     node_name: Option<&'static str>,
     /// The kubelet's config file (`kubelet-root/config.yaml`); none by default.
     kubelet_config: Option<&'static str>,
+    /// Instead of `refuse`.
+    shrink_policy: Option<hotplug_agent::shrink::Policy>,
+    /// The client does not retry 429/503/504 itself (kube's default does, for minutes).
+    no_client_retry: bool,
 }
 
 /// A TCP proxy in front of the fake API that can hang: frozen, it accepts connections and
@@ -332,6 +336,7 @@ impl Harness {
                 .cgroup_root
                 .unwrap_or_else(|| cluster.path("cgroup").into()),
             fleet: options.fleet.clone().unwrap_or_default(),
+            shrink_policy: options.shrink_policy.unwrap_or_default(),
         };
         let mut kubeconfig = PathBuf::from(cluster.path("kubeconfig"));
         let proxy = options
@@ -350,6 +355,7 @@ impl Harness {
             AgentAction::Ready,
             machine.summary(),
         )));
+        let client_retry = !options.no_client_retry;
         let agent = thread::spawn(move || -> Result<(), String> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -357,9 +363,10 @@ impl Harness {
                 .expect("runtime");
             rt.block_on(async move {
                 let kc = kube::config::Kubeconfig::read_from(&kubeconfig).expect("kubeconfig");
-                let kube_config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                let mut kube_config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
                     .await
                     .expect("client config");
+                kube_config.default_retry = client_retry;
                 let client = kube::Client::try_from(kube_config).expect("client");
                 let mut out = Lines {
                     tx,
@@ -1629,4 +1636,295 @@ fn an_initial_capacity_already_on_the_node_is_never_overwritten() {
     h.wait_converged();
     assert_eq!(h.annotation(INITIAL_CAPACITY).as_deref(), Some(theirs));
     assert_eq!(h.node_patches(), 1, "only the operator's own PATCH");
+}
+
+// Safe shrink (agent/src/shrink.rs, run/shrink.rs): before a restart on a smaller machine
+// the pods are held against the allocatable after it. The pods' cgroup tree is a fixture in
+// the cluster's scratch dir (`cgroup`, where the stand-in writes the kubepods limit), the
+// pods live in the fake API. The stand-in reserves 100 MiB: on a 3 GiB machine the Node
+// will advertise 2972 MiB allocatable.
+
+const MIB: u64 = 1 << 20;
+
+impl Harness {
+    /// One 1 GiB memory block range goes offline: 4 GiB -> 3 GiB.
+    fn memory_offline_1gib(&self) {
+        let base = self.machine.summary();
+        self.change(
+            Kind::MemoryBlock,
+            Action::Offline,
+            "memory31",
+            Summary {
+                memory_bytes: base.memory_bytes - GIB,
+                ..base
+            },
+        );
+    }
+
+    /// A running pod on the Node; returns its UID.
+    fn add_pod(&self, name: &str, priority: i32, memory_request: &str) -> String {
+        self.cluster.api.add_pod(serde_json::json!({
+            "metadata": {"name": name, "namespace": "work"},
+            "spec": {
+                "nodeName": NODE,
+                "priority": priority,
+                "containers": [{"name": "c", "image": "x",
+                    "resources": {"requests": {"memory": memory_request}}}],
+            },
+            "status": {"phase": "Running"},
+        }));
+        self.cluster.api.pod("work", name).expect("the pod")["metadata"]["uid"]
+            .as_str()
+            .expect("a uid")
+            .to_owned()
+    }
+
+    /// The pods' cgroup (v2, systemd driver) using `total` bytes, with each pod's own
+    /// cgroup (Burstable) using its share.
+    fn pods_cgroup(&self, total: u64, pods: &[(&str, u64)]) {
+        let root = PathBuf::from(self.cluster.path("cgroup/kubepods.slice"));
+        fs::write(root.join("memory.current"), format!("{total}\n")).expect("cgroup fixture");
+        fs::write(root.join("memory.stat"), "anon 1\ninactive_file 0\n").expect("cgroup fixture");
+        for (uid, bytes) in pods {
+            let dir = root.join(format!(
+                "kubepods-burstable.slice/kubepods-burstable-pod{}.slice",
+                uid.replace('-', "_")
+            ));
+            fs::create_dir_all(&dir).expect("cgroup fixture");
+            fs::write(dir.join("memory.current"), format!("{bytes}\n")).expect("cgroup fixture");
+        }
+    }
+
+    fn steps(&self, reason: &str) -> Vec<String> {
+        self.seen
+            .iter()
+            .filter(|r| r["kind"] == "reset" && r["reason"] == reason)
+            .map(|r| match r["action"].as_str().unwrap_or_default() {
+                "evicted" => format!("evicted {}", r["message"].as_str().unwrap_or_default()),
+                a => a.to_owned(),
+            })
+            .collect()
+    }
+
+    fn node_cordoned(&self) -> bool {
+        let node = self.cluster.api.node(NODE).expect("node");
+        node["spec"]["unschedulable"] == true
+            || node["metadata"]["annotations"]
+                .get("hotplug-agent.io/cordoned")
+                .is_some()
+    }
+}
+
+/// Memory goes away and the pods fit in what is left: the check is said in the `started`
+/// record and the kubelet restarts.
+#[test]
+fn a_shrink_the_pods_fit_restarts_the_kubelet() {
+    let mut h = Harness::start_with(Options::default());
+    let uid = h.add_pod("small", 0, "1Gi");
+    h.pods_cgroup(GIB + 64 * MIB, &[(&uid, GIB)]);
+    h.memory_offline_1gib();
+    h.wait_converged();
+    let started = h.wait_for("refresh started", |r| {
+        r["kind"] == "refresh" && r["action"] == "started"
+    });
+    let check = &started["shrink"];
+    assert_eq!(check["fits"], true, "{started}");
+    assert_eq!(
+        check["memory_allocatable_after"],
+        3 * GIB - 100 * MIB,
+        "{started}"
+    );
+    assert_eq!(check["memory_in_use"], GIB + 64 * MIB, "{started}");
+    assert_eq!(check["memory_requests"], GIB, "{started}");
+    assert_eq!(check["pods"], 1, "{started}");
+    assert_eq!(h.cluster.kubelet.restarts(), 2, "log:\n{}", h.log());
+    assert!(
+        h.records("refresh", "skipped").is_empty(),
+        "log:\n{}",
+        h.log()
+    );
+}
+
+/// The pods use more than the smaller machine will allow them: no restart (it would lower
+/// their cgroup limit below their use), a `shrink_unsafe` record with the numbers, a
+/// Warning Event and the condition; nothing evicted, nothing cordoned.
+#[test]
+fn a_shrink_the_pods_would_not_fit_is_refused_with_a_warning() {
+    let mut h = Harness::start_with(Options::default());
+    let uid = h.add_pod("big", 0, "1Gi");
+    h.pods_cgroup(3 * GIB + 512 * MIB, &[(&uid, 3 * GIB)]);
+    h.memory_offline_1gib();
+    let skipped = h.wait_for("refresh skipped", |r| {
+        r["kind"] == "refresh" && r["action"] == "skipped"
+    });
+    assert_eq!(skipped["reason"], "shrink_unsafe", "{skipped}");
+    assert_eq!(skipped["shrink"]["fits"], false, "{skipped}");
+    assert_eq!(
+        skipped["shrink"]["memory_in_use"],
+        3 * GIB + 512 * MIB,
+        "{skipped}"
+    );
+    assert_eq!(
+        skipped["shrink"]["memory_allocatable_after"],
+        3 * GIB - 100 * MIB,
+        "{skipped}"
+    );
+    let event = h
+        .cluster
+        .rt
+        .block_on(h.cluster.api.wait_event(CONVERGE, |e| {
+            e["reason"] == "ShrinkUnsafe" && e["type"] == "Warning"
+        }));
+    assert!(
+        event["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("--shrink-policy evict"),
+        "{event}"
+    );
+    h.wait_condition("True", "ShrinkUnsafe");
+    assert_eq!(h.cluster.kubelet.restarts(), 1, "log:\n{}", h.log());
+    assert!(
+        h.records("refresh", "started").is_empty(),
+        "log:\n{}",
+        h.log()
+    );
+    assert!(h.cluster.api.pod("work", "big").is_some());
+    assert!(!h.node_cordoned());
+}
+
+/// The three pods of `evict_*`: 3.5 GiB in use, 2972 MiB allowed after the shrink; `low`
+/// and `mid` use 512 MiB each, `high` 2 GiB.
+fn three_pods(h: &Harness) {
+    let low = h.add_pod("low", 0, "512Mi");
+    let mid = h.add_pod("mid", 100, "512Mi");
+    let high = h.add_pod("high", 1000, "512Mi");
+    h.pods_cgroup(
+        3 * GIB + 512 * MIB,
+        &[(&low, 512 * MIB), (&mid, 512 * MIB), (&high, 2 * GIB)],
+    );
+}
+
+/// `--shrink-policy evict`: the lowest-priority pods are evicted, one by one, until the
+/// rest fit (`low`, then `mid`; `high` stays), under the agent's own cordon and a drain slot
+/// of the fleet budget; then the restart, and the cordon is lifted.
+#[test]
+fn evict_mode_evicts_the_lowest_priority_first_until_the_rest_fit() {
+    let mut h = Harness::start_with(Options {
+        shrink_policy: Some(hotplug_agent::shrink::Policy::Evict),
+        no_client_retry: true,
+        ..Options::default()
+    });
+    three_pods(&h);
+    h.memory_offline_1gib();
+    h.wait_converged();
+    h.wait_for("the agent's uncordon", |r| {
+        r["kind"] == "reset" && r["action"] == "uncordoned"
+    });
+    assert_eq!(
+        h.steps("shrink"),
+        [
+            "started",
+            "cordoned",
+            "evicted work/low",
+            "evicted work/mid",
+            "uncordoned"
+        ],
+        "log:\n{}",
+        h.log()
+    );
+    let started = h.records("reset", "started")[0].clone();
+    assert_eq!(
+        started["shrink"]["evict"],
+        serde_json::json!(["work/low", "work/mid"]),
+        "{started}"
+    );
+    assert!(h.cluster.api.pod("work", "low").is_none());
+    assert!(h.cluster.api.pod("work", "mid").is_none());
+    assert!(h.cluster.api.pod("work", "high").is_some());
+    // The restart came after the evictions.
+    let at = |pred: &dyn Fn(&Value) -> bool| h.seen.iter().position(pred).expect("record");
+    assert!(
+        at(&|r| r["kind"] == "reset" && r["action"] == "evicted" && r["message"] == "work/mid")
+            < at(&|r| r["kind"] == "refresh" && r["action"] == "started"),
+        "log:\n{}",
+        h.log()
+    );
+    assert_eq!(h.cluster.kubelet.restarts(), 2, "log:\n{}", h.log());
+    assert!(!h.node_cordoned());
+    // The drain budget was taken for the evictions (and given back).
+    let leases = h.cluster.api.leases("default");
+    assert!(
+        leases.iter().any(|l| l["metadata"]["name"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("hotplug-agent-drain-")),
+        "{leases:?}"
+    );
+}
+
+/// A PodDisruptionBudget refuses the second eviction (429): the agent stops there, lifts its
+/// cordon, says so, and never restarts the kubelet into the OOM kill.
+#[test]
+fn evict_mode_stops_at_a_refused_eviction_and_never_restarts() {
+    let mut h = Harness::start_with(Options {
+        shrink_policy: Some(hotplug_agent::shrink::Policy::Evict),
+        no_client_retry: true,
+        ..Options::default()
+    });
+    three_pods(&h);
+    h.cluster.api.block_evictions("work", "mid");
+    h.memory_offline_1gib();
+    let skipped = h.wait_for("refresh skipped", |r| {
+        r["kind"] == "refresh" && r["action"] == "skipped"
+    });
+    assert_eq!(skipped["reason"], "shrink_unsafe", "{skipped}");
+    let message = skipped["message"].as_str().unwrap_or("");
+    assert!(
+        message.contains("work/mid") && message.contains("refused"),
+        "{skipped}"
+    );
+    assert_eq!(
+        h.steps("shrink"),
+        [
+            "started",
+            "cordoned",
+            "evicted work/low",
+            "uncordoned",
+            "failed"
+        ],
+        "log:\n{}",
+        h.log()
+    );
+    h.cluster
+        .rt
+        .block_on(h.cluster.api.wait_event(CONVERGE, |e| {
+            e["reason"] == "ShrinkUnsafe" && e["type"] == "Warning"
+        }));
+    assert!(
+        h.records("refresh", "started").is_empty(),
+        "log:\n{}",
+        h.log()
+    );
+    assert_eq!(h.cluster.kubelet.restarts(), 1, "log:\n{}", h.log());
+    assert!(h.cluster.api.pod("work", "mid").is_some());
+    assert!(h.cluster.api.pod("work", "high").is_some());
+    assert!(!h.node_cordoned(), "the agent's cordon is lifted");
+}
+
+/// The agent's own cordon left behind (an agent stopped between its evictions and the
+/// restart) is lifted after the next restart; an operator's is not (drain-and-reset tests).
+#[test]
+fn an_agent_cordon_left_behind_is_lifted_after_the_next_restart() {
+    let mut h = Harness::start_with(Options::default());
+    h.patch_node(serde_json::json!({
+        "metadata": {"annotations": {"hotplug-agent.io/cordoned": "2026-11-30T12:00:00Z"}},
+        "spec": {"unschedulable": true},
+    }));
+    h.memory_offline_1gib();
+    h.wait_converged();
+    h.wait_for("the agent's uncordon", |r| {
+        r["kind"] == "reset" && r["action"] == "uncordoned"
+    });
+    assert!(!h.node_cordoned(), "log:\n{}", h.log());
 }

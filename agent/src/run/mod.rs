@@ -28,6 +28,7 @@ use crate::{
 
 mod budget;
 mod reset;
+mod shrink;
 mod update;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -61,6 +62,8 @@ pub struct Config {
     pub cgroup_root: PathBuf,
     /// Cluster-wide budgets on restarts and drains (only with a client).
     pub fleet: fleet::Config,
+    /// A restart on a smaller machine that the pods would not fit (shrink.rs).
+    pub shrink_policy: crate::shrink::Policy,
 }
 
 impl Config {
@@ -257,6 +260,10 @@ struct Controller {
     node_missing: bool,
     /// The kubelet resizes the Node itself (upstream.rs): report only.
     upstream_resize: bool,
+    /// Safe shrink (run/shrink.rs): the check before this restart, for its `started`
+    /// record; whether the Node carries the agent's cordon for its evictions.
+    shrink_checked: Option<crate::record::ShrinkCheck>,
+    shrink_cordon: bool,
 }
 
 const API_RETRY_MIN: Duration = Duration::from_secs(1);
@@ -290,6 +297,8 @@ impl Controller {
             fleet_retry: None,
             node_missing: false,
             upstream_resize: false,
+            shrink_checked: None,
+            shrink_cordon: false,
         }
     }
 
@@ -589,6 +598,9 @@ impl Controller {
         let next = self
             .refresh_within_budget(node, machine, before, summary)
             .await;
+        // The agent's cordon for a shrink's evictions goes once the restart is over, whatever
+        // its outcome (the failure was said): never left behind.
+        let _ = self.lift_shrink_cordon().await;
         self.release_slots().await;
         next
     }
@@ -644,6 +656,11 @@ impl Controller {
         if let Blocking::Stop(next) = blocking {
             return next;
         }
+        // A restart on a smaller machine the pods would not fit: refused, or evictions first.
+        let evictions = match self.shrink_gate(node, machine, &blocking).await {
+            Ok(e) => e,
+            Err(next) => return next,
+        };
         // The agent is about to change the Node (a restart, a drain): its capacity as first
         // seen goes on it before, once.
         if let Err(next) = self.annotate_initial_capacity(node).await {
@@ -707,14 +724,27 @@ impl Controller {
             .await;
             return Next::RetryAt(deferred.until);
         }
-        let taken = match self.take_slots(&[fleet::Action::Restart]).await {
+        // Evictions take a drain slot first, as a drain-and-reset does.
+        let actions: &[fleet::Action] = if evictions.is_some() {
+            &[fleet::Action::Drain, fleet::Action::Restart]
+        } else {
+            &[fleet::Action::Restart]
+        };
+        let taken = match self.take_slots(actions).await {
             Ok(taken) => taken,
             Err(next) => return next,
         };
+        if let Some(evictions) = evictions
+            && let Err(next) = self.evict_for_shrink(node, evictions).await
+        {
+            return next;
+        }
         self.guard.started(now);
+        let shrink = self.shrink_checked.take();
         self.decide(DecisionKind::Refresh, DecisionAction::Started, |d| {
             d.backend = Some(backend.into());
-            d.fleet = taken.into_iter().next();
+            d.fleet = taken.into_iter().last();
+            d.shrink = shrink;
         })
         .await;
         let started = Instant::now();
