@@ -407,6 +407,10 @@ pub struct DecisionRecord {
     /// smaller machine (shrink.rs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shrink: Option<ShrinkCheck>,
+    /// verify: pods that the restarted kubelet failed at admission (`OutOfcpu`,
+    /// `OutOfmemory`, `UnexpectedAdmissionError`, ...), which were not failed before it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rejected_pods: Vec<RejectedPod>,
 }
 
 /// Will the pods fit after a restart on a smaller machine? Absent values could not be read.
@@ -429,6 +433,17 @@ pub struct ShrinkCheck {
     /// `--shrink-policy evict`: the pods to evict, in order (`namespace/name`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub evict: Vec<String>,
+}
+
+/// A pod the kubelet failed at admission after the agent restarted it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RejectedPod {
+    pub namespace: String,
+    pub name: String,
+    /// `status.reason`: `OutOfcpu`, `OutOfmemory`, `UnexpectedAdmissionError`, ...
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// One checkpoint rewrite: the CPU manager's `defaultCpuSet` or the memory manager's

@@ -10,7 +10,7 @@ use hotplug_agent::{
     record::{
         Action, Advertised, AgentRecord, CgroupCheck, CheckpointChange, DecisionRecord,
         EventRecord, FleetBudget, Kind, KubeletConfigStatus, MachineSummary, ProbeStatus, Record,
-        SCHEMA_VERSION, ShrinkCheck, Source, SourceStatus,
+        RejectedPod, SCHEMA_VERSION, ShrinkCheck, Source, SourceStatus,
     },
 };
 
@@ -316,7 +316,8 @@ fn records() -> Vec<Record> {
     annotation.until = Some("2026-11-30T12:00:01.123456Z".into());
     out.push(Record::Decision(Box::new(annotation)));
     // Safe shrink (shrink.rs): a restart on a smaller machine the pods would not fit is
-    // refused, or (`--shrink-policy evict`) preceded by evictions.
+    // refused, or (`--shrink-policy evict`) preceded by evictions; after a restart, pods
+    // failed at admission are named in verify.
     let check = ShrinkCheck {
         memory_allocatable_after: Some(3_116_367_872),
         memory_in_use: Some(3_758_096_384),
@@ -351,6 +352,16 @@ fn records() -> Vec<Record> {
     evicted.reason = Some("shrink".into());
     evicted.message = Some("work/low".into());
     out.push(Record::Decision(Box::new(evicted)));
+    let mut rejected = decision("verify", "converged", 1);
+    rejected.advertised = Some(advertised());
+    rejected.duration_ms = Some(412);
+    rejected.rejected_pods = vec![RejectedPod {
+        namespace: "work".into(),
+        name: "victim".into(),
+        reason: "OutOfcpu".into(),
+        message: Some("Pod was rejected: Node didn't have enough resource: cpu".into()),
+    }];
+    out.push(Record::Decision(Box::new(rejected)));
     out
 }
 

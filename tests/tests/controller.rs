@@ -1713,6 +1713,17 @@ impl Harness {
                 .get("hotplug-agent.io/cordoned")
                 .is_some()
     }
+
+    fn client(&self) -> kube::Client {
+        let kubeconfig = PathBuf::from(self.cluster.path("kubeconfig"));
+        self.cluster.rt.block_on(async {
+            let kc = kube::config::Kubeconfig::read_from(&kubeconfig).expect("kubeconfig");
+            let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .expect("client config");
+            kube::Client::try_from(config).expect("client")
+        })
+    }
 }
 
 /// Memory goes away and the pods fit in what is left: the check is said in the `started`
@@ -1910,6 +1921,77 @@ fn evict_mode_stops_at_a_refused_eviction_and_never_restarts() {
     assert!(h.cluster.api.pod("work", "mid").is_some());
     assert!(h.cluster.api.pod("work", "high").is_some());
     assert!(!h.node_cordoned(), "the agent's cordon is lifted");
+}
+
+/// After the restart the kubelet fails a running pod at admission (`OutOfcpu`): verify
+/// names it (`rejected_pods`) and a Warning Event does; a pod that had failed before the
+/// restart is not blamed on it.
+#[test]
+fn pods_failed_at_admission_after_the_restart_are_reported() {
+    let mut h = Harness::start_with(Options {
+        gated: true,
+        ..Options::default()
+    });
+    h.add_pod("victim", 0, "64Mi");
+    h.cluster.api.add_pod(serde_json::json!({
+        "metadata": {"name": "old", "namespace": "work"},
+        "spec": {"nodeName": NODE, "containers": [{"name": "c", "image": "x"}]},
+        "status": {"phase": "Failed", "reason": "OutOfmemory", "message": "Pod was rejected: earlier"},
+    }));
+    let base = h.machine.summary();
+    h.change(
+        Kind::MemoryBlock,
+        Action::Online,
+        "memory40",
+        Summary {
+            memory_bytes: base.memory_bytes + GIB,
+            ..base
+        },
+    );
+    h.wait_for("refresh started", |r| {
+        r["kind"] == "refresh" && r["action"] == "started"
+    });
+    // The restarted kubelet re-admits the pod and fails it, as pkg/kubelet/kubelet.go
+    // `rejectPod` writes it.
+    let client = h.client();
+    h.cluster.rt.block_on(async {
+        let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+            kube::Api::namespaced(client, "work");
+        pods.patch_status(
+            "victim",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"status": {
+                "phase": "Failed",
+                "reason": "OutOfcpu",
+                "message": "Pod was rejected: Node didn't have enough resource: cpu",
+            }})),
+        )
+        .await
+        .expect("failing the pod");
+    });
+    h.gate.as_mut().expect("gated").open();
+    let verify = h.wait_for("verify converged", |r| {
+        r["kind"] == "verify" && r["action"] == "converged"
+    });
+    assert_eq!(
+        verify["rejected_pods"],
+        serde_json::json!([{
+            "namespace": "work",
+            "name": "victim",
+            "reason": "OutOfcpu",
+            "message": "Pod was rejected: Node didn't have enough resource: cpu",
+        }]),
+        "{verify}"
+    );
+    let event = h
+        .cluster
+        .rt
+        .block_on(h.cluster.api.wait_event(CONVERGE, |e| {
+            e["reason"] == "PodsRejectedAfterRestart" && e["type"] == "Warning"
+        }));
+    let message = event["message"].as_str().unwrap_or("");
+    assert!(message.contains("work/victim (OutOfcpu)"), "{event}");
+    assert!(!message.contains("work/old"), "{event}");
 }
 
 /// The agent's own cordon left behind (an agent stopped between its evictions and the

@@ -121,7 +121,7 @@ pub struct Metrics {
     stale: Gauge,
     /// 1 while this node waits for a fleet budget slot (fleet.rs).
     fleet_waiting: Gauge,
-    /// Safe shrink (shrink.rs).
+    /// Safe shrink (shrink.rs) and the admission check after a restart.
     shrink: ShrinkCounters,
     refresh_failing: Gauge,
     unconverged: Gauge,
@@ -141,6 +141,7 @@ pub struct Metrics {
 struct ShrinkCounters {
     refusals: Counter,
     evictions: Counter,
+    rejected: Counter,
 }
 
 /// What `/readyz` needs to know.
@@ -231,6 +232,11 @@ impl Metrics {
             "shrink_evictions",
             "Pods evicted so that the others fit a smaller machine before the kubelet restart (--shrink-policy evict)",
             shrink.evictions.clone(),
+        );
+        registry.register(
+            "pods_rejected_after_restart",
+            "Pods the restarted kubelet failed at admission (OutOfcpu, OutOfmemory, UnexpectedAdmissionError, ...)",
+            shrink.rejected.clone(),
         );
         let refresh_failing = Gauge::default();
         registry.register(
@@ -446,6 +452,9 @@ impl Metrics {
             }
             (DecisionKind::Reset, DecisionAction::Evicted, Some("shrink")) => {
                 self.shrink.evictions.inc();
+            }
+            (DecisionKind::Verify, _, _) => {
+                self.shrink.rejected.inc_by(d.rejected_pods.len() as u64);
             }
             _ => {}
         }
@@ -786,7 +795,7 @@ mod tests {
     }
 
     #[test]
-    fn shrink_refusals_and_evictions_are_counted() {
+    fn shrink_refusals_evictions_and_rejected_pods_are_counted() {
         let m = Metrics::new();
         let get = |m: &Metrics, key: &str| sample(&m.render_text(), key);
         assert_eq!(get(&m, "hotplug_agent_shrink_refusals_total"), Some(0.0));
@@ -809,7 +818,17 @@ mod tests {
             let evicted = decision(DecisionKind::Reset, DecisionAction::Evicted, reason);
             m.observe(&Record::Decision(Box::new(evicted)));
         }
+        let mut verify = decision(DecisionKind::Verify, DecisionAction::Converged, "");
+        verify.rejected_pods = vec![
+            crate::record::RejectedPod::default(),
+            crate::record::RejectedPod::default(),
+        ];
+        m.observe(&Record::Decision(Box::new(verify)));
         assert_eq!(get(&m, "hotplug_agent_shrink_refusals_total"), Some(1.0));
         assert_eq!(get(&m, "hotplug_agent_shrink_evictions_total"), Some(2.0));
+        assert_eq!(
+            get(&m, "hotplug_agent_pods_rejected_after_restart_total"),
+            Some(2.0)
+        );
     }
 }

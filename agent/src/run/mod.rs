@@ -261,9 +261,11 @@ struct Controller {
     /// The kubelet resizes the Node itself (upstream.rs): report only.
     upstream_resize: bool,
     /// Safe shrink (run/shrink.rs): the check before this restart, for its `started`
-    /// record; whether the Node carries the agent's cordon for its evictions.
+    /// record; whether the Node carries the agent's cordon for its evictions; the pods as
+    /// they were before the restart, to find the ones failed at admission after it.
     shrink_checked: Option<crate::record::ShrinkCheck>,
     shrink_cordon: bool,
+    pods_before: Option<HashMap<String, bool>>,
 }
 
 const API_RETRY_MIN: Duration = Duration::from_secs(1);
@@ -299,6 +301,7 @@ impl Controller {
             upstream_resize: false,
             shrink_checked: None,
             shrink_cordon: false,
+            pods_before: None,
         }
     }
 
@@ -601,6 +604,7 @@ impl Controller {
         // The agent's cordon for a shrink's evictions goes once the restart is over, whatever
         // its outcome (the failure was said): never left behind.
         let _ = self.lift_shrink_cordon().await;
+        self.pods_before = None;
         self.release_slots().await;
         next
     }
@@ -666,6 +670,7 @@ impl Controller {
         if let Err(next) = self.annotate_initial_capacity(node).await {
             return next;
         }
+        self.pods_before = self.pods_before_restart().await;
         let reset = match blocking {
             Blocking::No => false,
             Blocking::Stop(next) => return next,
@@ -835,6 +840,7 @@ impl Controller {
                     verify::check(&f, cgroup_before, now, delta)
                 });
                 let cgroup_ok = cgroup.as_ref().is_none_or(|c| c.ok);
+                let rejected = self.rejected_since_restart().await;
                 self.guard.finished(Instant::now(), true);
                 self.announced = None;
                 // Converged on what the kubelet read, while the machine kept moving: the Node
@@ -851,6 +857,7 @@ impl Controller {
                     d.advertised_after = after.clone();
                     d.duration_ms = Some(elapsed);
                     d.cgroup = cgroup.clone();
+                    d.rejected_pods = rejected.clone();
                     if behind {
                         d.reason = Some("machine_moved".into());
                         d.message = Some(
@@ -870,6 +877,7 @@ impl Controller {
                 );
                 self.event(EventType::Normal, "CapacityConverged", &message)
                     .await;
+                self.warn_rejected(&rejected).await;
                 if !cgroup_ok {
                     let c = cgroup.as_ref().expect("checked");
                     let warn = format!(

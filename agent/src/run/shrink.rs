@@ -1,4 +1,5 @@
-//! The controller's side of safe shrink (shrink.rs).
+//! The controller's side of safe shrink (shrink.rs) and of the admission check after a
+//! restart.
 //!
 //! Before a restart on a smaller machine: the pods against the allocatable after it. They
 //! fit: restart. They do not: refuse (`refresh` `skipped`, reason `shrink_unsafe`, a
@@ -7,16 +8,20 @@
 //! lowest-priority pods through the Eviction API until the rest fit, wait until they are
 //! gone, restart, and lift the agent's cordon. An eviction that is refused stops it all:
 //! never a restart into an OOM kill.
-use std::time::Duration;
+//!
+//! After a restart: pods the kubelet failed at admission (kubernetes/kubernetes#125579:
+//! `OutOfcpu`, `OutOfmemory`, `UnexpectedAdmissionError`) that were not failed before it
+//! are named in the `verify` record (`rejected_pods`) and a Warning Event.
+use std::{collections::HashMap, time::Duration};
 
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use tokio::time::Instant;
 
 use super::{Blocking, Controller, Next};
 use crate::{
     capacity::Snapshot,
     node::{EventType, NodeError},
-    record::{DecisionAction, DecisionKind, ShrinkCheck},
+    record::{DecisionAction, DecisionKind, RejectedPod, ShrinkCheck},
     shrink::{self, PodLoad, Policy},
     sources::error_chain,
 };
@@ -32,6 +37,17 @@ const TERMINATION_POLL: Duration = Duration::from_secs(1);
 pub(super) struct Evictions {
     check: ShrinkCheck,
     pods: Vec<PodLoad>,
+}
+
+/// A pod the kubelet failed at admission: `OutOfcpu`, `OutOfmemory`,
+/// `OutOfpods`, `OutOf<extended resource>` (pkg/kubelet/lifecycle/predicate.go), or
+/// `UnexpectedAdmissionError` (a device, CPU or memory manager that could not allocate).
+fn rejected(pod: &Pod) -> Option<(String, Option<String>)> {
+    let status = pod.status.as_ref()?;
+    let reason = status.reason.as_deref()?;
+    (status.phase.as_deref() == Some("Failed")
+        && (reason.starts_with("OutOf") || reason == "UnexpectedAdmissionError"))
+        .then(|| (reason.to_owned(), status.message.clone()))
 }
 
 impl Controller {
@@ -304,6 +320,82 @@ impl Controller {
                 Err(why)
             }
         }
+    }
+
+    /// The pods before a restart, by UID: whether each was already failed at admission.
+    /// `None` where they cannot be listed (the check after the restart is skipped).
+    pub(super) async fn pods_before_restart(&self) -> Option<HashMap<String, bool>> {
+        let api = self.node.as_ref()?;
+        match api.pods().await {
+            Ok(pods) => Some(
+                pods.iter()
+                    .filter_map(|p| Some((p.metadata.uid.clone()?, rejected(p).is_some())))
+                    .collect(),
+            ),
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "listing the node's pods before the restart failed; pods failed at admission after it will not be looked for");
+                None
+            }
+        }
+    }
+
+    /// The pods failed at admission since the restart began: failed now, and not before
+    /// (or not there before).
+    pub(super) async fn rejected_since_restart(&mut self) -> Vec<RejectedPod> {
+        let Some(before) = self.pods_before.take() else {
+            return Vec::new();
+        };
+        let api = self
+            .node
+            .as_ref()
+            .expect("verify is only called with a client");
+        let pods = match api.pods().await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "listing the node's pods after the restart failed");
+                return Vec::new();
+            }
+        };
+        let mut out: Vec<RejectedPod> = pods
+            .iter()
+            .filter(|p| {
+                p.metadata
+                    .uid
+                    .as_ref()
+                    .is_none_or(|u| before.get(u) != Some(&true))
+            })
+            .filter_map(|p| {
+                let (reason, message) = rejected(p)?;
+                Some(RejectedPod {
+                    namespace: p.metadata.namespace.clone().unwrap_or_default(),
+                    name: p.metadata.name.clone().unwrap_or_default(),
+                    reason,
+                    message,
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        out
+    }
+
+    /// A Warning naming the pods failed at admission after the restart.
+    pub(super) async fn warn_rejected(&mut self, pods: &[RejectedPod]) {
+        if pods.is_empty() {
+            return;
+        }
+        let names: Vec<String> = pods
+            .iter()
+            .map(|p| format!("{}/{} ({})", p.namespace, p.name, p.reason))
+            .collect();
+        let message = format!(
+            "after the kubelet restart, the kubelet failed {} pod(s) at admission: {} \
+             (kubernetes/kubernetes#125579); their controllers recreate them elsewhere, bare \
+             pods stay failed",
+            pods.len(),
+            names.join(", ")
+        );
+        self.event(EventType::Warning, "PodsRejectedAfterRestart", &message)
+            .await;
     }
 }
 
