@@ -1994,6 +1994,66 @@ fn pods_failed_at_admission_after_the_restart_are_reported() {
     assert!(!message.contains("work/old"), "{event}");
 }
 
+/// The API refuses the initial-capacity annotation (403: RBAC without `nodes` `patch`):
+/// said once, by a Warning Event, and the agent carries on with the restart; the next
+/// change tries the write again, and a second refusal is not said again.
+#[test]
+fn a_refused_initial_capacity_write_is_said_once_and_the_agent_carries_on() {
+    // No minimum interval: the second change is not deferred (a deferral retries the
+    // write too, which would make the count of attempts depend on timing).
+    let mut h = Harness::start_with(Options {
+        guard: Some(GuardConfig {
+            min_interval: Duration::ZERO,
+            ..GuardConfig::default()
+        }),
+        ..Options::default()
+    });
+    // Only the Node itself, not its status, which the stand-in patches all the time.
+    h.cluster
+        .api
+        .fail_next_exact("PATCH", &format!("/api/v1/nodes/{NODE}"), 403, 2);
+    let base = h.machine.summary();
+    h.cpu1_offline();
+    h.wait_converged();
+    assert_eq!(h.cluster.kubelet.restarts(), 2, "log:\n{}", h.log());
+    let event = h
+        .cluster
+        .rt
+        .block_on(h.cluster.api.wait_event(CONVERGE, |e| {
+            e["reason"] == "InitialCapacityNotAnnotated" && e["type"] == "Warning"
+        }));
+    assert!(
+        event["message"].as_str().unwrap_or("").contains("403"),
+        "{event}"
+    );
+    assert!(
+        h.records("refresh", "deferred").is_empty(),
+        "a refusal is not waited for: log:\n{}",
+        h.log()
+    );
+    h.change(Kind::Cpu, Action::Online, "cpu1", base);
+    h.wait_converged();
+    assert_eq!(h.cluster.kubelet.restarts(), 3, "log:\n{}", h.log());
+    assert_eq!(
+        h.node_patches(),
+        2,
+        "tried before each change: {:?}\nlog:\n{}",
+        h.cluster.api.requests(),
+        h.log()
+    );
+    assert_eq!(h.annotation(INITIAL_CAPACITY), None, "both refused");
+    assert_eq!(
+        h.cluster
+            .api
+            .events()
+            .iter()
+            .filter(|e| e["reason"] == "InitialCapacityNotAnnotated")
+            .count(),
+        1,
+        "said once"
+    );
+}
+
 /// The agent's own cordon left behind (an agent stopped between its evictions and the
 /// restart) is lifted after the next restart; an operator's is not (drain-and-reset tests).
 #[test]
@@ -2009,4 +2069,41 @@ fn an_agent_cordon_left_behind_is_lifted_after_the_next_restart() {
         r["kind"] == "reset" && r["action"] == "uncordoned"
     });
     assert!(!h.node_cordoned(), "log:\n{}", h.log());
+}
+
+/// The API fails the annotation with a server error (500: it may take it next time): the
+/// agent changes nothing before it is written; the restart waits (`refresh` `deferred`,
+/// reason `initial_capacity`) and goes ahead once a retry wrote it.
+#[test]
+fn a_failed_initial_capacity_write_defers_the_restart_until_it_is_written() {
+    let mut h = Harness::start_with(Options::default());
+    h.cluster
+        .api
+        .fail_next_exact("PATCH", &format!("/api/v1/nodes/{NODE}"), 500, 1);
+    h.cpu1_offline();
+    let deferred = h.wait_for("the deferral", |r| {
+        r["kind"] == "refresh" && r["action"] == "deferred" && r["reason"] == "initial_capacity"
+    });
+    assert!(
+        deferred["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains(INITIAL_CAPACITY),
+        "{deferred}"
+    );
+    h.wait_converged();
+    assert_eq!(h.cluster.kubelet.restarts(), 2, "log:\n{}", h.log());
+    let position = |action: &str| {
+        h.seen
+            .iter()
+            .position(|r| r["kind"] == "refresh" && r["action"] == action)
+            .expect(action)
+    };
+    assert!(
+        position("deferred") < position("started"),
+        "log:\n{}",
+        h.log()
+    );
+    assert!(h.annotation(INITIAL_CAPACITY).is_some());
+    assert_eq!(h.node_patches(), 2, "the failed write and its retry");
 }

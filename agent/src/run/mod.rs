@@ -266,6 +266,8 @@ struct Controller {
     shrink_checked: Option<crate::record::ShrinkCheck>,
     shrink_cordon: bool,
     pods_before: Option<HashMap<String, bool>>,
+    /// The API refused the initial-capacity annotation and we said so once.
+    initial_capacity_refused: bool,
 }
 
 const API_RETRY_MIN: Duration = Duration::from_secs(1);
@@ -302,6 +304,7 @@ impl Controller {
             shrink_checked: None,
             shrink_cordon: false,
             pods_before: None,
+            initial_capacity_refused: false,
         }
     }
 
@@ -946,8 +949,11 @@ impl Controller {
     }
 
     /// Writes [`crate::node::INITIAL_CAPACITY_ANNOTATION`] unless the Node has it. If the
-    /// API refuses, nothing changes yet: the hint must precede the change, so the refresh
-    /// waits (`refresh` `deferred`, reason `initial_capacity`) and is tried again.
+    /// API does not answer, nothing changes yet: the hint must precede the change, so the
+    /// refresh waits (`refresh` `deferred`, reason `initial_capacity`) and is tried again.
+    /// If the API answers no (RBAC without `nodes` `patch`, an admission webhook), waiting
+    /// would wait for ever: said once (a Warning Event, and on stderr), and the agent
+    /// carries on without the hint; it is tried again before each change.
     async fn annotate_initial_capacity(&mut self, node: &Node) -> Result<(), Next> {
         let Some(value) = crate::node::initial_capacity(node) else {
             return Ok(());
@@ -960,7 +966,27 @@ impl Controller {
             .annotate(crate::node::INITIAL_CAPACITY_ANNOTATION, &value)
             .await
         {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.initial_capacity_refused = false;
+                Ok(())
+            }
+            Err(NodeError::Api(kube::Error::Api(status))) if is_refusal(status.code) => {
+                if !self.initial_capacity_refused {
+                    self.initial_capacity_refused = true;
+                    let message = format!(
+                        "the API refused {} on the Node ({} {}: {}); carrying on without this \
+                         hint for the Cluster Autoscaler",
+                        crate::node::INITIAL_CAPACITY_ANNOTATION,
+                        status.code,
+                        status.reason,
+                        status.message
+                    );
+                    tracing::warn!("{message}");
+                    self.event(EventType::Warning, "InitialCapacityNotAnnotated", &message)
+                        .await;
+                }
+                Ok(())
+            }
             Err(e) => {
                 let message = format!(
                     "writing {} before the first change: {}",
@@ -1069,6 +1095,12 @@ impl Controller {
         .await;
         Blocking::Stop(Next::Done)
     }
+}
+
+/// An answer that a retry of the same request will get again: forbidden, invalid, refused
+/// by admission. Not 408/409/429 (transient), nor 5xx.
+fn is_refusal(code: u16) -> bool {
+    matches!(code, 400 | 401 | 403 | 404 | 405 | 415 | 422)
 }
 
 /// Whether the checkpoints let a plain restart happen.
