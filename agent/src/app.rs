@@ -270,6 +270,7 @@ fn run_config(args: &RunArgs) -> Result<run::Config, AppError> {
             .clone()
             .unwrap_or_else(|| args.kubelet_root_dir.join("config.yaml")),
         static_policy: args.static_policy,
+        shrink_policy: args.shrink_policy,
         cgroup_root: args.cgroup_root.clone(),
         fleet: crate::fleet::Config {
             namespace: args.lease_namespace.clone(),

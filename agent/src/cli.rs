@@ -245,6 +245,12 @@ pub struct RunArgs {
     /// With a static CPU/memory manager checkpoint that no longer matches the machine.
     #[arg(long, value_enum, default_value = "refuse")]
     pub static_policy: run::StaticPolicy,
+    /// When the machine shrank (memory offlined, CPUs gone) and the pods would not fit the
+    /// allocatable after a kubelet restart (their working set or requests): `refuse` the
+    /// restart with a Warning, or `evict` the lowest-priority pods first (cordon, Eviction
+    /// API, a drain slot of the fleet budget; needs the drain-and-reset RBAC).
+    #[arg(long, value_enum, default_value = "refuse")]
+    pub shrink_policy: crate::shrink::Policy,
     /// cgroup filesystem root, to check the pods' cgroup memory limit.
     #[arg(long, default_value = "/sys/fs/cgroup")]
     pub cgroup_root: PathBuf,

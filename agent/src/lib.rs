@@ -24,6 +24,7 @@
 //! - [`upstream`]: the kubelet's config file; standing down where the kubelet resizes itself.
 //! - [`node`]: this node's object: get, watch, Events, the agent's condition.
 //! - [`verify`]: the pods' cgroup memory limit check.
+//! - [`shrink`]: before a restart on a smaller machine, whether the pods still fit.
 //! - [`run`]: the controller; `hotplug-agent run`.
 //! - [`events`]: the client of the live stream; `hotplug-agent events`.
 //! - [`status`]: the snapshot and which probes can attach; `hotplug-agent status`.
@@ -51,6 +52,7 @@ pub mod record;
 pub mod refresh;
 pub mod report;
 pub mod run;
+pub mod shrink;
 pub mod sources;
 pub mod status;
 pub mod telemetry;

@@ -402,6 +402,48 @@ pub struct DecisionRecord {
     /// (fleet.rs) waited for or taken.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fleet: Option<FleetBudget>,
+    /// refresh `skipped` (reason `shrink_unsafe`) and reset steps of `--shrink-policy
+    /// evict` (reason `shrink`): the pods against the allocatable after a restart on the
+    /// smaller machine (shrink.rs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shrink: Option<ShrinkCheck>,
+    /// verify: pods that the restarted kubelet failed at admission (`OutOfcpu`,
+    /// `OutOfmemory`, `UnexpectedAdmissionError`, ...), which were not failed before it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rejected_pods: Vec<RejectedPod>,
+}
+
+/// Will the pods fit after a restart on a smaller machine? Absent values could not be read.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShrinkCheck {
+    /// The machine's memory minus what the Node reserves now (capacity - allocatable).
+    pub memory_allocatable_after: Option<u64>,
+    /// The pods' cgroup working set (usage minus inactive file pages).
+    pub memory_in_use: Option<u64>,
+    /// The sum of the memory requests of the node's pods that are not terminal.
+    pub memory_requests: Option<u64>,
+    pub cpu_allocatable_after_millis: Option<u64>,
+    pub cpu_requests_millis: Option<u64>,
+    /// How many pods were counted.
+    pub pods: Option<u64>,
+    /// Where `memory_in_use` was read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+    pub fits: bool,
+    /// `--shrink-policy evict`: the pods to evict, in order (`namespace/name`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub evict: Vec<String>,
+}
+
+/// A pod the kubelet failed at admission after the agent restarted it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RejectedPod {
+    pub namespace: String,
+    pub name: String,
+    /// `status.reason`: `OutOfcpu`, `OutOfmemory`, `UnexpectedAdmissionError`, ...
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// One checkpoint rewrite: the CPU manager's `defaultCpuSet` or the memory manager's

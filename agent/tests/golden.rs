@@ -10,7 +10,7 @@ use hotplug_agent::{
     record::{
         Action, Advertised, AgentRecord, CgroupCheck, CheckpointChange, DecisionRecord,
         EventRecord, FleetBudget, Kind, KubeletConfigStatus, MachineSummary, ProbeStatus, Record,
-        SCHEMA_VERSION, Source, SourceStatus,
+        RejectedPod, SCHEMA_VERSION, ShrinkCheck, Source, SourceStatus,
     },
 };
 
@@ -315,6 +315,53 @@ fn records() -> Vec<Record> {
     );
     annotation.until = Some("2026-11-30T12:00:01.123456Z".into());
     out.push(Record::Decision(Box::new(annotation)));
+    // Safe shrink (shrink.rs): a restart on a smaller machine the pods would not fit is
+    // refused, or (`--shrink-policy evict`) preceded by evictions; after a restart, pods
+    // failed at admission are named in verify.
+    let check = ShrinkCheck {
+        memory_allocatable_after: Some(3_116_367_872),
+        memory_in_use: Some(3_758_096_384),
+        memory_requests: Some(1_610_612_736),
+        cpu_allocatable_after_millis: Some(1000),
+        cpu_requests_millis: Some(500),
+        pods: Some(3),
+        cgroup: Some("/sys/fs/cgroup/kubepods.slice/memory.current".into()),
+        fits: false,
+        evict: Vec::new(),
+    };
+    let mut refused = decision("refresh", "skipped", 1);
+    refused.backend = Some("systemd".into());
+    refused.reason = Some("shrink_unsafe".into());
+    refused.message = Some(
+        "not restarting the kubelet on the smaller machine: memory in use 3758096384 bytes, \
+         requested 1610612736 bytes, allocatable after the restart 3116367872 bytes; cpu \
+         requested 500m, allocatable after 1000m"
+            .into(),
+    );
+    refused.shrink = Some(check.clone());
+    out.push(Record::Decision(Box::new(refused)));
+    let mut evicting = decision("reset", "started", 1);
+    evicting.reason = Some("shrink".into());
+    evicting.message = Some("evicting work/low, work/mid".into());
+    evicting.shrink = Some(ShrinkCheck {
+        evict: vec!["work/low".into(), "work/mid".into()],
+        ..check
+    });
+    out.push(Record::Decision(Box::new(evicting)));
+    let mut evicted = decision("reset", "evicted", 1);
+    evicted.reason = Some("shrink".into());
+    evicted.message = Some("work/low".into());
+    out.push(Record::Decision(Box::new(evicted)));
+    let mut rejected = decision("verify", "converged", 1);
+    rejected.advertised = Some(advertised());
+    rejected.duration_ms = Some(412);
+    rejected.rejected_pods = vec![RejectedPod {
+        namespace: "work".into(),
+        name: "victim".into(),
+        reason: "OutOfcpu".into(),
+        message: Some("Pod was rejected: Node didn't have enough resource: cpu".into()),
+    }];
+    out.push(Record::Decision(Box::new(rejected)));
     out
 }
 

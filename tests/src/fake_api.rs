@@ -289,6 +289,22 @@ impl FakeApi {
             st.failures.push(Failure {
                 method: method.to_owned(),
                 prefix: path_prefix.to_owned(),
+                exact: false,
+                code,
+                remaining: times,
+            })
+        });
+    }
+
+    /// As [`fail_next`](Self::fail_next), for requests whose path (without the query) is
+    /// exactly `path`: `/api/v1/nodes/n` and not its `/status`, which a kubelet stand-in
+    /// patches every few hundred ms.
+    pub fn fail_next_exact(&self, method: &str, path: &str, code: u16, times: usize) {
+        self.shared.write(|st| {
+            st.failures.push(Failure {
+                method: method.to_owned(),
+                prefix: path.to_owned(),
+                exact: true,
                 code,
                 remaining: times,
             })

@@ -193,6 +193,10 @@ struct Options {
     node_name: Option<&'static str>,
     /// The kubelet's config file (`kubelet-root/config.yaml`); none by default.
     kubelet_config: Option<&'static str>,
+    /// Instead of `refuse`.
+    shrink_policy: Option<hotplug_agent::shrink::Policy>,
+    /// The client does not retry 429/503/504 itself (kube's default does, for minutes).
+    no_client_retry: bool,
 }
 
 /// A TCP proxy in front of the fake API that can hang: frozen, it accepts connections and
@@ -348,6 +352,7 @@ impl Harness {
                 .cgroup_root
                 .unwrap_or_else(|| cluster.path("cgroup").into()),
             fleet: options.fleet.clone().unwrap_or_default(),
+            shrink_policy: options.shrink_policy.unwrap_or_default(),
         };
         let mut kubeconfig = PathBuf::from(cluster.path("kubeconfig"));
         let proxy = options
@@ -366,6 +371,7 @@ impl Harness {
             AgentAction::Ready,
             machine.summary(),
         )));
+        let client_retry = !options.no_client_retry;
         let agent = thread::spawn(move || -> Result<(), String> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -373,9 +379,10 @@ impl Harness {
                 .expect("runtime");
             rt.block_on(async move {
                 let kc = kube::config::Kubeconfig::read_from(&kubeconfig).expect("kubeconfig");
-                let kube_config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                let mut kube_config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
                     .await
                     .expect("client config");
+                kube_config.default_retry = client_retry;
                 let client = kube::Client::try_from(kube_config).expect("client");
                 let mut out = Lines {
                     tx,
@@ -1694,4 +1701,474 @@ fn an_initial_capacity_already_on_the_node_is_never_overwritten() {
     h.wait_converged();
     assert_eq!(h.annotation(INITIAL_CAPACITY).as_deref(), Some(theirs));
     assert_eq!(h.node_patches(), 1, "only the operator's own PATCH");
+}
+
+// Safe shrink (agent/src/shrink.rs, run/shrink.rs): before a restart on a smaller machine
+// the pods are held against the allocatable after it. The pods' cgroup tree is a fixture in
+// the cluster's scratch dir (`cgroup`, where the stand-in writes the kubepods limit), the
+// pods live in the fake API. The stand-in reserves 100 MiB: on a 3 GiB machine the Node
+// will advertise 2972 MiB allocatable.
+
+const MIB: u64 = 1 << 20;
+
+impl Harness {
+    /// One 1 GiB memory block range goes offline: 4 GiB -> 3 GiB.
+    fn memory_offline_1gib(&self) {
+        let base = self.machine.summary();
+        self.change(
+            Kind::MemoryBlock,
+            Action::Offline,
+            "memory31",
+            Summary {
+                memory_bytes: base.memory_bytes - GIB,
+                ..base
+            },
+        );
+    }
+
+    /// A running pod on the Node; returns its UID.
+    fn add_pod(&self, name: &str, priority: i32, memory_request: &str) -> String {
+        self.cluster.api.add_pod(serde_json::json!({
+            "metadata": {"name": name, "namespace": "work"},
+            "spec": {
+                "nodeName": NODE,
+                "priority": priority,
+                "containers": [{"name": "c", "image": "x",
+                    "resources": {"requests": {"memory": memory_request}}}],
+            },
+            "status": {"phase": "Running"},
+        }));
+        self.cluster.api.pod("work", name).expect("the pod")["metadata"]["uid"]
+            .as_str()
+            .expect("a uid")
+            .to_owned()
+    }
+
+    /// The pods' cgroup (v2, systemd driver) using `total` bytes, with each pod's own
+    /// cgroup (Burstable) using its share.
+    fn pods_cgroup(&self, total: u64, pods: &[(&str, u64)]) {
+        let root = PathBuf::from(self.cluster.path("cgroup/kubepods.slice"));
+        fs::write(root.join("memory.current"), format!("{total}\n")).expect("cgroup fixture");
+        fs::write(root.join("memory.stat"), "anon 1\ninactive_file 0\n").expect("cgroup fixture");
+        for (uid, bytes) in pods {
+            let dir = root.join(format!(
+                "kubepods-burstable.slice/kubepods-burstable-pod{}.slice",
+                uid.replace('-', "_")
+            ));
+            fs::create_dir_all(&dir).expect("cgroup fixture");
+            fs::write(dir.join("memory.current"), format!("{bytes}\n")).expect("cgroup fixture");
+        }
+    }
+
+    fn steps(&self, reason: &str) -> Vec<String> {
+        self.seen
+            .iter()
+            .filter(|r| r["kind"] == "reset" && r["reason"] == reason)
+            .map(|r| match r["action"].as_str().unwrap_or_default() {
+                "evicted" => format!("evicted {}", r["message"].as_str().unwrap_or_default()),
+                a => a.to_owned(),
+            })
+            .collect()
+    }
+
+    fn node_cordoned(&self) -> bool {
+        let node = self.cluster.api.node(NODE).expect("node");
+        node["spec"]["unschedulable"] == true
+            || node["metadata"]["annotations"]
+                .get("hotplug-agent.io/cordoned")
+                .is_some()
+    }
+
+    fn client(&self) -> kube::Client {
+        let kubeconfig = PathBuf::from(self.cluster.path("kubeconfig"));
+        self.cluster.rt.block_on(async {
+            let kc = kube::config::Kubeconfig::read_from(&kubeconfig).expect("kubeconfig");
+            let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .expect("client config");
+            kube::Client::try_from(config).expect("client")
+        })
+    }
+}
+
+/// Memory goes away and the pods fit in what is left: the check is said in the `started`
+/// record and the kubelet restarts.
+#[test]
+fn a_shrink_the_pods_fit_restarts_the_kubelet() {
+    let mut h = Harness::start_with(Options::default());
+    let uid = h.add_pod("small", 0, "1Gi");
+    h.pods_cgroup(GIB + 64 * MIB, &[(&uid, GIB)]);
+    h.memory_offline_1gib();
+    h.wait_converged();
+    let started = h.wait_for("refresh started", |r| {
+        r["kind"] == "refresh" && r["action"] == "started"
+    });
+    let check = &started["shrink"];
+    assert_eq!(check["fits"], true, "{started}");
+    assert_eq!(
+        check["memory_allocatable_after"],
+        3 * GIB - 100 * MIB,
+        "{started}"
+    );
+    assert_eq!(check["memory_in_use"], GIB + 64 * MIB, "{started}");
+    assert_eq!(check["memory_requests"], GIB, "{started}");
+    assert_eq!(check["pods"], 1, "{started}");
+    assert_eq!(h.cluster.kubelet.restarts(), 2, "log:\n{}", h.log());
+    assert!(
+        h.records("refresh", "skipped").is_empty(),
+        "log:\n{}",
+        h.log()
+    );
+}
+
+/// The pods use more than the smaller machine will allow them: no restart (it would lower
+/// their cgroup limit below their use), a `shrink_unsafe` record with the numbers, a
+/// Warning Event and the condition; nothing evicted, nothing cordoned.
+#[test]
+fn a_shrink_the_pods_would_not_fit_is_refused_with_a_warning() {
+    let mut h = Harness::start_with(Options::default());
+    let uid = h.add_pod("big", 0, "1Gi");
+    h.pods_cgroup(3 * GIB + 512 * MIB, &[(&uid, 3 * GIB)]);
+    h.memory_offline_1gib();
+    let skipped = h.wait_for("refresh skipped", |r| {
+        r["kind"] == "refresh" && r["action"] == "skipped"
+    });
+    assert_eq!(skipped["reason"], "shrink_unsafe", "{skipped}");
+    assert_eq!(skipped["shrink"]["fits"], false, "{skipped}");
+    assert_eq!(
+        skipped["shrink"]["memory_in_use"],
+        3 * GIB + 512 * MIB,
+        "{skipped}"
+    );
+    assert_eq!(
+        skipped["shrink"]["memory_allocatable_after"],
+        3 * GIB - 100 * MIB,
+        "{skipped}"
+    );
+    let event = h
+        .cluster
+        .rt
+        .block_on(h.cluster.api.wait_event(CONVERGE, |e| {
+            e["reason"] == "ShrinkUnsafe" && e["type"] == "Warning"
+        }));
+    assert!(
+        event["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("--shrink-policy evict"),
+        "{event}"
+    );
+    h.wait_condition("True", "ShrinkUnsafe");
+    assert_eq!(h.cluster.kubelet.restarts(), 1, "log:\n{}", h.log());
+    assert!(
+        h.records("refresh", "started").is_empty(),
+        "log:\n{}",
+        h.log()
+    );
+    assert!(h.cluster.api.pod("work", "big").is_some());
+    assert!(!h.node_cordoned());
+}
+
+/// The three pods of `evict_*`: 3.5 GiB in use, 2972 MiB allowed after the shrink; `low`
+/// and `mid` use 512 MiB each, `high` 2 GiB.
+fn three_pods(h: &Harness) {
+    let low = h.add_pod("low", 0, "512Mi");
+    let mid = h.add_pod("mid", 100, "512Mi");
+    let high = h.add_pod("high", 1000, "512Mi");
+    h.pods_cgroup(
+        3 * GIB + 512 * MIB,
+        &[(&low, 512 * MIB), (&mid, 512 * MIB), (&high, 2 * GIB)],
+    );
+}
+
+/// `--shrink-policy evict`: the lowest-priority pods are evicted, one by one, until the
+/// rest fit (`low`, then `mid`; `high` stays), under the agent's own cordon and a drain slot
+/// of the fleet budget; then the restart, and the cordon is lifted.
+#[test]
+fn evict_mode_evicts_the_lowest_priority_first_until_the_rest_fit() {
+    let mut h = Harness::start_with(Options {
+        shrink_policy: Some(hotplug_agent::shrink::Policy::Evict),
+        no_client_retry: true,
+        ..Options::default()
+    });
+    three_pods(&h);
+    h.memory_offline_1gib();
+    h.wait_converged();
+    h.wait_for("the agent's uncordon", |r| {
+        r["kind"] == "reset" && r["action"] == "uncordoned"
+    });
+    assert_eq!(
+        h.steps("shrink"),
+        [
+            "started",
+            "cordoned",
+            "evicted work/low",
+            "evicted work/mid",
+            "uncordoned"
+        ],
+        "log:\n{}",
+        h.log()
+    );
+    let started = h.records("reset", "started")[0].clone();
+    assert_eq!(
+        started["shrink"]["evict"],
+        serde_json::json!(["work/low", "work/mid"]),
+        "{started}"
+    );
+    assert!(h.cluster.api.pod("work", "low").is_none());
+    assert!(h.cluster.api.pod("work", "mid").is_none());
+    assert!(h.cluster.api.pod("work", "high").is_some());
+    // The restart came after the evictions.
+    let at = |pred: &dyn Fn(&Value) -> bool| h.seen.iter().position(pred).expect("record");
+    assert!(
+        at(&|r| r["kind"] == "reset" && r["action"] == "evicted" && r["message"] == "work/mid")
+            < at(&|r| r["kind"] == "refresh" && r["action"] == "started"),
+        "log:\n{}",
+        h.log()
+    );
+    assert_eq!(h.cluster.kubelet.restarts(), 2, "log:\n{}", h.log());
+    assert!(!h.node_cordoned());
+    // The drain budget was taken for the evictions (and given back).
+    let leases = h.cluster.api.leases("default");
+    assert!(
+        leases.iter().any(|l| l["metadata"]["name"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("hotplug-agent-drain-")),
+        "{leases:?}"
+    );
+}
+
+/// A PodDisruptionBudget refuses the second eviction (429): the agent stops there, lifts its
+/// cordon, says so, and never restarts the kubelet into the OOM kill.
+#[test]
+fn evict_mode_stops_at_a_refused_eviction_and_never_restarts() {
+    let mut h = Harness::start_with(Options {
+        shrink_policy: Some(hotplug_agent::shrink::Policy::Evict),
+        no_client_retry: true,
+        ..Options::default()
+    });
+    three_pods(&h);
+    h.cluster.api.block_evictions("work", "mid");
+    h.memory_offline_1gib();
+    let skipped = h.wait_for("refresh skipped", |r| {
+        r["kind"] == "refresh" && r["action"] == "skipped"
+    });
+    assert_eq!(skipped["reason"], "shrink_unsafe", "{skipped}");
+    let message = skipped["message"].as_str().unwrap_or("");
+    assert!(
+        message.contains("work/mid") && message.contains("refused"),
+        "{skipped}"
+    );
+    assert_eq!(
+        h.steps("shrink"),
+        [
+            "started",
+            "cordoned",
+            "evicted work/low",
+            "uncordoned",
+            "failed"
+        ],
+        "log:\n{}",
+        h.log()
+    );
+    h.cluster
+        .rt
+        .block_on(h.cluster.api.wait_event(CONVERGE, |e| {
+            e["reason"] == "ShrinkUnsafe" && e["type"] == "Warning"
+        }));
+    assert!(
+        h.records("refresh", "started").is_empty(),
+        "log:\n{}",
+        h.log()
+    );
+    assert_eq!(h.cluster.kubelet.restarts(), 1, "log:\n{}", h.log());
+    assert!(h.cluster.api.pod("work", "mid").is_some());
+    assert!(h.cluster.api.pod("work", "high").is_some());
+    assert!(!h.node_cordoned(), "the agent's cordon is lifted");
+}
+
+/// After the restart the kubelet fails a running pod at admission (`OutOfcpu`): verify
+/// names it (`rejected_pods`) and a Warning Event does; a pod that had failed before the
+/// restart is not blamed on it.
+#[test]
+fn pods_failed_at_admission_after_the_restart_are_reported() {
+    let mut h = Harness::start_with(Options {
+        gated: true,
+        ..Options::default()
+    });
+    h.add_pod("victim", 0, "64Mi");
+    h.cluster.api.add_pod(serde_json::json!({
+        "metadata": {"name": "old", "namespace": "work"},
+        "spec": {"nodeName": NODE, "containers": [{"name": "c", "image": "x"}]},
+        "status": {"phase": "Failed", "reason": "OutOfmemory", "message": "Pod was rejected: earlier"},
+    }));
+    let base = h.machine.summary();
+    h.change(
+        Kind::MemoryBlock,
+        Action::Online,
+        "memory40",
+        Summary {
+            memory_bytes: base.memory_bytes + GIB,
+            ..base
+        },
+    );
+    h.wait_for("refresh started", |r| {
+        r["kind"] == "refresh" && r["action"] == "started"
+    });
+    // The restarted kubelet re-admits the pod and fails it, as pkg/kubelet/kubelet.go
+    // `rejectPod` writes it.
+    let client = h.client();
+    h.cluster.rt.block_on(async {
+        let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+            kube::Api::namespaced(client, "work");
+        pods.patch_status(
+            "victim",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"status": {
+                "phase": "Failed",
+                "reason": "OutOfcpu",
+                "message": "Pod was rejected: Node didn't have enough resource: cpu",
+            }})),
+        )
+        .await
+        .expect("failing the pod");
+    });
+    h.gate.as_mut().expect("gated").open();
+    let verify = h.wait_for("verify converged", |r| {
+        r["kind"] == "verify" && r["action"] == "converged"
+    });
+    assert_eq!(
+        verify["rejected_pods"],
+        serde_json::json!([{
+            "namespace": "work",
+            "name": "victim",
+            "reason": "OutOfcpu",
+            "message": "Pod was rejected: Node didn't have enough resource: cpu",
+        }]),
+        "{verify}"
+    );
+    let event = h
+        .cluster
+        .rt
+        .block_on(h.cluster.api.wait_event(CONVERGE, |e| {
+            e["reason"] == "PodsRejectedAfterRestart" && e["type"] == "Warning"
+        }));
+    let message = event["message"].as_str().unwrap_or("");
+    assert!(message.contains("work/victim (OutOfcpu)"), "{event}");
+    assert!(!message.contains("work/old"), "{event}");
+}
+
+/// The API refuses the initial-capacity annotation (403: RBAC without `nodes` `patch`):
+/// said once, by a Warning Event, and the agent carries on with the restart; the next
+/// change tries the write again, and a second refusal is not said again.
+#[test]
+fn a_refused_initial_capacity_write_is_said_once_and_the_agent_carries_on() {
+    // No minimum interval: the second change is not deferred (a deferral retries the
+    // write too, which would make the count of attempts depend on timing).
+    let mut h = Harness::start_with(Options {
+        guard: Some(GuardConfig {
+            min_interval: Duration::ZERO,
+            ..GuardConfig::default()
+        }),
+        ..Options::default()
+    });
+    // Only the Node itself, not its status, which the stand-in patches all the time.
+    h.cluster
+        .api
+        .fail_next_exact("PATCH", &format!("/api/v1/nodes/{NODE}"), 403, 2);
+    let base = h.machine.summary();
+    h.cpu1_offline();
+    h.wait_converged();
+    assert_eq!(h.cluster.kubelet.restarts(), 2, "log:\n{}", h.log());
+    let event = h
+        .cluster
+        .rt
+        .block_on(h.cluster.api.wait_event(CONVERGE, |e| {
+            e["reason"] == "InitialCapacityNotAnnotated" && e["type"] == "Warning"
+        }));
+    assert!(
+        event["message"].as_str().unwrap_or("").contains("403"),
+        "{event}"
+    );
+    assert!(
+        h.records("refresh", "deferred").is_empty(),
+        "a refusal is not waited for: log:\n{}",
+        h.log()
+    );
+    h.change(Kind::Cpu, Action::Online, "cpu1", base);
+    h.wait_converged();
+    assert_eq!(h.cluster.kubelet.restarts(), 3, "log:\n{}", h.log());
+    assert_eq!(
+        h.node_patches(),
+        2,
+        "tried before each change: {:?}\nlog:\n{}",
+        h.cluster.api.requests(),
+        h.log()
+    );
+    assert_eq!(h.annotation(INITIAL_CAPACITY), None, "both refused");
+    assert_eq!(
+        h.cluster
+            .api
+            .events()
+            .iter()
+            .filter(|e| e["reason"] == "InitialCapacityNotAnnotated")
+            .count(),
+        1,
+        "said once"
+    );
+}
+
+/// The agent's own cordon left behind (an agent stopped between its evictions and the
+/// restart) is lifted after the next restart; an operator's is not (drain-and-reset tests).
+#[test]
+fn an_agent_cordon_left_behind_is_lifted_after_the_next_restart() {
+    let mut h = Harness::start_with(Options::default());
+    h.patch_node(serde_json::json!({
+        "metadata": {"annotations": {"hotplug-agent.io/cordoned": "2026-11-30T12:00:00Z"}},
+        "spec": {"unschedulable": true},
+    }));
+    h.memory_offline_1gib();
+    h.wait_converged();
+    h.wait_for("the agent's uncordon", |r| {
+        r["kind"] == "reset" && r["action"] == "uncordoned"
+    });
+    assert!(!h.node_cordoned(), "log:\n{}", h.log());
+}
+
+/// The API fails the annotation with a server error (500: it may take it next time): the
+/// agent changes nothing before it is written; the restart waits (`refresh` `deferred`,
+/// reason `initial_capacity`) and goes ahead once a retry wrote it.
+#[test]
+fn a_failed_initial_capacity_write_defers_the_restart_until_it_is_written() {
+    let mut h = Harness::start_with(Options::default());
+    h.cluster
+        .api
+        .fail_next_exact("PATCH", &format!("/api/v1/nodes/{NODE}"), 500, 1);
+    h.cpu1_offline();
+    let deferred = h.wait_for("the deferral", |r| {
+        r["kind"] == "refresh" && r["action"] == "deferred" && r["reason"] == "initial_capacity"
+    });
+    assert!(
+        deferred["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains(INITIAL_CAPACITY),
+        "{deferred}"
+    );
+    h.wait_converged();
+    assert_eq!(h.cluster.kubelet.restarts(), 2, "log:\n{}", h.log());
+    let position = |action: &str| {
+        h.seen
+            .iter()
+            .position(|r| r["kind"] == "refresh" && r["action"] == action)
+            .expect(action)
+    };
+    assert!(
+        position("deferred") < position("started"),
+        "log:\n{}",
+        h.log()
+    );
+    assert!(h.annotation(INITIAL_CAPACITY).is_some());
+    assert_eq!(h.node_patches(), 2, "the failed write and its retry");
 }

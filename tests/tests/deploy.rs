@@ -472,6 +472,7 @@ fn rbac(rendered: &Rendered, c: &mut Checker) -> BTreeMap<(String, String), BTre
 fn expected_rbac(v: &Variant) -> BTreeMap<(String, String), BTreeSet<String>> {
     let mut rules = vec![
         ("", "nodes", vec!["get", "list", "watch"]),
+        ("", "pods", vec!["list"]),
         ("", "nodes/status", vec!["patch"]),
         ("", "events", vec!["create", "patch"]),
         ("events.k8s.io", "events", vec!["create", "patch"]),

@@ -121,6 +121,8 @@ pub struct Metrics {
     stale: Gauge,
     /// 1 while this node waits for a fleet budget slot (fleet.rs).
     fleet_waiting: Gauge,
+    /// Safe shrink (shrink.rs) and the admission check after a restart.
+    shrink: ShrinkCounters,
     refresh_failing: Gauge,
     unconverged: Gauge,
     probes_attached: Gauge,
@@ -133,6 +135,13 @@ pub struct Metrics {
     /// `/config`: the effective configuration of this process, with each value's source.
     config: std::sync::OnceLock<String>,
     health: Health,
+}
+
+#[derive(Default)]
+struct ShrinkCounters {
+    refusals: Counter,
+    evictions: Counter,
+    rejected: Counter,
 }
 
 /// What `/readyz` needs to know.
@@ -212,6 +221,22 @@ impl Metrics {
             "fleet_budget_waiting",
             "1 while this node waits for a slot of the fleet's restart or drain budget",
             fleet_waiting.clone(),
+        );
+        let shrink = ShrinkCounters::default();
+        registry.register(
+            "shrink_refusals",
+            "Kubelet restarts on a smaller machine not done because the pods would not fit (refresh skipped, reason shrink_unsafe)",
+            shrink.refusals.clone(),
+        );
+        registry.register(
+            "shrink_evictions",
+            "Pods evicted so that the others fit a smaller machine before the kubelet restart (--shrink-policy evict)",
+            shrink.evictions.clone(),
+        );
+        registry.register(
+            "pods_rejected_after_restart",
+            "Pods the restarted kubelet failed at admission (OutOfcpu, OutOfmemory, UnexpectedAdmissionError, ...)",
+            shrink.rejected.clone(),
         );
         let refresh_failing = Gauge::default();
         registry.register(
@@ -306,6 +331,7 @@ impl Metrics {
             advertised,
             stale,
             fleet_waiting,
+            shrink,
             probes_attached,
             losses,
             ringbuf_drops,
@@ -420,6 +446,18 @@ impl Metrics {
                     .set(c as f64 / 1000.0);
             }
         };
+        match (d.kind, d.action, d.reason.as_deref()) {
+            (DecisionKind::Refresh, DecisionAction::Skipped, Some("shrink_unsafe")) => {
+                self.shrink.refusals.inc();
+            }
+            (DecisionKind::Reset, DecisionAction::Evicted, Some("shrink")) => {
+                self.shrink.evictions.inc();
+            }
+            (DecisionKind::Verify, _, _) => {
+                self.shrink.rejected.inc_by(d.rejected_pods.len() as u64);
+            }
+            _ => {}
+        }
         match (d.kind, d.action, d.reason.as_deref()) {
             (DecisionKind::Refresh, DecisionAction::Deferred, Some("fleet_budget")) => {
                 self.fleet_waiting.set(1);
@@ -763,5 +801,43 @@ mod tests {
         );
         m.observe(&Record::Decision(Box::new(sync)));
         assert_eq!(failing(&m), Some(0.0));
+    }
+
+    #[test]
+    fn shrink_refusals_evictions_and_rejected_pods_are_counted() {
+        let m = Metrics::new();
+        let get = |m: &Metrics, key: &str| sample(&m.render_text(), key);
+        assert_eq!(get(&m, "hotplug_agent_shrink_refusals_total"), Some(0.0));
+        let decision = |kind, action, reason: &str| {
+            let mut d = DecisionRecord::new(kind, action, machine(1, 1), 1);
+            d.reason = Some(reason.into());
+            d
+        };
+        let skipped = decision(
+            DecisionKind::Refresh,
+            DecisionAction::Skipped,
+            "shrink_unsafe",
+        );
+        m.observe(&Record::Decision(Box::new(skipped)));
+        // Another skip is not a shrink refusal; a static policy reset's eviction is not a
+        // shrink's.
+        let paused = decision(DecisionKind::Refresh, DecisionAction::Skipped, "paused");
+        m.observe(&Record::Decision(Box::new(paused)));
+        for reason in ["shrink", "shrink", "static_policy"] {
+            let evicted = decision(DecisionKind::Reset, DecisionAction::Evicted, reason);
+            m.observe(&Record::Decision(Box::new(evicted)));
+        }
+        let mut verify = decision(DecisionKind::Verify, DecisionAction::Converged, "");
+        verify.rejected_pods = vec![
+            crate::record::RejectedPod::default(),
+            crate::record::RejectedPod::default(),
+        ];
+        m.observe(&Record::Decision(Box::new(verify)));
+        assert_eq!(get(&m, "hotplug_agent_shrink_refusals_total"), Some(1.0));
+        assert_eq!(get(&m, "hotplug_agent_shrink_evictions_total"), Some(2.0));
+        assert_eq!(
+            get(&m, "hotplug_agent_pods_rejected_after_restart_total"),
+            Some(2.0)
+        );
     }
 }

@@ -28,6 +28,7 @@ use crate::{
 
 mod budget;
 mod reset;
+mod shrink;
 mod update;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -61,6 +62,8 @@ pub struct Config {
     pub cgroup_root: PathBuf,
     /// Cluster-wide budgets on restarts and drains (only with a client).
     pub fleet: fleet::Config,
+    /// A restart on a smaller machine that the pods would not fit (shrink.rs).
+    pub shrink_policy: crate::shrink::Policy,
 }
 
 impl Config {
@@ -257,6 +260,14 @@ struct Controller {
     node_missing: bool,
     /// The kubelet resizes the Node itself (upstream.rs): report only.
     upstream_resize: bool,
+    /// Safe shrink (run/shrink.rs): the check before this restart, for its `started`
+    /// record; whether the Node carries the agent's cordon for its evictions; the pods as
+    /// they were before the restart, to find the ones failed at admission after it.
+    shrink_checked: Option<crate::record::ShrinkCheck>,
+    shrink_cordon: bool,
+    pods_before: Option<HashMap<String, bool>>,
+    /// The API refused the initial-capacity annotation and we said so once.
+    initial_capacity_refused: bool,
 }
 
 const API_RETRY_MIN: Duration = Duration::from_secs(1);
@@ -290,6 +301,10 @@ impl Controller {
             fleet_retry: None,
             node_missing: false,
             upstream_resize: false,
+            shrink_checked: None,
+            shrink_cordon: false,
+            pods_before: None,
+            initial_capacity_refused: false,
         }
     }
 
@@ -589,6 +604,10 @@ impl Controller {
         let next = self
             .refresh_within_budget(node, machine, before, summary)
             .await;
+        // The agent's cordon for a shrink's evictions goes once the restart is over, whatever
+        // its outcome (the failure was said): never left behind.
+        let _ = self.lift_shrink_cordon().await;
+        self.pods_before = None;
         self.release_slots().await;
         next
     }
@@ -644,11 +663,17 @@ impl Controller {
         if let Blocking::Stop(next) = blocking {
             return next;
         }
+        // A restart on a smaller machine the pods would not fit: refused, or evictions first.
+        let evictions = match self.shrink_gate(node, machine, &blocking).await {
+            Ok(e) => e,
+            Err(next) => return next,
+        };
         // The agent is about to change the Node (a restart, a drain): its capacity as first
         // seen goes on it before, once.
         if let Err(next) = self.annotate_initial_capacity(node).await {
             return next;
         }
+        self.pods_before = self.pods_before_restart().await;
         let reset = match blocking {
             Blocking::No => false,
             Blocking::Stop(next) => return next,
@@ -707,14 +732,27 @@ impl Controller {
             .await;
             return Next::RetryAt(deferred.until);
         }
-        let taken = match self.take_slots(&[fleet::Action::Restart]).await {
+        // Evictions take a drain slot first, as a drain-and-reset does.
+        let actions: &[fleet::Action] = if evictions.is_some() {
+            &[fleet::Action::Drain, fleet::Action::Restart]
+        } else {
+            &[fleet::Action::Restart]
+        };
+        let taken = match self.take_slots(actions).await {
             Ok(taken) => taken,
             Err(next) => return next,
         };
+        if let Some(evictions) = evictions
+            && let Err(next) = self.evict_for_shrink(node, evictions).await
+        {
+            return next;
+        }
         self.guard.started(now);
+        let shrink = self.shrink_checked.take();
         self.decide(DecisionKind::Refresh, DecisionAction::Started, |d| {
             d.backend = Some(backend.into());
-            d.fleet = taken.into_iter().next();
+            d.fleet = taken.into_iter().last();
+            d.shrink = shrink;
         })
         .await;
         let started = Instant::now();
@@ -805,6 +843,7 @@ impl Controller {
                     verify::check(&f, cgroup_before, now, delta)
                 });
                 let cgroup_ok = cgroup.as_ref().is_none_or(|c| c.ok);
+                let rejected = self.rejected_since_restart().await;
                 self.guard.finished(Instant::now(), true);
                 self.announced = None;
                 // Converged on what the kubelet read, while the machine kept moving: the Node
@@ -821,6 +860,7 @@ impl Controller {
                     d.advertised_after = after.clone();
                     d.duration_ms = Some(elapsed);
                     d.cgroup = cgroup.clone();
+                    d.rejected_pods = rejected.clone();
                     if behind {
                         d.reason = Some("machine_moved".into());
                         d.message = Some(
@@ -840,6 +880,7 @@ impl Controller {
                 );
                 self.event(EventType::Normal, "CapacityConverged", &message)
                     .await;
+                self.warn_rejected(&rejected).await;
                 if !cgroup_ok {
                     let c = cgroup.as_ref().expect("checked");
                     let warn = format!(
@@ -908,8 +949,11 @@ impl Controller {
     }
 
     /// Writes [`crate::node::INITIAL_CAPACITY_ANNOTATION`] unless the Node has it. If the
-    /// API refuses, nothing changes yet: the hint must precede the change, so the refresh
-    /// waits (`refresh` `deferred`, reason `initial_capacity`) and is tried again.
+    /// API does not answer, nothing changes yet: the hint must precede the change, so the
+    /// refresh waits (`refresh` `deferred`, reason `initial_capacity`) and is tried again.
+    /// If the API answers no (RBAC without `nodes` `patch`, an admission webhook), waiting
+    /// would wait for ever: said once (a Warning Event, and on stderr), and the agent
+    /// carries on without the hint; it is tried again before each change.
     async fn annotate_initial_capacity(&mut self, node: &Node) -> Result<(), Next> {
         let Some(value) = crate::node::initial_capacity(node) else {
             return Ok(());
@@ -922,7 +966,27 @@ impl Controller {
             .annotate(crate::node::INITIAL_CAPACITY_ANNOTATION, &value)
             .await
         {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.initial_capacity_refused = false;
+                Ok(())
+            }
+            Err(NodeError::Api(kube::Error::Api(status))) if is_refusal(status.code) => {
+                if !self.initial_capacity_refused {
+                    self.initial_capacity_refused = true;
+                    let message = format!(
+                        "the API refused {} on the Node ({} {}: {}); carrying on without this \
+                         hint for the Cluster Autoscaler",
+                        crate::node::INITIAL_CAPACITY_ANNOTATION,
+                        status.code,
+                        status.reason,
+                        status.message
+                    );
+                    tracing::warn!("{message}");
+                    self.event(EventType::Warning, "InitialCapacityNotAnnotated", &message)
+                        .await;
+                }
+                Ok(())
+            }
             Err(e) => {
                 let message = format!(
                     "writing {} before the first change: {}",
@@ -1031,6 +1095,12 @@ impl Controller {
         .await;
         Blocking::Stop(Next::Done)
     }
+}
+
+/// An answer that a retry of the same request will get again: forbidden, invalid, refused
+/// by admission. Not 408/409/429 (transient), nor 5xx.
+fn is_refusal(code: u16) -> bool {
+    matches!(code, 400 | 401 | 403 | 404 | 405 | 415 | 422)
 }
 
 /// Whether the checkpoints let a plain restart happen.

@@ -291,7 +291,7 @@ impl Controller {
     }
 }
 
-fn node_cordoned(node: &Node) -> bool {
+pub(super) fn node_cordoned(node: &Node) -> bool {
     node.spec.as_ref().and_then(|s| s.unschedulable) == Some(true)
 }
 

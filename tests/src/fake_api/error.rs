@@ -179,6 +179,7 @@ impl ApiError {
     /// An error injected by a test.
     pub(crate) fn injected(code: u16) -> ApiError {
         let reason = match code {
+            403 => "Forbidden",
             409 => "Conflict",
             429 => "TooManyRequests",
             500 => "InternalError",

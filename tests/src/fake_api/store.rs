@@ -63,6 +63,8 @@ struct Stored {
 pub(crate) struct Failure {
     pub(crate) method: String,
     pub(crate) prefix: String,
+    /// The path must be `prefix` itself, not only start with it.
+    pub(crate) exact: bool,
     pub(crate) code: u16,
     pub(crate) remaining: usize,
 }
@@ -414,7 +416,13 @@ impl State {
     /// The first injected failure matching this request, used up by one.
     pub(crate) fn take_failure(&mut self, method: &str, path: &str) -> Option<u16> {
         let f = self.failures.iter_mut().find(|f| {
-            f.remaining > 0 && f.method.eq_ignore_ascii_case(method) && path.starts_with(&f.prefix)
+            f.remaining > 0
+                && f.method.eq_ignore_ascii_case(method)
+                && if f.exact {
+                    path == f.prefix
+                } else {
+                    path.starts_with(&f.prefix)
+                }
         })?;
         f.remaining -= 1;
         let code = f.code;

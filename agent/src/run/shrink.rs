@@ -1,0 +1,414 @@
+//! The controller's side of safe shrink (shrink.rs) and of the admission check after a
+//! restart.
+//!
+//! Before a restart on a smaller machine: the pods against the allocatable after it. They
+//! fit: restart. They do not: refuse (`refresh` `skipped`, reason `shrink_unsafe`, a
+//! Warning Event, the condition), or with `--shrink-policy evict` take a drain slot of the
+//! fleet budget, cordon (the agent's own cordon only: an operator's stays), evict the
+//! lowest-priority pods through the Eviction API until the rest fit, wait until they are
+//! gone, restart, and lift the agent's cordon. An eviction that is refused stops it all:
+//! never a restart into an OOM kill.
+//!
+//! After a restart: pods the kubelet failed at admission (kubernetes/kubernetes#125579:
+//! `OutOfcpu`, `OutOfmemory`, `UnexpectedAdmissionError`) that were not failed before it
+//! are named in the `verify` record (`rejected_pods`) and a Warning Event.
+use std::{collections::HashMap, time::Duration};
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+use tokio::time::Instant;
+
+use super::{Blocking, Controller, Next};
+use crate::{
+    capacity::Snapshot,
+    node::{EventType, NodeError},
+    record::{DecisionAction, DecisionKind, RejectedPod, ShrinkCheck},
+    shrink::{self, PodLoad, Policy},
+    sources::error_chain,
+};
+
+/// How long evicted pods may take to terminate (their grace period) before the agent gives
+/// up; `kubectl drain`'s default timeout is unbounded, the kubelet's default grace 30 s.
+const TERMINATION_PATIENCE: Duration = Duration::from_secs(120);
+/// How often the evicted pods are looked for while they terminate, as `kubectl drain`'s
+/// `waitForDelete` does (k8s.io/kubectl/pkg/drain: a 1 s poll).
+const TERMINATION_POLL: Duration = Duration::from_secs(1);
+
+/// The evictions a restart on the smaller machine needs first.
+pub(super) struct Evictions {
+    check: ShrinkCheck,
+    pods: Vec<PodLoad>,
+}
+
+/// A pod the kubelet failed at admission: `OutOfcpu`, `OutOfmemory`,
+/// `OutOfpods`, `OutOf<extended resource>` (pkg/kubelet/lifecycle/predicate.go), or
+/// `UnexpectedAdmissionError` (a device, CPU or memory manager that could not allocate).
+fn rejected(pod: &Pod) -> Option<(String, Option<String>)> {
+    let status = pod.status.as_ref()?;
+    let reason = status.reason.as_deref()?;
+    (status.phase.as_deref() == Some("Failed")
+        && (reason.starts_with("OutOf") || reason == "UnexpectedAdmissionError"))
+        .then(|| (reason.to_owned(), status.message.clone()))
+}
+
+impl Controller {
+    /// `Ok(None)`: no shrink, or the pods fit; `Ok(Some)`: evict these first; `Err`: not
+    /// restarting (said, warned).
+    pub(super) async fn shrink_gate(
+        &mut self,
+        node: &Node,
+        machine: &Snapshot,
+        blocking: &Blocking,
+    ) -> Result<Option<Evictions>, Next> {
+        self.shrink_checked = None;
+        // The agent's own cordon left on the Node (an agent stopped between its evictions
+        // and the restart): lifted after this restart, as it would have been.
+        if matches!(blocking, Blocking::No) && crate::node::cordoned_by_agent(node) {
+            self.shrink_cordon = true;
+        }
+        if !shrink::is_decrease(machine.summary(), node) {
+            return Ok(None);
+        }
+        let usage = shrink::pods_usage(&self.config.cgroup_root);
+        let api = self
+            .node
+            .as_ref()
+            .expect("refresh is only called with a client");
+        let (loads, unlisted) = match api.pods().await {
+            Ok(pods) => (Some(shrink::loads(&pods, &usage)), None),
+            Err(e) => (None, Some(error_chain(&e))),
+        };
+        let mut check = shrink::check(
+            shrink::allocatable_after(machine.summary(), node),
+            &usage,
+            loads.as_deref(),
+        );
+        if check.fits {
+            self.shrink_checked = Some(check);
+            return Ok(None);
+        }
+        let mut why = describe(&check);
+        if let Some(e) = unlisted {
+            why = format!("{why}; the node's pods could not be listed ({e})");
+        }
+        if self.config.shrink_policy == Policy::Refuse {
+            let message = format!(
+                "not restarting the kubelet on the smaller machine: {why}. A restart would lower \
+                 the pods' cgroup memory limit below what they use or fail them at admission \
+                 (kubernetes/kubernetes#141609). Free memory or evict pods, then restart the \
+                 kubelet; or run the agent with --shrink-policy evict"
+            );
+            return Err(self.refuse_shrink(node, check, message).await);
+        }
+        let loads = loads.unwrap_or_default();
+        let Some(pods) = shrink::plan(&check, &loads) else {
+            let evictable = loads.iter().filter(|p| p.evictable).count();
+            let message = format!(
+                "not restarting the kubelet on the smaller machine: {why}, and evicting all \
+                 {evictable} evictable pods would not make the rest fit; nothing was evicted"
+            );
+            return Err(self.refuse_shrink(node, check, message).await);
+        };
+        check.evict = pods.iter().map(PodLoad::key).collect();
+        self.shrink_checked = Some(check.clone());
+        if !matches!(blocking, Blocking::No) {
+            // TODO(issue 12): evictions for a shrink together with a static policy reset.
+            let message = format!(
+                "not restarting the kubelet on the smaller machine: {why}; the evictions it \
+                 needs ({}) are not combined with the static policy's reset or rewrite",
+                check.evict.join(", ")
+            );
+            return Err(self.refuse_shrink(node, check, message).await);
+        }
+        Ok(Some(Evictions { check, pods }))
+    }
+
+    async fn refuse_shrink(&mut self, node: &Node, check: ShrinkCheck, message: String) -> Next {
+        let backend = self.config.backend.name();
+        self.decide(DecisionKind::Refresh, DecisionAction::Skipped, |d| {
+            d.backend = Some(backend.into());
+            d.reason = Some("shrink_unsafe".into());
+            d.message = Some(message.clone());
+            d.shrink = Some(check);
+        })
+        .await;
+        self.warn(node, "ShrinkUnsafe", "ShrinkUnsafe", &message)
+            .await;
+        Next::Done
+    }
+
+    async fn shrink_step(
+        &self,
+        action: DecisionAction,
+        message: String,
+        check: Option<&ShrinkCheck>,
+    ) {
+        self.decide(DecisionKind::Reset, action, |d| {
+            d.reason = Some("shrink".into());
+            d.message = Some(message);
+            d.shrink = check.cloned();
+        })
+        .await;
+    }
+
+    /// Cordons (unless someone else did), evicts, waits until the pods are gone. `Err`: an
+    /// eviction was refused or the pods did not go; the agent's cordon is lifted again and
+    /// nothing restarts.
+    pub(super) async fn evict_for_shrink(
+        &mut self,
+        node: &Node,
+        evictions: Evictions,
+    ) -> Result<(), Next> {
+        let Evictions { check, pods } = evictions;
+        self.shrink_step(
+            DecisionAction::Started,
+            format!(
+                "the pods would not fit after a restart on the smaller machine ({}); evicting {}",
+                describe(&check),
+                check.evict.join(", ")
+            ),
+            Some(&check),
+        )
+        .await;
+        self.event(
+            EventType::Warning,
+            "ShrinkEvicting",
+            &format!(
+                "evicting {} so that the other pods fit the smaller machine before the kubelet restarts",
+                check.evict.join(", ")
+            ),
+        )
+        .await;
+        let api = self
+            .node
+            .as_ref()
+            .expect("refresh is only called with a client");
+        let ours = !super::reset::node_cordoned(node) || crate::node::cordoned_by_agent(node);
+        if ours {
+            if let Err(e) = api.cordon_by_agent(true).await {
+                let why = format!("cordon failed: {}", error_chain(&e));
+                return Err(self.shrink_failed(node, check, why, false).await);
+            }
+            self.shrink_cordon = true;
+            self.shrink_step(
+                DecisionAction::Cordoned,
+                "the Node is unschedulable".into(),
+                None,
+            )
+            .await;
+        } else {
+            self.shrink_step(
+                DecisionAction::Cordoned,
+                "the Node was already cordoned, not by the agent: left cordoned".into(),
+                None,
+            )
+            .await;
+        }
+        let mut evicted = Vec::new();
+        for pod in &pods {
+            let api = self
+                .node
+                .as_ref()
+                .expect("refresh is only called with a client");
+            match api.evict(&pod.namespace, &pod.name).await {
+                Ok(()) => {}
+                // Gone already: what the eviction was for.
+                Err(NodeError::Api(kube::Error::Api(s))) if s.code == 404 => {}
+                Err(e) => {
+                    let refused =
+                        matches!(&e, NodeError::Api(kube::Error::Api(s)) if s.code == 429);
+                    let why = format!(
+                        "evicting {} {}: {}",
+                        pod.key(),
+                        if refused {
+                            "was refused (a PodDisruptionBudget)"
+                        } else {
+                            "failed"
+                        },
+                        error_chain(&e)
+                    );
+                    return Err(self.shrink_failed(node, check, why, ours).await);
+                }
+            }
+            self.shrink_step(DecisionAction::Evicted, pod.key(), None)
+                .await;
+            evicted.push(pod.uid.clone());
+        }
+        if let Err(why) = self.wait_pods_gone(&evicted).await {
+            return Err(self.shrink_failed(node, check, why, ours).await);
+        }
+        Ok(())
+    }
+
+    /// Until none of `uids` is on the node any more (the kubelet has stopped their
+    /// containers, so their memory is free), within [`TERMINATION_PATIENCE`].
+    async fn wait_pods_gone(&self, uids: &[String]) -> Result<(), String> {
+        let api = self
+            .node
+            .as_ref()
+            .expect("refresh is only called with a client");
+        let deadline = Instant::now() + TERMINATION_PATIENCE;
+        loop {
+            let pods = api
+                .pods()
+                .await
+                .map_err(|e| format!("listing the node's pods: {}", error_chain(&e)))?;
+            let left: Vec<String> = pods
+                .iter()
+                .filter(|p| p.metadata.uid.as_ref().is_some_and(|u| uids.contains(u)))
+                .filter_map(|p| {
+                    Some(format!(
+                        "{}/{}",
+                        p.metadata.namespace.as_ref()?,
+                        p.metadata.name.as_ref()?
+                    ))
+                })
+                .collect();
+            if left.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "evicted pods still terminating after {TERMINATION_PATIENCE:?}: {}",
+                    left.join(", ")
+                ));
+            }
+            tokio::time::sleep(TERMINATION_POLL).await;
+        }
+    }
+
+    /// Stops the shrink: the agent's cordon lifted, a `reset` `failed` step, then the
+    /// refusal (`refresh` `skipped`, `shrink_unsafe`) with its Warning.
+    async fn shrink_failed(
+        &mut self,
+        node: &Node,
+        check: ShrinkCheck,
+        why: String,
+        uncordon: bool,
+    ) -> Next {
+        let mut why = why;
+        if uncordon {
+            why = match self.lift_shrink_cordon().await {
+                Ok(()) => format!("{why}; the agent's cordon was lifted again"),
+                Err(e) => format!("{why}; lifting the agent's cordon failed too: {e}"),
+            };
+        }
+        self.shrink_step(DecisionAction::Failed, why.clone(), None)
+            .await;
+        let message = format!("not restarting the kubelet on the smaller machine: {why}");
+        self.refuse_shrink(node, check, message).await
+    }
+
+    /// After the restart (whatever its outcome) or a stop: the agent's cordon goes.
+    pub(super) async fn lift_shrink_cordon(&mut self) -> Result<(), String> {
+        if !std::mem::take(&mut self.shrink_cordon) {
+            return Ok(());
+        }
+        let api = self.node.as_ref().expect("a cordon needs a client");
+        match api.cordon_by_agent(false).await {
+            Ok(()) => {
+                self.shrink_step(
+                    DecisionAction::Uncordoned,
+                    "the Node is schedulable again".into(),
+                    None,
+                )
+                .await;
+                Ok(())
+            }
+            Err(e) => {
+                let why = error_chain(&e);
+                tracing::warn!(error = %why, "lifting the agent's cordon after a shrink failed");
+                Err(why)
+            }
+        }
+    }
+
+    /// The pods before a restart, by UID: whether each was already failed at admission.
+    /// `None` where they cannot be listed (the check after the restart is skipped).
+    pub(super) async fn pods_before_restart(&self) -> Option<HashMap<String, bool>> {
+        let api = self.node.as_ref()?;
+        match api.pods().await {
+            Ok(pods) => Some(
+                pods.iter()
+                    .filter_map(|p| Some((p.metadata.uid.clone()?, rejected(p).is_some())))
+                    .collect(),
+            ),
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "listing the node's pods before the restart failed; pods failed at admission after it will not be looked for");
+                None
+            }
+        }
+    }
+
+    /// The pods failed at admission since the restart began: failed now, and not before
+    /// (or not there before).
+    pub(super) async fn rejected_since_restart(&mut self) -> Vec<RejectedPod> {
+        let Some(before) = self.pods_before.take() else {
+            return Vec::new();
+        };
+        let api = self
+            .node
+            .as_ref()
+            .expect("verify is only called with a client");
+        let pods = match api.pods().await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "listing the node's pods after the restart failed");
+                return Vec::new();
+            }
+        };
+        let mut out: Vec<RejectedPod> = pods
+            .iter()
+            .filter(|p| {
+                p.metadata
+                    .uid
+                    .as_ref()
+                    .is_none_or(|u| before.get(u) != Some(&true))
+            })
+            .filter_map(|p| {
+                let (reason, message) = rejected(p)?;
+                Some(RejectedPod {
+                    namespace: p.metadata.namespace.clone().unwrap_or_default(),
+                    name: p.metadata.name.clone().unwrap_or_default(),
+                    reason,
+                    message,
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        out
+    }
+
+    /// A Warning naming the pods failed at admission after the restart.
+    pub(super) async fn warn_rejected(&mut self, pods: &[RejectedPod]) {
+        if pods.is_empty() {
+            return;
+        }
+        let names: Vec<String> = pods
+            .iter()
+            .map(|p| format!("{}/{} ({})", p.namespace, p.name, p.reason))
+            .collect();
+        let message = format!(
+            "after the kubelet restart, the kubelet failed {} pod(s) at admission: {} \
+             (kubernetes/kubernetes#125579); their controllers recreate them elsewhere, bare \
+             pods stay failed",
+            pods.len(),
+            names.join(", ")
+        );
+        self.event(EventType::Warning, "PodsRejectedAfterRestart", &message)
+            .await;
+    }
+}
+
+/// The check in words: what does not fit, with the numbers.
+fn describe(c: &ShrinkCheck) -> String {
+    let show = |v: Option<u64>| v.map_or_else(|| "unknown".to_owned(), |v| v.to_string());
+    format!(
+        "memory in use {} bytes, requested {} bytes, allocatable after the restart {} bytes; \
+         cpu requested {}m, allocatable after {}m",
+        show(c.memory_in_use),
+        show(c.memory_requests),
+        show(c.memory_allocatable_after),
+        show(c.cpu_requests_millis),
+        show(c.cpu_allocatable_after_millis),
+    )
+}
