@@ -4,13 +4,14 @@ use std::{future::Future, time::Duration};
 
 use futures::{StreamExt, pin_mut};
 use k8s_openapi::{
-    api::core::v1::{Event, EventSource, Node, ObjectReference, Pod},
-    apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time},
+    api::core::v1::{Node, ObjectReference, Pod},
+    apimachinery::pkg::apis::meta::v1::Time,
     jiff::Timestamp,
 };
 use kube::{
     Api, Client,
-    api::{EvictParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams},
+    api::{EvictParams, ListParams, Patch, PatchParams, WatchEvent, WatchParams},
+    runtime::events::{self, Event as RecordedEvent, Recorder, Reporter},
 };
 use serde_json::json;
 use tokio::time::Instant;
@@ -70,8 +71,23 @@ pub fn paused(node: &Node) -> bool {
     };
     set(node.metadata.annotations.as_ref()) || set(node.metadata.labels.as_ref())
 }
-/// The kubelet records node events in `default`; so do we, where `kubectl describe node` finds them.
-const EVENTS_NAMESPACE: &str = "default";
+/// events.k8s.io/v1 refuses a `note` longer than this (bytes).
+const NOTE_MAX: usize = 1024;
+
+/// `message` cut to what events.k8s.io/v1 accepts, at a character boundary, with `…` where
+/// it was cut. (The Recorder puts a Node's Events in `default`, where the kubelet records
+/// its own and `kubectl describe node` finds them.)
+fn note(message: &str) -> std::borrow::Cow<'_, str> {
+    if message.len() <= NOTE_MAX {
+        return message.into();
+    }
+    const MORE: &str = "…";
+    let mut end = NOTE_MAX - MORE.len();
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{MORE}", &message[..end]).into()
+}
 
 /// Every API call has a deadline: a server that accepts the connection and never answers
 /// must become an error that the controller reports (`api_unreachable`) and retries, not a
@@ -95,6 +111,19 @@ mod tests {
     }
 
     #[test]
+    fn a_note_is_cut_to_what_events_k8s_io_accepts_at_a_character_boundary() {
+        assert_eq!(note("short"), "short");
+        let exact = "x".repeat(NOTE_MAX);
+        assert_eq!(note(&exact), exact);
+        // A two-byte character straddles the limit: cut before it, never inside.
+        let long = format!("{}é{}", "x".repeat(NOTE_MAX - 4), "y".repeat(100));
+        let cut = note(&long);
+        assert!(cut.len() <= NOTE_MAX, "{}", cut.len());
+        assert!(cut.ends_with('…'));
+        assert!(long.starts_with(cut.trim_end_matches('…')));
+    }
+
+    #[test]
     fn initial_capacity_is_cpu_and_memory_as_advertised_and_never_replaces_one() {
         let n = node(None, &[("cpu", "2"), ("memory", "4Gi"), ("pods", "110")]);
         assert_eq!(
@@ -115,17 +144,58 @@ pub enum NodeError {
     Timeout { call: &'static str, after: Duration },
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum EventType {
     Normal,
     Warning,
+}
+
+/// kube's [`Recorder`] (like client-go's) makes a repeat of the same type and reason one
+/// series and keeps the *first* note: a `CapacityChanged` "4Gi -> 8Gi" followed by "8Gi ->
+/// 4Gi" would show only the first, twice. One Recorder per distinct message keeps every
+/// message and still makes a true repeat (a refresh failing the same way every back-off)
+/// one Event with a growing `series.count`. Entries go when their series would have
+/// ended anyway (the Recorder's own six minutes).
+#[derive(Clone, Default)]
+struct Recorders(
+    std::sync::Arc<std::sync::Mutex<std::collections::HashMap<RecorderKey, (Recorder, Instant)>>>,
+);
+
+type RecorderKey = (EventType, String, String);
+
+/// How long the Recorder keeps a series open.
+const SERIES_TTL: Duration = Duration::from_secs(6 * 60);
+
+impl Recorders {
+    fn for_message(
+        &self,
+        client: &Client,
+        node: &str,
+        kind: EventType,
+        reason: &str,
+        message: &str,
+    ) -> Recorder {
+        let now = Instant::now();
+        let mut all = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        all.retain(|_, (_, used)| now.duration_since(*used) < SERIES_TTL);
+        let key = (kind, reason.to_owned(), message.to_owned());
+        let (recorder, used) = all.entry(key).or_insert_with(|| {
+            let reporter = Reporter {
+                controller: COMPONENT.into(),
+                instance: Some(node.into()),
+            };
+            (Recorder::new(client.clone(), reporter), now)
+        });
+        *used = now;
+        recorder.clone()
+    }
 }
 
 #[derive(Clone)]
 pub struct NodeApi {
     client: Client,
     nodes: Api<Node>,
-    events: Api<Event>,
+    recorders: Recorders,
     name: String,
     uid: Option<String>,
     timeout: Duration,
@@ -136,7 +206,7 @@ impl NodeApi {
         Self {
             client: client.clone(),
             nodes: Api::all(client.clone()),
-            events: Api::namespaced(client, EVENTS_NAMESPACE),
+            recorders: Recorders::default(),
             name: name.into(),
             uid: None,
             timeout: DEFAULT_API_TIMEOUT,
@@ -211,48 +281,37 @@ impl NodeApi {
         Ok(())
     }
 
-    /// Records a core/v1 Event on the Node.
+    /// Records an Event on the Node through kube's [`Recorder`]: events.k8s.io/v1 (the
+    /// same objects `kubectl describe node` shows), and a repeat of the same reason and
+    /// note within six minutes becomes one Event whose `series.count` grows instead of a
+    /// new object each time.
     pub async fn event(
         &self,
         kind: EventType,
         reason: &str,
         message: &str,
     ) -> Result<(), NodeError> {
-        let now = Timestamp::now();
-        let event = Event {
-            metadata: ObjectMeta {
-                name: Some(format!("{}.{:x}", self.name, now.as_nanosecond())),
-                namespace: Some(EVENTS_NAMESPACE.into()),
-                ..ObjectMeta::default()
-            },
-            involved_object: ObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Node".into()),
-                name: Some(self.name.clone()),
-                uid: self.uid.clone(),
-                ..ObjectReference::default()
-            },
-            reason: Some(reason.into()),
-            message: Some(message.into()),
-            type_: Some(match kind {
-                EventType::Normal => "Normal".into(),
-                EventType::Warning => "Warning".into(),
-            }),
-            source: Some(EventSource {
-                component: Some(COMPONENT.into()),
-                host: Some(self.name.clone()),
-            }),
-            first_timestamp: Some(Time(now)),
-            last_timestamp: Some(Time(now)),
-            event_time: Some(MicroTime(now)),
-            count: Some(1),
-            action: Some(reason.into()),
-            reporting_component: Some(COMPONENT.into()),
-            reporting_instance: Some(self.name.clone()),
-            ..Event::default()
+        let reference = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Node".into()),
+            name: Some(self.name.clone()),
+            uid: self.uid.clone(),
+            ..ObjectReference::default()
         };
-        let params = PostParams::default();
-        self.within("POST event", self.events.create(&params, &event))
+        let event = RecordedEvent {
+            type_: match kind {
+                EventType::Normal => events::EventType::Normal,
+                EventType::Warning => events::EventType::Warning,
+            },
+            reason: reason.into(),
+            note: Some(note(message).into()),
+            action: reason.into(),
+            secondary: None,
+        };
+        let recorder = self
+            .recorders
+            .for_message(&self.client, &self.name, kind, reason, message);
+        self.within("POST event", recorder.publish(&event, &reference))
             .await?;
         Ok(())
     }

@@ -478,6 +478,70 @@ async fn events_through_both_api_groups() {
     );
 }
 
+/// The agent's own Events (`NodeApi::event`, through kube's Recorder): a repeat is one
+/// Event whose series grows, not a new object each back-off; a message longer than
+/// events.k8s.io/v1 takes is cut to fit instead of being refused (and lost).
+#[tokio::test]
+async fn the_agents_events_repeat_as_one_series_and_always_fit() {
+    use hotplug_agent::node::{EventType as AgentEventType, NodeApi};
+    let api = FakeApi::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let client = client(&api, dir.path()).await;
+    let nodes: Api<Node> = Api::all(client.clone());
+    nodes
+        .create(&PostParams::default(), &node("e2"))
+        .await
+        .unwrap();
+    let mut agent = NodeApi::new(client, "e2");
+    agent.get().await.expect("the Node");
+    let failed = "command refresh failed: `/bin/false` exited with exit status: 1";
+    for _ in 0..3 {
+        agent
+            .event(AgentEventType::Warning, "KubeletRefreshFailed", failed)
+            .await
+            .expect("posted");
+    }
+    let long = format!("command refresh failed: {}", "é".repeat(2000));
+    agent
+        .event(AgentEventType::Warning, "KubeletRefreshFailed", &long)
+        .await
+        .expect("a long message is cut, not refused");
+    // The same reason with another message is an Event of its own, message kept (kube's
+    // Recorder alone would count it into the first series under the first message).
+    for message in ["memory 4Gi -> 8Gi", "memory 8Gi -> 4Gi"] {
+        agent
+            .event(AgentEventType::Normal, "CapacityChanged", message)
+            .await
+            .expect("posted");
+    }
+
+    let events = api.events();
+    assert_eq!(
+        events.len(),
+        4,
+        "one series, one long Event, two changes: {events:#?}"
+    );
+    let changes: Vec<&str> = events[2..]
+        .iter()
+        .map(|e| e["message"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(changes, ["memory 4Gi -> 8Gi", "memory 8Gi -> 4Gi"]);
+    let series = &events[0];
+    assert_eq!(series["message"], failed);
+    assert_eq!(series["series"]["count"], 3, "{series}");
+    assert_eq!(series["involvedObject"]["name"], "e2");
+    assert!(series["involvedObject"]["uid"].is_string(), "{series}");
+    assert_eq!(series["reportingComponent"], "hotplug-agent");
+    assert_eq!(series["reportingInstance"], "e2");
+    let cut = events[1]["message"].as_str().expect("a message");
+    assert!(
+        cut.len() <= 1024 && cut.ends_with('…'),
+        "{} bytes",
+        cut.len()
+    );
+    assert!(long.starts_with(cut.trim_end_matches('…')));
+}
+
 #[tokio::test]
 async fn pods_by_node_and_evictions_honour_disruption_budgets() {
     let api = FakeApi::start().await;
