@@ -474,7 +474,6 @@ fn expected_rbac(v: &Variant) -> BTreeMap<(String, String), BTreeSet<String>> {
         ("", "nodes", vec!["get", "list", "watch"]),
         ("", "pods", vec!["list"]),
         ("", "nodes/status", vec!["patch"]),
-        ("", "events", vec!["create", "patch"]),
         ("events.k8s.io", "events", vec!["create", "patch"]),
         (
             "coordination.k8s.io",
