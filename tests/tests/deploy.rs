@@ -470,11 +470,12 @@ fn rbac(rendered: &Rendered, c: &mut Checker) -> BTreeMap<(String, String), BTre
 }
 
 fn expected_rbac(v: &Variant) -> BTreeMap<(String, String), BTreeSet<String>> {
+    // The same as tests/controller.rs derives from the agent's requests
+    // (`the_deployed_rbac_is_exactly_what_the_agent_calls`), per variant.
     let mut rules = vec![
-        ("", "nodes", vec!["get", "list", "watch"]),
+        ("", "nodes", vec!["get", "list", "watch", "patch"]),
         ("", "nodes/status", vec!["patch"]),
-        ("", "events", vec!["create", "patch"]),
-        ("events.k8s.io", "events", vec!["create", "patch"]),
+        ("", "events", vec!["create"]),
         (
             "coordination.k8s.io",
             "leases",
@@ -483,7 +484,6 @@ fn expected_rbac(v: &Variant) -> BTreeMap<(String, String), BTreeSet<String>> {
     ];
     if v.drain_and_reset {
         rules.extend([
-            ("", "nodes", vec!["patch"]),
             ("", "pods", vec!["list"]),
             ("", "pods/eviction", vec!["create"]),
         ]);
@@ -579,25 +579,48 @@ fn check_variant(v: &Variant, yaml: &str) {
         );
     }
     c.check(bound == roles, format!("roles {roles:?}, bound {bound:?}"));
-    // The Lease Role: in the agent's namespace, bound there to its account.
+    // The Lease Role in the agent's namespace, the Event Role in `default` (where Events
+    // about a Node belong), each bound there to the agent's account.
     for b in &rendered.role_bindings {
         let name = b.metadata.name.clone().unwrap_or_default();
         let subjects = b.subjects.clone().unwrap_or_default();
         c.check(
             b.role_ref.kind == "Role"
-                && rendered.roles.iter().any(|r| r.metadata.name.as_ref() == Some(&b.role_ref.name))
-                && b.metadata.namespace.as_deref() == Some(NAMESPACE)
+                && rendered.roles.iter().any(|r| {
+                    r.metadata.name.as_ref() == Some(&b.role_ref.name)
+                        && r.metadata.namespace == b.metadata.namespace
+                })
                 && subjects.len() == 1
                 && subjects[0].name == sa
                 && subjects[0].namespace.as_deref() == Some(NAMESPACE),
-            format!("RoleBinding {name} does not bind the Lease Role to the agent's account in {NAMESPACE}"),
+            format!(
+                "RoleBinding {name} does not bind a Role of its namespace to the agent's account"
+            ),
         );
     }
+    let role_namespaces: BTreeMap<_, _> = rendered
+        .roles
+        .iter()
+        .map(|r| {
+            let rule = r.rules.iter().flatten().next();
+            let resource = rule
+                .and_then(|r| r.resources.as_ref())
+                .and_then(|r| r.first().cloned())
+                .unwrap_or_default();
+            (resource, r.metadata.namespace.clone().unwrap_or_default())
+        })
+        .collect();
     c.check(
-        rendered.roles.len() == 1
-            && rendered.role_bindings.len() == 1
-            && rendered.roles[0].metadata.namespace.as_deref() == Some(NAMESPACE),
-        "one Role (the fleet budgets' Leases) in the agent's namespace, bound once",
+        role_namespaces
+            == BTreeMap::from([
+                ("events".to_owned(), "default".to_owned()),
+                ("leases".to_owned(), NAMESPACE.to_owned()),
+            ])
+            && rendered.role_bindings.len() == 2,
+        format!(
+            "Roles by resource and namespace {role_namespaces:?}: the Event Role belongs in \
+             `default`, the Lease Role in {NAMESPACE}, each bound once"
+        ),
     );
 
     // The DaemonSet.
