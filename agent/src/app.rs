@@ -364,7 +364,10 @@ fn systemd_notify(metrics: Arc<Metrics>) -> impl FnMut() {
         // says what the start waits for (the first reconcile: the Kubernetes API).
         let running = metrics.running();
         let status = match metrics.ready() {
-            Ok(()) => "ready".to_string(),
+            Ok(()) => match metrics.ready_note() {
+                Some(_) => "ready; the Kubernetes API is unreachable (retrying)".to_string(),
+                None => "ready".to_string(),
+            },
             Err(why) if running => format!("running, not ready: {why}"),
             Err(why) => format!("starting: {why}"),
         };
