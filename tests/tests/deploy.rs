@@ -25,7 +25,8 @@ use k8s_openapi::{
     api::{
         apps::v1::DaemonSet,
         core::v1::{
-            ConfigMap, Container, Namespace, PodSpec, Service, ServiceAccount, Volume, VolumeMount,
+            ConfigMap, Container, Namespace, PodSpec, ResourceQuota, Service, ServiceAccount,
+            Volume, VolumeMount,
         },
         rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
     },
@@ -67,6 +68,8 @@ struct Rendered {
     role_bindings: Vec<RoleBinding>,
     daemon_sets: Vec<DaemonSet>,
     services: Vec<Service>,
+    /// What admits the critical priority class in the agent's namespace.
+    quotas: Vec<ResourceQuota>,
     config_maps: Vec<ConfigMap>,
     /// The monitoring component's: Grafana dashboards (ConfigMaps labelled
     /// `grafana_dashboard`) and the Prometheus Operator's objects (no k8s-openapi type;
@@ -92,6 +95,7 @@ fn parse_manifests(yaml: &str) -> Result<Rendered, String> {
             ("v1", "Namespace") => out.namespaces.push(strict(doc).map_err(at)?),
             ("v1", "ServiceAccount") => out.service_accounts.push(strict(doc).map_err(at)?),
             ("v1", "Service") => out.services.push(strict(doc).map_err(at)?),
+            ("v1", "ResourceQuota") => out.quotas.push(strict(doc).map_err(at)?),
             ("v1", "ConfigMap") if doc["metadata"]["labels"]["grafana_dashboard"].is_string() => {
                 out.dashboards.push(strict(doc).map_err(at)?)
             }
@@ -511,6 +515,7 @@ fn check_variant(v: &Variant, yaml: &str) {
         ("ServiceAccount", rendered.service_accounts.len()),
         ("DaemonSet", rendered.daemon_sets.len()),
         ("Service", rendered.services.len()),
+        ("ResourceQuota", rendered.quotas.len()),
         ("ConfigMap", rendered.config_maps.len()),
     ];
     for (kind, n) in counts {
@@ -536,6 +541,7 @@ fn check_variant(v: &Variant, yaml: &str) {
         .map(|o| &o.metadata)
         .chain(rendered.daemon_sets.iter().map(|o| &o.metadata))
         .chain(rendered.services.iter().map(|o| &o.metadata))
+        .chain(rendered.quotas.iter().map(|o| &o.metadata))
         .chain(rendered.config_maps.iter().map(|o| &o.metadata));
     for meta in namespaced {
         c.check(
@@ -704,6 +710,34 @@ fn check_variant(v: &Variant, yaml: &str) {
     c.check(
         pod.priority_class_name.as_deref() == Some("system-node-critical"),
         "priorityClassName is not system-node-critical",
+    );
+    // Clusters that limit the critical priority classes admit the pod outside kube-system
+    // only with a quota scoped to its class in its namespace (checked above).
+    let quota = rendered
+        .quotas
+        .first()
+        .and_then(|q| q.spec.clone())
+        .unwrap_or_default();
+    let scoped = quota
+        .scope_selector
+        .iter()
+        .flat_map(|s| s.match_expressions.iter().flatten())
+        .any(|e| {
+            e.scope_name == "PriorityClass"
+                && e.operator == "In"
+                && e.values
+                    .iter()
+                    .flatten()
+                    .any(|v| Some(v) == pod.priority_class_name.as_ref())
+        });
+    c.check(
+        scoped,
+        "no ResourceQuota scoped to the pod's priority class (PriorityClass In [...])",
+    );
+    let pods = quota.hard.as_ref().and_then(|h| h.get("pods"));
+    c.check(
+        pods.and_then(|q| q.0.parse::<u64>().ok()).is_some_and(|n| n >= 5000),
+        format!("the quota's pods {pods:?} could refuse the DaemonSet's pods (one per node, 5,000 nodes)"),
     );
     c.check(
         pod.service_account_name.as_deref() == Some(sa.as_str()),
