@@ -303,7 +303,6 @@ impl Refresh {
 struct Variant {
     name: &'static str,
     privileged: bool,
-    host_network: bool,
     refresh: Refresh,
     drain_and_reset: bool,
     /// `None`: `hotplug-agent:<the agent's version>`.
@@ -314,7 +313,6 @@ const fn variant(name: &'static str) -> Variant {
     Variant {
         name,
         privileged: false,
-        host_network: false,
         refresh: Refresh::None,
         drain_and_reset: false,
         image: None,
@@ -322,7 +320,7 @@ const fn variant(name: &'static str) -> Variant {
 }
 
 /// Every overlay in deploy/kubernetes/overlays, and what it must render to.
-const OVERLAYS: [Variant; 8] = [
+const OVERLAYS: [Variant; 7] = [
     variant("capabilities"),
     Variant {
         privileged: true,
@@ -335,10 +333,6 @@ const OVERLAYS: [Variant; 8] = [
     Variant {
         refresh: Refresh::Command,
         ..variant("refresh-command")
-    },
-    Variant {
-        host_network: true,
-        ..variant("udevd")
     },
     Variant {
         refresh: Refresh::Systemd,
@@ -694,19 +688,8 @@ fn check_variant(v: &Variant, yaml: &str) {
         "hostPID (systemd is reached over D-Bus)",
     );
     c.check(pod.host_ipc != Some(true), "hostIPC");
-    c.check(
-        (pod.host_network == Some(true)) == v.host_network,
-        format!(
-            "hostNetwork {:?}, wanted {}",
-            pod.host_network, v.host_network
-        ),
-    );
-    if v.host_network {
-        c.check(
-            pod.dns_policy.as_deref() == Some("ClusterFirstWithHostNet"),
-            "hostNetwork without dnsPolicy ClusterFirstWithHostNet",
-        );
-    }
+    // Kernel uevents reach the pod's own network namespace; no source needs the host's.
+    c.check(pod.host_network != Some(true), "hostNetwork");
     c.check(
         pod.priority_class_name.as_deref() == Some("system-node-critical"),
         "priorityClassName is not system-node-critical",
@@ -856,7 +839,6 @@ fn check_variant(v: &Variant, yaml: &str) {
     let kubelet_read_only = !v.drain_and_reset;
     let host_mounts = [
         ("/sys/kernel/btf", "/sys/kernel/btf", Some(true)),
-        ("/sys/fs/bpf", "/sys/fs/bpf", None),
         ("/sys/kernel/tracing", "/sys/kernel/tracing", None),
         (
             "/var/lib/kubelet",
@@ -883,6 +865,20 @@ fn check_variant(v: &Variant, yaml: &str) {
             c.check(
                 mount.read_only.unwrap_or(false) == read_only,
                 format!("{path}: readOnly {:?}, wanted {read_only}", mount.read_only),
+            );
+        }
+    }
+    // The agent pins nothing (no bpffs) and needs no other host path.
+    let allowed = |host: &str| {
+        host_mounts.iter().any(|(_, h, _)| *h == host)
+            || host.starts_with("/run/dbus")
+            || host.starts_with("/run/hotplug-agent-refresh")
+    };
+    for v in pod.volumes.iter().flatten() {
+        if let Some(h) = &v.host_path {
+            c.check(
+                allowed(&h.path),
+                format!("hostPath {} is not used by the agent", h.path),
             );
         }
     }
@@ -1103,7 +1099,7 @@ fn base_renders_as_the_default_variant() {
     }
 }
 
-/// The components combine: all of them at once (privileged, systemd refresh, udevd,
+/// The components combine: all of them at once (privileged, systemd refresh,
 /// drain-and-reset) in an operator's own kustomization outside this repository.
 #[test]
 fn components_compose_in_an_operators_overlay() {
@@ -1138,7 +1134,7 @@ fn components_compose_in_an_operators_overlay() {
          components:\n",
         up.join("deploy/kubernetes/base").display()
     );
-    for name in ["privileged", "refresh-systemd", "udevd", "drain-and-reset"] {
+    for name in ["privileged", "refresh-systemd", "drain-and-reset"] {
         assert!(names.iter().any(|n| n == name), "no component {name}");
         let component = up.join("deploy/kubernetes/components").join(name);
         kustomization.push_str(&format!("  - {}\n", component.display()));
@@ -1148,10 +1144,9 @@ fn components_compose_in_an_operators_overlay() {
         check_variant(
             &Variant {
                 privileged: true,
-                host_network: true,
                 refresh: Refresh::Systemd,
                 drain_and_reset: true,
-                ..variant("privileged+refresh-systemd+udevd+drain-and-reset")
+                ..variant("privileged+refresh-systemd+drain-and-reset")
             },
             &yaml,
         );
