@@ -75,8 +75,20 @@ pub enum AppError {
 /// Runs the command `cli` asks for, to its end.
 pub fn main(cli: Cli) -> Result<(), AppError> {
     match cli.command {
-        Command::Config { run_args } => {
-            print!("{}", crate::cli::describe_run(run_args)?);
+        Command::Config { local, run_args } => {
+            let asked_here = local || !run_args.is_empty();
+            let computed = crate::cli::describe_run(run_args)?;
+            if asked_here {
+                print!(
+                    "# computed here from this command's flags, environment and config file\n\
+                     {computed}"
+                );
+            } else {
+                print!(
+                    "{}",
+                    crate::running_config::show(&computed, crate::running_config::TIMEOUT)
+                );
+            }
             return Ok(());
         }
         Command::Completions { shell } => {

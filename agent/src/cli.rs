@@ -67,9 +67,15 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Read the live event stream of a running `hotplug-agent run`.
     Events(EventsArgs),
-    /// Print the effective configuration of `run` (with these run flags), and where each
-    /// value came from: flag, environment, config file or default.
+    /// Print the effective configuration of `run`, and where each value came from: flag,
+    /// environment, config file or default. Without run flags: the running agent's, read
+    /// from its /config on the metrics address this environment names (in its pod or
+    /// unit, the agent's), else computed here; the first line says which.
     Config {
+        /// Compute it here, from these run flags, the environment and the config file,
+        /// without asking a running agent.
+        #[arg(long)]
+        local: bool,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         run_args: Vec<std::ffi::OsString>,
     },

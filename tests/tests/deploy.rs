@@ -245,7 +245,7 @@ fn agent_config(
     what: &str,
 ) -> BTreeMap<String, (String, String)> {
     let out = Command::new(bin)
-        .arg("config")
+        .args(["config", "--local"])
         .args(args)
         .env_clear()
         .envs(env.iter().map(|(k, v)| (k, v)))
