@@ -89,8 +89,20 @@ pub fn main(mut cli: Cli) -> Result<(), AppError> {
 
 fn command(cli: Cli) -> Result<(), AppError> {
     match cli.command {
-        Command::Config { run_args } => {
-            print!("{}", crate::cli::describe_run(run_args)?);
+        Command::Config { local, run_args } => {
+            let asked_here = local || !run_args.is_empty();
+            let computed = crate::cli::describe_run(run_args)?;
+            if asked_here {
+                print!(
+                    "# computed here from this command's flags, environment and config file\n\
+                     {computed}"
+                );
+            } else {
+                print!(
+                    "{}",
+                    crate::running_config::show(&computed, crate::running_config::TIMEOUT)
+                );
+            }
             return Ok(());
         }
         Command::Completions { shell } => {
@@ -379,7 +391,10 @@ fn systemd_notify(metrics: Arc<Metrics>) -> impl FnMut() {
         // says what the start waits for (the first reconcile: the Kubernetes API).
         let running = metrics.running();
         let status = match metrics.ready() {
-            Ok(()) => "ready".to_string(),
+            Ok(()) => match metrics.ready_note() {
+                Some(_) => "ready; the Kubernetes API is unreachable (retrying)".to_string(),
+                None => "ready".to_string(),
+            },
             Err(why) if running => format!("running, not ready: {why}"),
             Err(why) => format!("starting: {why}"),
         };

@@ -70,9 +70,15 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Read the live event stream of a running `hotplug-agent run`.
     Events(EventsArgs),
-    /// Print the effective configuration of `run` (with these run flags), and where each
-    /// value came from: flag, environment, config file or default.
+    /// Print the effective configuration of `run`, and where each value came from: flag,
+    /// environment, config file or default. Without run flags: the running agent's, read
+    /// from its /config on the metrics address this environment names (in its pod or
+    /// unit, the agent's), else computed here; the first line says which.
     Config {
+        /// Compute it here, from these run flags, the environment and the config file,
+        /// without asking a running agent.
+        #[arg(long)]
+        local: bool,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         run_args: Vec<std::ffi::OsString>,
     },
@@ -488,6 +494,90 @@ mod tests {
         assert!(
             roff.contains("settle\\-ms") && roff.contains("HOTPLUG_AGENT_SETTLE_MS"),
             "{roff}"
+        );
+    }
+
+    /// `subcommand -> [(long flag, variable)]` as the parser sees them.
+    fn variables() -> Vec<(String, Vec<(String, String)>)> {
+        let mut cmd = config::with_env(Cli::command());
+        cmd.build();
+        cmd.get_subcommands()
+            .map(|sub| {
+                let vars = sub
+                    .get_arguments()
+                    .filter_map(|a| {
+                        let env = a.get_env()?.to_string_lossy().into_owned();
+                        Some((a.get_long()?.to_owned(), env))
+                    })
+                    .collect();
+                (sub.get_name().to_owned(), vars)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn environment_names_never_collide_within_or_across_commands() {
+        let all = variables();
+        let agent: std::collections::BTreeMap<String, String> = all
+            .iter()
+            .filter(|(s, _)| s == "run" || s == "watch")
+            .flat_map(|(_, v)| v.iter().map(|(l, e)| (e.clone(), l.clone())))
+            .collect();
+        for (sub, vars) in &all {
+            let mut seen = std::collections::BTreeMap::new();
+            for (long, env) in vars {
+                if let Some(other) = seen.insert(env.clone(), long.clone()) {
+                    panic!("`{sub}`: --{other} and --{long} both read {env}");
+                }
+                if sub == "run" || sub == "watch" {
+                    // `--node-name` reads the downward API's conventional NODE_NAME.
+                    if env != "NODE_NAME" {
+                        assert_eq!(env, &config::env_name(long), "`{sub} --{long}`");
+                    }
+                    continue;
+                }
+                // A client's variable is its own, or the agent's for the very same setting.
+                let own = config::env_name(&format!("{sub}-{long}"));
+                let shared = agent.get(env).is_some_and(|agent_long| {
+                    [("events", "socket", "stream-socket")]
+                        .iter()
+                        .any(|(s, l, a)| s == sub && l == long && a == agent_long)
+                        || agent_long == long
+                });
+                assert!(
+                    env == &own || shared,
+                    "`{sub} --{long}` reads {env}, which is neither its own ({own}) nor the \
+                     agent's for the same setting"
+                );
+            }
+        }
+        let find = |sub: &str, long: &str| {
+            all.iter()
+                .find(|(s, _)| s == sub)
+                .and_then(|(_, v)| v.iter().find(|(l, _)| l == long))
+                .map(|(_, e)| e.clone())
+        };
+        // What the DaemonSet and the unit set stays as it was.
+        assert_eq!(
+            find("run", "format").as_deref(),
+            Some("HOTPLUG_AGENT_FORMAT")
+        );
+        assert_eq!(
+            find("run", "stream-socket").as_deref(),
+            Some("HOTPLUG_AGENT_STREAM_SOCKET")
+        );
+        // The clients' display formats are their own; the socket is the agent's.
+        assert_eq!(
+            find("events", "format").as_deref(),
+            Some("HOTPLUG_AGENT_EVENTS_FORMAT")
+        );
+        assert_eq!(
+            find("status", "format").as_deref(),
+            Some("HOTPLUG_AGENT_STATUS_FORMAT")
+        );
+        assert_eq!(
+            find("events", "socket").as_deref(),
+            Some("HOTPLUG_AGENT_STREAM_SOCKET")
         );
     }
 

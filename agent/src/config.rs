@@ -1,8 +1,14 @@
 //! Configuration: a TOML file (`--config`), environment variables, and flags, in that
 //! order of precedence (a flag beats a variable beats the file beats the default).
 //!
-//! Every long flag `--settle-ms` of a subcommand is also the variable
-//! `HOTPLUG_AGENT_SETTLE_MS` and the file key `settle_ms` (or `settle-ms`). The file is
+//! Every long flag `--settle-ms` of `run` and `watch` (the agent itself) is also the
+//! variable `HOTPLUG_AGENT_SETTLE_MS` and the file key `settle_ms` (or `settle-ms`). The
+//! client commands' flags carry their command in the name (`events --format` is
+//! `HOTPLUG_AGENT_EVENTS_FORMAT`), so a unit's or a pod's settings for the agent never
+//! change how `hotplug-agent events` or `status` behave in the same environment; a flag
+//! that means the very same as one of the agent's reads the agent's variable (`events
+//! --socket` is `HOTPLUG_AGENT_STREAM_SOCKET`, `checkpoint --kubelet-root-dir` is
+//! `HOTPLUG_AGENT_KUBELET_ROOT_DIR`), so those commands find what the agent uses. The file is
 //! applied by turning its keys into flags for the ones neither the command line nor the
 //! environment set, so clap validates every value the same way whatever its origin, and
 //! an unknown key is rejected with the closest valid one as a hint.
@@ -45,6 +51,34 @@ pub fn env_name(long: &str) -> String {
     )
 }
 
+/// The subcommands that are the agent: their flags are `HOTPLUG_AGENT_<FLAG>` (the names
+/// the DaemonSet and the systemd unit use).
+const AGENT_COMMANDS: [&str; 2] = ["run", "watch"];
+
+/// Client flags that mean exactly one of the agent's settings, and so read its variable.
+const SAME_AS_AGENT: [(&str, &str, &str); 4] = [
+    ("events", "socket", "stream-socket"),
+    ("checkpoint", "kubelet-root-dir", "kubelet-root-dir"),
+    // The filesystem root holding proc/ and sys/ (hidden; for tests and chroots).
+    ("status", "root", "root"),
+    ("checkpoint", "root", "root"),
+];
+
+/// The environment variable of `--long` of `subcommand`: `run --settle-ms` ->
+/// `HOTPLUG_AGENT_SETTLE_MS`, `events --format` -> `HOTPLUG_AGENT_EVENTS_FORMAT`.
+pub fn env_name_of(subcommand: &str, long: &str) -> String {
+    if AGENT_COMMANDS.contains(&subcommand) {
+        return env_name(long);
+    }
+    if let Some((_, _, agent)) = SAME_AS_AGENT
+        .iter()
+        .find(|(s, l, _)| *s == subcommand && *l == long)
+    {
+        return env_name(agent);
+    }
+    env_name(&format!("{subcommand}-{long}"))
+}
+
 /// Gives every long flag of every subcommand its environment variable (where it has none).
 pub fn with_env(cmd: Command) -> Command {
     let names: Vec<String> = cmd
@@ -52,11 +86,11 @@ pub fn with_env(cmd: Command) -> Command {
         .map(|s| s.get_name().to_string())
         .collect();
     names.into_iter().fold(cmd, |cmd, name| {
-        cmd.mut_subcommand(name, |sub| {
+        cmd.mut_subcommand(name.clone(), |sub| {
             sub.mut_args(
                 |arg| match (arg.get_long().map(str::to_string), arg.get_env()) {
                     (Some(long), None) if long != "help" && long != "version" => {
-                        arg.env(env_name(&long))
+                        arg.env(env_name_of(&name, &long))
                     }
                     _ => arg,
                 },

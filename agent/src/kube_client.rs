@@ -136,8 +136,17 @@ impl ClientError {
     }
 }
 
+/// The agent's `User-Agent` on every API request, as kubectl sends `kubectl/v1.x`: the API
+/// server's audit log and API Priority and Fairness see which component called, and the
+/// tests tell the agent's requests from the kubelet stand-in's by it (the RBAC check).
+pub const USER_AGENT: &str = concat!("hotplug-agent/", env!("CARGO_PKG_VERSION"));
+
 /// Builds the client for a loaded configuration.
 pub fn from_config(mut config: Config) -> Result<Client, ClientError> {
+    config.headers.push((
+        hyper::header::USER_AGENT,
+        hyper::header::HeaderValue::from_static(USER_AGENT),
+    ));
     let server = config.cluster_url.to_string();
     // kube would build a client for `ftp://` too, whose every request then fails as an
     // unreachable API, retried for ever.

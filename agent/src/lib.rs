@@ -28,7 +28,8 @@
 //! - [`run`]: the controller; `hotplug-agent run`.
 //! - [`events`]: the client of the live stream; `hotplug-agent events`.
 //! - [`status`]: the snapshot and which probes can attach; `hotplug-agent status`.
-//! - [`config`]: TOML file, environment and flags, in that order of precedence.
+//! - [`config`]: TOML file, environment and flags, in that order of precedence;
+//!   [`running_config`]: `hotplug-agent config` reading the running agent's `/config`.
 //! - [`files`]: reading the small files the agent is pointed at, without trusting the path.
 //! - [`cli`]: the command line; [`app`]: what each command wires together.
 //! - [`error`]: why `watch` or `run` ended.
@@ -52,6 +53,7 @@ pub mod record;
 pub mod refresh;
 pub mod report;
 pub mod run;
+pub mod running_config;
 pub mod shrink;
 pub mod sources;
 pub mod status;

@@ -110,6 +110,17 @@ impl Cluster {
     }
 }
 
+/// Every request the agent made against this cluster must be one the deployed RBAC grants
+/// (the drain-and-reset overlay: the base and the one component with API rights of its
+/// own, so any flags a test gave the agent are covered).
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            crate::rbac::assert_granted(&self.api, "overlays/drain-and-reset");
+        }
+    }
+}
+
 /// The Node's `cpu` and `memory` capacity (parsed by the agent's own quantity code, which
 /// has unit tests of its own) equal the machine's online CPUs and MemTotal.
 pub fn node_matches_machine(node: &Value) -> bool {

@@ -203,6 +203,19 @@ impl FakeApi {
         self.shared.read(|st| st.requests.clone())
     }
 
+    /// The requests whose `User-Agent` starts with `prefix` (`hotplug-agent/`: the agent's,
+    /// not the kubelet stand-in's nor the test's own), as [`requests`](Self::requests).
+    pub fn requests_from(&self, prefix: &str) -> Vec<(String, String)> {
+        self.shared.read(|st| {
+            st.requests
+                .iter()
+                .zip(&st.user_agents)
+                .filter(|(_, ua)| ua.starts_with(prefix))
+                .map(|(r, _)| r.clone())
+                .collect()
+        })
+    }
+
     /// The requests no handler serves (answered 404): calls a test did not expect.
     pub fn unhandled(&self) -> Vec<(String, String)> {
         self.shared.read(|st| st.unhandled.clone())

@@ -507,6 +507,7 @@ pub fn machine() -> (u64, u64) {
 pub mod cluster;
 pub mod fake_api;
 pub mod kubelet;
+pub mod rbac;
 
 /// A free TCP port on loopback (bound and released: good enough for a test's listener).
 pub fn free_port() -> u16 {

@@ -263,6 +263,8 @@ struct Harness {
     stop: Option<oneshot::Sender<()>>,
     agent: Option<thread::JoinHandle<Result<(), String>>>,
     gate: Option<Gate>,
+    /// The deploy/kubernetes variant whose RBAC must grant every request of this agent.
+    rbac: &'static str,
 }
 
 impl Harness {
@@ -383,7 +385,8 @@ impl Harness {
                     .await
                     .expect("client config");
                 kube_config.default_retry = client_retry;
-                let client = kube::Client::try_from(kube_config).expect("client");
+                // The agent's own client builder: its User-Agent tells its requests apart.
+                let client = hotplug_agent::kube_client::from_config(kube_config).expect("client");
                 let mut out = Lines {
                     tx,
                     buf: Vec::new(),
@@ -415,6 +418,14 @@ impl Harness {
             stop: Some(stop),
             agent: Some(agent),
             gate,
+            // `--shrink-policy evict` evicts with the drain-and-reset component's rights.
+            rbac: if options.drain_and_reset
+                || options.shrink_policy == Some(hotplug_agent::shrink::Policy::Evict)
+            {
+                "overlays/drain-and-reset"
+            } else {
+                "base"
+            },
         };
         h.wait_for("the start-up reconcile", |r| {
             r["kind"] == "reconcile" && r["episode"] == 0
@@ -515,6 +526,7 @@ impl Drop for Harness {
                     Ok(Err(e)) => panic!("the controller failed: {e}; log:\n{}", self.log()),
                     Err(_) => panic!("the controller thread panicked; log:\n{}", self.log()),
                 }
+                hotplug_tests::rbac::assert_granted(&self.cluster.api, self.rbac);
             }
         }
     }
@@ -2171,4 +2183,142 @@ fn a_failed_initial_capacity_write_defers_the_restart_until_it_is_written() {
     );
     assert!(h.annotation(INITIAL_CAPACITY).is_some());
     assert_eq!(h.node_patches(), 2, "the failed write and its retry");
+}
+
+/// RBAC derived from the requests: one agent makes every API call it has — the start-up
+/// GET, the condition on `nodes/status`, Events, the initial-capacity annotation, fleet
+/// budgets by percentage (the Node count), a slot created, one waited for by LIST and
+/// WATCH then taken over and given back, drain-and-reset (cordon, this node's pods, an
+/// eviction, uncordon) and verify's watch of the Node — with its Leases in its own
+/// namespace, apart from `default` where Events about a Node belong. What it asked for, as
+/// the API server's authorizer sees it, must be exactly what
+/// deploy/kubernetes/overlays/drain-and-reset grants its ServiceAccount, where it grants
+/// it: nothing denied, nothing granted and unused.
+#[test]
+fn the_deployed_rbac_is_exactly_what_the_agent_calls() {
+    use hotplug_agent::fleet::{self, Attempt, Fleet, Limit};
+    use hotplug_tests::rbac;
+    const OWN_NAMESPACE: &str = "hotplug-agent";
+    let Some(grants) = rbac::deployed("overlays/drain-and-reset") else {
+        return;
+    };
+    let config = fleet::Config {
+        namespace: Some(OWN_NAMESPACE.into()),
+        restarts: Limit::Percent(10),
+        drains: Limit::Count(1),
+        lease_duration: Duration::from_secs(30),
+    };
+    let mut h = Harness::start_with(Options {
+        cpu_manager_state: Some(r#"{"policyName":"static","defaultCpuSet":"0-1","checksum":0}"#),
+        drain_and_reset: true,
+        fleet: Some(config.clone()),
+        ..Options::default()
+    });
+    // A pod holding cpu1 exclusively, which the reset must evict.
+    h.cluster.api.add_pod(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "pinned", "namespace": "default"},
+        "spec": {"nodeName": NODE, "containers": [{"name": "app", "image": "app"}]},
+    }));
+    let uid = h.cluster.api.pod("default", "pinned").expect("the pod")["metadata"]["uid"]
+        .as_str()
+        .expect("a uid")
+        .to_owned();
+    fs::write(
+        h.cluster.path("kubelet-root/cpu_manager_state"),
+        format!(
+            r#"{{"policyName":"static","defaultCpuSet":"0","entries":{{"{uid}":{{"app":"1"}}}},"checksum":0}}"#
+        ),
+    )
+    .expect("writing the checkpoint");
+    // Another node is restarting: the agent waits for the slot (LIST, WATCH).
+    let kubeconfig = PathBuf::from(h.cluster.path("kubeconfig"));
+    let other = h.cluster.rt.block_on(async {
+        let kc = kube::config::Kubeconfig::read_from(&kubeconfig).expect("kubeconfig");
+        let kube_config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .expect("client config");
+        let client = kube::Client::try_from(kube_config).expect("client");
+        let mut budget = Fleet::new(client, &config, "other-node", API_TIMEOUT).restarts;
+        match budget.try_take().await.expect("the API answers") {
+            Attempt::Held(slot) => slot,
+            Attempt::Full(_) => panic!("the only slot is free"),
+        }
+    });
+    h.cpu1_offline();
+    h.wait_for("the wait for a restart slot", |r| {
+        r["action"] == "deferred" && r["reason"] == "fleet_budget"
+    });
+    h.cluster
+        .rt
+        .block_on(other.release())
+        .expect("the other node gives its slot back");
+    h.wait_converged();
+    h.wait_for("the eviction", |r| {
+        r["kind"] == "reset" && r["action"] == "evicted"
+    });
+    h.wait_for("the uncordon", |r| {
+        r["kind"] == "reset" && r["action"] == "uncordoned"
+    });
+    h.cluster.rt.block_on(
+        h.cluster
+            .api
+            .wait_until("both slots given back", CONVERGE, |api| {
+                let leases = api.leases(OWN_NAMESPACE);
+                (leases.len() == 2
+                    && leases
+                        .iter()
+                        .all(|l| l["spec"].get("holderIdentity").is_none_or(Value::is_null)))
+                .then_some(())
+            }),
+    );
+    // A repeated Event: the Recorder PATCHes the first one's series. The agent repeats an
+    // Event only when the same thing happens again within six minutes (a refresh failing
+    // the same way every back-off), which this flow does not, so the repeat goes through
+    // the agent's own NodeApi and client (its User-Agent) directly.
+    h.cluster.rt.block_on(async {
+        let kc = kube::config::Kubeconfig::read_from(&kubeconfig).expect("kubeconfig");
+        let kube_config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .expect("client config");
+        let client = hotplug_agent::kube_client::from_config(kube_config).expect("client");
+        let mut node = hotplug_agent::node::NodeApi::new(client, NODE);
+        node.get().await.expect("the Node");
+        for _ in 0..2 {
+            node.event(
+                hotplug_agent::node::EventType::Warning,
+                "KubeletRefreshFailed",
+                "command refresh failed: exit status 1",
+            )
+            .await
+            .expect("the Event");
+        }
+    });
+
+    let used = rbac::agent_accesses(&h.cluster.api);
+    let denied: Vec<String> = used
+        .iter()
+        .filter(|a| grants.rule_for(a, false).is_none())
+        .map(ToString::to_string)
+        .collect();
+    let needed: std::collections::BTreeSet<_> = used
+        .iter()
+        .filter_map(|a| grants.rule_for(a, false))
+        .collect();
+    let unused: Vec<String> = grants
+        .rules
+        .iter()
+        .filter(|r| !needed.contains(r))
+        .map(ToString::to_string)
+        .collect();
+    let used: Vec<String> = used.iter().map(ToString::to_string).collect();
+    assert!(
+        denied.is_empty() && unused.is_empty(),
+        "deploy/kubernetes RBAC does not fit the agent's calls.\ndenied (a real cluster \
+         answers 403):\n  {}\ngranted but never used:\n  {}\nthe agent's calls:\n  {}\nlog:\n{}",
+        denied.join("\n  "),
+        unused.join("\n  "),
+        used.join("\n  "),
+        h.log()
+    );
 }

@@ -25,7 +25,8 @@ use k8s_openapi::{
     api::{
         apps::v1::DaemonSet,
         core::v1::{
-            ConfigMap, Container, Namespace, PodSpec, Service, ServiceAccount, Volume, VolumeMount,
+            ConfigMap, Container, Namespace, PodSpec, ResourceQuota, Service, ServiceAccount,
+            Volume, VolumeMount,
         },
         rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
     },
@@ -67,6 +68,8 @@ struct Rendered {
     role_bindings: Vec<RoleBinding>,
     daemon_sets: Vec<DaemonSet>,
     services: Vec<Service>,
+    /// What admits the critical priority class in the agent's namespace.
+    quotas: Vec<ResourceQuota>,
     config_maps: Vec<ConfigMap>,
     /// The monitoring component's: Grafana dashboards (ConfigMaps labelled
     /// `grafana_dashboard`) and the Prometheus Operator's objects (no k8s-openapi type;
@@ -92,6 +95,7 @@ fn parse_manifests(yaml: &str) -> Result<Rendered, String> {
             ("v1", "Namespace") => out.namespaces.push(strict(doc).map_err(at)?),
             ("v1", "ServiceAccount") => out.service_accounts.push(strict(doc).map_err(at)?),
             ("v1", "Service") => out.services.push(strict(doc).map_err(at)?),
+            ("v1", "ResourceQuota") => out.quotas.push(strict(doc).map_err(at)?),
             ("v1", "ConfigMap") if doc["metadata"]["labels"]["grafana_dashboard"].is_string() => {
                 out.dashboards.push(strict(doc).map_err(at)?)
             }
@@ -241,7 +245,7 @@ fn agent_config(
     what: &str,
 ) -> BTreeMap<String, (String, String)> {
     let out = Command::new(bin)
-        .arg("config")
+        .args(["config", "--local"])
         .args(args)
         .env_clear()
         .envs(env.iter().map(|(k, v)| (k, v)))
@@ -299,7 +303,6 @@ impl Refresh {
 struct Variant {
     name: &'static str,
     privileged: bool,
-    host_network: bool,
     refresh: Refresh,
     drain_and_reset: bool,
     /// `None`: `hotplug-agent:<the agent's version>`.
@@ -310,7 +313,6 @@ const fn variant(name: &'static str) -> Variant {
     Variant {
         name,
         privileged: false,
-        host_network: false,
         refresh: Refresh::None,
         drain_and_reset: false,
         image: None,
@@ -318,7 +320,7 @@ const fn variant(name: &'static str) -> Variant {
 }
 
 /// Every overlay in deploy/kubernetes/overlays, and what it must render to.
-const OVERLAYS: [Variant; 8] = [
+const OVERLAYS: [Variant; 7] = [
     variant("capabilities"),
     Variant {
         privileged: true,
@@ -331,10 +333,6 @@ const OVERLAYS: [Variant; 8] = [
     Variant {
         refresh: Refresh::Command,
         ..variant("refresh-command")
-    },
-    Variant {
-        host_network: true,
-        ..variant("udevd")
     },
     Variant {
         refresh: Refresh::Systemd,
@@ -470,8 +468,10 @@ fn rbac(rendered: &Rendered, c: &mut Checker) -> BTreeMap<(String, String), BTre
 }
 
 fn expected_rbac(v: &Variant) -> BTreeMap<(String, String), BTreeSet<String>> {
+    // The same as tests/controller.rs derives from the agent's requests
+    // (`the_deployed_rbac_is_exactly_what_the_agent_calls`), per variant.
     let mut rules = vec![
-        ("", "nodes", vec!["get", "list", "watch"]),
+        ("", "nodes", vec!["get", "list", "watch", "patch"]),
         ("", "pods", vec!["list"]),
         ("", "nodes/status", vec!["patch"]),
         ("events.k8s.io", "events", vec!["create", "patch"]),
@@ -483,7 +483,6 @@ fn expected_rbac(v: &Variant) -> BTreeMap<(String, String), BTreeSet<String>> {
     ];
     if v.drain_and_reset {
         rules.extend([
-            ("", "nodes", vec!["patch"]),
             ("", "pods", vec!["list"]),
             ("", "pods/eviction", vec!["create"]),
         ]);
@@ -511,6 +510,7 @@ fn check_variant(v: &Variant, yaml: &str) {
         ("ServiceAccount", rendered.service_accounts.len()),
         ("DaemonSet", rendered.daemon_sets.len()),
         ("Service", rendered.services.len()),
+        ("ResourceQuota", rendered.quotas.len()),
         ("ConfigMap", rendered.config_maps.len()),
     ];
     for (kind, n) in counts {
@@ -536,6 +536,7 @@ fn check_variant(v: &Variant, yaml: &str) {
         .map(|o| &o.metadata)
         .chain(rendered.daemon_sets.iter().map(|o| &o.metadata))
         .chain(rendered.services.iter().map(|o| &o.metadata))
+        .chain(rendered.quotas.iter().map(|o| &o.metadata))
         .chain(rendered.config_maps.iter().map(|o| &o.metadata));
     for meta in namespaced {
         c.check(
@@ -579,25 +580,48 @@ fn check_variant(v: &Variant, yaml: &str) {
         );
     }
     c.check(bound == roles, format!("roles {roles:?}, bound {bound:?}"));
-    // The Lease Role: in the agent's namespace, bound there to its account.
+    // The Lease Role in the agent's namespace, the Event Role in `default` (where Events
+    // about a Node belong), each bound there to the agent's account.
     for b in &rendered.role_bindings {
         let name = b.metadata.name.clone().unwrap_or_default();
         let subjects = b.subjects.clone().unwrap_or_default();
         c.check(
             b.role_ref.kind == "Role"
-                && rendered.roles.iter().any(|r| r.metadata.name.as_ref() == Some(&b.role_ref.name))
-                && b.metadata.namespace.as_deref() == Some(NAMESPACE)
+                && rendered.roles.iter().any(|r| {
+                    r.metadata.name.as_ref() == Some(&b.role_ref.name)
+                        && r.metadata.namespace == b.metadata.namespace
+                })
                 && subjects.len() == 1
                 && subjects[0].name == sa
                 && subjects[0].namespace.as_deref() == Some(NAMESPACE),
-            format!("RoleBinding {name} does not bind the Lease Role to the agent's account in {NAMESPACE}"),
+            format!(
+                "RoleBinding {name} does not bind a Role of its namespace to the agent's account"
+            ),
         );
     }
+    let role_namespaces: BTreeMap<_, _> = rendered
+        .roles
+        .iter()
+        .map(|r| {
+            let rule = r.rules.iter().flatten().next();
+            let resource = rule
+                .and_then(|r| r.resources.as_ref())
+                .and_then(|r| r.first().cloned())
+                .unwrap_or_default();
+            (resource, r.metadata.namespace.clone().unwrap_or_default())
+        })
+        .collect();
     c.check(
-        rendered.roles.len() == 1
-            && rendered.role_bindings.len() == 1
-            && rendered.roles[0].metadata.namespace.as_deref() == Some(NAMESPACE),
-        "one Role (the fleet budgets' Leases) in the agent's namespace, bound once",
+        role_namespaces
+            == BTreeMap::from([
+                ("events".to_owned(), "default".to_owned()),
+                ("leases".to_owned(), NAMESPACE.to_owned()),
+            ])
+            && rendered.role_bindings.len() == 2,
+        format!(
+            "Roles by resource and namespace {role_namespaces:?}: the Event Role belongs in \
+             `default`, the Lease Role in {NAMESPACE}, each bound once"
+        ),
     );
 
     // The DaemonSet.
@@ -665,22 +689,39 @@ fn check_variant(v: &Variant, yaml: &str) {
         "hostPID (systemd is reached over D-Bus)",
     );
     c.check(pod.host_ipc != Some(true), "hostIPC");
-    c.check(
-        (pod.host_network == Some(true)) == v.host_network,
-        format!(
-            "hostNetwork {:?}, wanted {}",
-            pod.host_network, v.host_network
-        ),
-    );
-    if v.host_network {
-        c.check(
-            pod.dns_policy.as_deref() == Some("ClusterFirstWithHostNet"),
-            "hostNetwork without dnsPolicy ClusterFirstWithHostNet",
-        );
-    }
+    // Kernel uevents reach the pod's own network namespace; no source needs the host's.
+    c.check(pod.host_network != Some(true), "hostNetwork");
     c.check(
         pod.priority_class_name.as_deref() == Some("system-node-critical"),
         "priorityClassName is not system-node-critical",
+    );
+    // Clusters that limit the critical priority classes admit the pod outside kube-system
+    // only with a quota scoped to its class in its namespace (checked above).
+    let quota = rendered
+        .quotas
+        .first()
+        .and_then(|q| q.spec.clone())
+        .unwrap_or_default();
+    let scoped = quota
+        .scope_selector
+        .iter()
+        .flat_map(|s| s.match_expressions.iter().flatten())
+        .any(|e| {
+            e.scope_name == "PriorityClass"
+                && e.operator == "In"
+                && e.values
+                    .iter()
+                    .flatten()
+                    .any(|v| Some(v) == pod.priority_class_name.as_ref())
+        });
+    c.check(
+        scoped,
+        "no ResourceQuota scoped to the pod's priority class (PriorityClass In [...])",
+    );
+    let pods = quota.hard.as_ref().and_then(|h| h.get("pods"));
+    c.check(
+        pods.and_then(|q| q.0.parse::<u64>().ok()).is_some_and(|n| n >= 5000),
+        format!("the quota's pods {pods:?} could refuse the DaemonSet's pods (one per node, 5,000 nodes)"),
     );
     c.check(
         pod.service_account_name.as_deref() == Some(sa.as_str()),
@@ -799,7 +840,6 @@ fn check_variant(v: &Variant, yaml: &str) {
     let kubelet_read_only = !v.drain_and_reset;
     let host_mounts = [
         ("/sys/kernel/btf", "/sys/kernel/btf", Some(true)),
-        ("/sys/fs/bpf", "/sys/fs/bpf", None),
         ("/sys/kernel/tracing", "/sys/kernel/tracing", None),
         (
             "/var/lib/kubelet",
@@ -826,6 +866,20 @@ fn check_variant(v: &Variant, yaml: &str) {
             c.check(
                 mount.read_only.unwrap_or(false) == read_only,
                 format!("{path}: readOnly {:?}, wanted {read_only}", mount.read_only),
+            );
+        }
+    }
+    // The agent pins nothing (no bpffs) and needs no other host path.
+    let allowed = |host: &str| {
+        host_mounts.iter().any(|(_, h, _)| *h == host)
+            || host.starts_with("/run/dbus")
+            || host.starts_with("/run/hotplug-agent-refresh")
+    };
+    for v in pod.volumes.iter().flatten() {
+        if let Some(h) = &v.host_path {
+            c.check(
+                allowed(&h.path),
+                format!("hostPath {} is not used by the agent", h.path),
             );
         }
     }
@@ -1046,7 +1100,7 @@ fn base_renders_as_the_default_variant() {
     }
 }
 
-/// The components combine: all of them at once (privileged, systemd refresh, udevd,
+/// The components combine: all of them at once (privileged, systemd refresh,
 /// drain-and-reset) in an operator's own kustomization outside this repository.
 #[test]
 fn components_compose_in_an_operators_overlay() {
@@ -1081,7 +1135,7 @@ fn components_compose_in_an_operators_overlay() {
          components:\n",
         up.join("deploy/kubernetes/base").display()
     );
-    for name in ["privileged", "refresh-systemd", "udevd", "drain-and-reset"] {
+    for name in ["privileged", "refresh-systemd", "drain-and-reset"] {
         assert!(names.iter().any(|n| n == name), "no component {name}");
         let component = up.join("deploy/kubernetes/components").join(name);
         kustomization.push_str(&format!("  - {}\n", component.display()));
@@ -1091,10 +1145,9 @@ fn components_compose_in_an_operators_overlay() {
         check_variant(
             &Variant {
                 privileged: true,
-                host_network: true,
                 refresh: Refresh::Systemd,
                 drain_and_reset: true,
-                ..variant("privileged+refresh-systemd+udevd+drain-and-reset")
+                ..variant("privileged+refresh-systemd+drain-and-reset")
             },
             &yaml,
         );

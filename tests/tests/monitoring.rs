@@ -270,7 +270,48 @@ fn promtool_checks_a_live_scrape() {
         .find(|l| l.contains("metrics_addr"))
         .unwrap_or_else(|| panic!("no metrics_addr in /config:\n{config}"));
     assert!(line.contains(&addr) && line.contains("flag"), "{line}");
+    // `hotplug-agent config` in the agent's environment (as `kubectl exec` has it) shows
+    // the running agent's configuration, saying so; with no agent, what it computes here.
+    let config_command = |args: &[&str]| {
+        let out = Command::new(hotplug_tests::agent_bin())
+            .arg("config")
+            .args(args)
+            .env_clear()
+            .env("HOTPLUG_AGENT_METRICS_ADDR", &addr)
+            .output()
+            .expect("running hotplug-agent config");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("UTF-8")
+    };
+    let shown = config_command(&[]);
+    assert_eq!(
+        shown,
+        format!("# the running agent's configuration, from http://{addr}/config\n{config}"),
+        "not the running agent's"
+    );
+    // The agent was started with flags this environment does not have: what is shown is
+    // what runs, not what a fresh parse of this environment gives.
+    assert!(shown.contains("refresh = \"none\"  # flag"), "{shown}");
+    let local = config_command(&["--local"]);
+    assert!(
+        local.starts_with("# computed here") && local.contains("refresh = \"systemd\"  # default"),
+        "{local}"
+    );
     drop(agent);
+    let fallback = config_command(&[]);
+    assert!(
+        fallback.starts_with(
+            "# computed here from this command's flags, environment and config \
+             file: no running agent answered"
+        ) && fallback.contains(&format!(
+            "metrics_addr = \"{addr}\"  # env HOTPLUG_AGENT_METRICS_ADDR"
+        )),
+        "{fallback}"
+    );
 
     let mut check = Command::new(&promtool)
         .args(["check", "metrics"])

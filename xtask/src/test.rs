@@ -36,7 +36,7 @@ pub struct Args {
 /// `hotplug-tests` targets that neither need root nor change the machine: they run with
 /// the unprivileged tests, in parallel. Every other target there runs in the serial,
 /// privileged phase, so a new test file is serial until someone says otherwise.
-const PARALLEL_TARGETS: [&str; 3] = ["controller", "deploy", "fake_api"];
+const PARALLEL_TARGETS: [&str; 4] = ["cli_env", "controller", "deploy", "fake_api"];
 
 /// Spawned by the integration tests that run the agent.
 const AGENT_BIN_ENV: &str = "HOTPLUG_AGENT_BIN";

@@ -2,7 +2,8 @@
 //! is what `/metrics`, `/healthz` and `/readyz` say, with no second bookkeeping.
 //!
 //! `/healthz`: the process answers. `/readyz`: every source listens (the `ready` record)
-//! and, in `run` mode, the first reconcile is done and the API answered last time.
+//! and, in `run` mode, the first reconcile was tried; an unreachable API makes it 503 only
+//! after [`readiness::API_UNREADY_AFTER`] (readiness.rs says why).
 //!
 //! Capacities carry their unit as a label, as kube-state-metrics does
 //! (`kube_node_status_capacity{resource,unit}`): `memory` in `byte`, `cpu` in `core`, and
@@ -152,7 +153,7 @@ struct Health {
     /// reconcile and a reachable API.
     reconciling: AtomicBool,
     first_reconcile: AtomicBool,
-    api_down: AtomicBool,
+    api: super::readiness::ApiOutage,
     why: Mutex<String>,
 }
 
@@ -289,7 +290,7 @@ impl Metrics {
         let ready = Gauge::default();
         registry.register(
             "ready",
-            "1 while /readyz answers 200 (sources listening; run mode: first reconcile done, API answering)",
+            "1 while /readyz answers 200 (sources listening; run mode: first reconcile tried, the API not unreachable for over 5 minutes)",
             ready.clone(),
         );
         let api_reachable = Gauge::default();
@@ -477,9 +478,10 @@ impl Metrics {
             }
             (DecisionKind::Reconcile, action) => {
                 self.health.first_reconcile.store(true, Ordering::Relaxed);
-                self.health
-                    .api_down
-                    .store(action == DecisionAction::ApiUnreachable, Ordering::Relaxed);
+                self.health.api.observe(
+                    action != DecisionAction::ApiUnreachable,
+                    std::time::Instant::now(),
+                );
                 self.api_reachable
                     .set(i64::from(action != DecisionAction::ApiUnreachable));
                 if let Some(a) = &d.advertised {
@@ -558,11 +560,18 @@ impl Metrics {
             if !h.first_reconcile.load(Ordering::Relaxed) {
                 return Err("first reconcile not done yet (waiting for the Kubernetes API)".into());
             }
-            if h.api_down.load(Ordering::Relaxed) {
-                return Err("the Kubernetes API is unreachable".into());
-            }
+            h.api.check(std::time::Instant::now())?;
         }
         Ok(())
+    }
+
+    /// While the API is unreachable but within the grace: what `/readyz` adds to `ready`.
+    pub fn ready_note(&self) -> Option<String> {
+        self.health
+            .api
+            .check(std::time::Instant::now())
+            .ok()
+            .flatten()
     }
 
     /// Running: every source that could start listens and (in `run` mode) the first
@@ -619,7 +628,10 @@ fn handle(m: &Metrics, req: &Request<hyper::body::Incoming>) -> Response<Body> {
             None => http::text(404, "text/plain", "this process serves no configuration\n"),
         },
         "/readyz" => match m.ready() {
-            Ok(()) => http::text(200, "text/plain", "ready\n"),
+            Ok(()) => match m.ready_note() {
+                Some(note) => http::text(200, "text/plain", format!("ready; {note}\n")),
+                None => http::text(200, "text/plain", "ready\n"),
+            },
             Err(why) => http::text(503, "text/plain", format!("not ready: {why}\n")),
         },
         _ => http::text(

@@ -5,6 +5,7 @@ use crate::record::Record;
 
 pub mod http;
 pub mod metrics;
+pub mod readiness;
 pub mod sinks;
 pub mod source_metrics;
 pub mod stream;

@@ -183,6 +183,30 @@ pub enum AttachError {
         #[source]
         source: ProgramError,
     },
+    /// A perf-event tracepoint reads its id from tracefs. In a pod, the hostPath of a host
+    /// without tracefs mounted is an empty directory that `type: Directory` accepts, so
+    /// this is where that shows, said plainly rather than as aya's "tracefs not found".
+    #[error(
+        "attaching {program} to {target}: tracefs is not mounted (neither \
+         {TRACEFS} nor {DEBUG_TRACEFS} has anything in it): mount it on the host \
+         (`mount -t tracefs tracefs {TRACEFS}`; systemd does at boot), and in a pod mount \
+         the host's {TRACEFS}; the raw and BTF tracepoints need no tracefs"
+    )]
+    NoTracefs {
+        program: &'static str,
+        target: &'static str,
+    },
+}
+
+const TRACEFS: &str = "/sys/kernel/tracing";
+const DEBUG_TRACEFS: &str = "/sys/kernel/debug/tracing";
+
+/// Where aya finds tracefs: the first of `candidates` that exists and is not empty (aya
+/// 0.14 `find_tracefs_path`; an unmounted tracefs leaves an empty directory).
+fn tracefs_in(candidates: &[&std::path::Path]) -> bool {
+    candidates
+        .iter()
+        .any(|p| std::fs::read_dir(p).is_ok_and(|mut entries| entries.next().is_some()))
 }
 
 /// Tries each attempt in order until one attaches; reports every attempt. Returns the
@@ -393,7 +417,14 @@ fn attach(
         Method::Tracepoint { category } => {
             let p: &mut TracePoint = prog.try_into().map_err(wrong)?;
             p.load().map_err(load)?;
-            p.attach(category, target).map_err(attach)?;
+            p.attach(category, target).map_err(|e| {
+                let roots = [TRACEFS, DEBUG_TRACEFS].map(std::path::Path::new);
+                if tracefs_in(&roots) {
+                    attach(e)
+                } else {
+                    AttachError::NoTracefs { program, target }
+                }
+            })?;
         }
         Method::RawTracepoint => {
             let p: &mut RawTracePoint = prog.try_into().map_err(wrong)?;
@@ -555,6 +586,26 @@ impl EbpfSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unmounted_tracefs_is_an_empty_directory_and_said_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let (empty, mounted) = (dir.path().join("empty"), dir.path().join("mounted"));
+        std::fs::create_dir_all(&empty).unwrap();
+        std::fs::create_dir_all(mounted.join("events")).unwrap();
+        let missing = dir.path().join("missing");
+        assert!(!tracefs_in(&[&empty, &missing]));
+        assert!(tracefs_in(&[&empty, &mounted]));
+        let e = AttachError::NoTracefs {
+            program: "cpuhp_exit",
+            target: "cpuhp_exit",
+        };
+        let text = e.to_string();
+        assert!(
+            text.contains("tracefs is not mounted") && text.contains("mount -t tracefs"),
+            "{text}"
+        );
+    }
 
     fn denied(program: &'static str) -> AttachError {
         AttachError::Attach {

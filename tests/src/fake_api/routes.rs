@@ -60,8 +60,15 @@ pub(crate) async fn handle(
         .unwrap_or_default()
         .trim()
         .to_ascii_lowercase();
+    let user_agent = req
+        .headers()
+        .get(hyper::header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
     let injected = shared.write(|st| {
         st.requests.push((method.clone(), target.clone()));
+        st.user_agents.push(user_agent);
         st.take_failure(&method, &path)
     });
     if let Some(code) = injected {

@@ -78,6 +78,8 @@ pub(crate) struct State {
     pub(crate) compacted: u64,
     seq: u64,
     pub(crate) requests: Vec<(String, String)>,
+    /// The `User-Agent` of each of `requests`, in the same order ("" when none was sent).
+    pub(crate) user_agents: Vec<String>,
     pub(crate) unhandled: Vec<(String, String)>,
     pub(crate) blocked_evictions: HashSet<(String, String)>,
     pub(crate) failures: Vec<Failure>,
