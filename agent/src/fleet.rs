@@ -775,12 +775,39 @@ async fn renew(
     holder: &str,
     timeout: Duration,
 ) -> Result<bool, FleetError> {
+    update_own(api, name, holder, timeout, |_| {}).await
+}
+
+/// Gives the slot back; a Lease that is no longer ours is left alone.
+async fn release(
+    api: &Api<Lease>,
+    name: &str,
+    holder: &str,
+    timeout: Duration,
+) -> Result<(), FleetError> {
+    let free = |spec: &mut LeaseSpec| {
+        spec.holder_identity = None;
+        spec.acquire_time = None;
+    };
+    update_own(api, name, holder, timeout, free).await.map(drop)
+}
+
+/// Updates our own Lease: `edit`, and `renewTime` now, guarded by the resourceVersion just
+/// read (a conflict reads it again). Ok(false): it is no longer ours, left alone.
+async fn update_own(
+    api: &Api<Lease>,
+    name: &str,
+    holder: &str,
+    timeout: Duration,
+    edit: impl Fn(&mut LeaseSpec),
+) -> Result<bool, FleetError> {
     for _ in 0..WRITE_ATTEMPTS {
         let mut lease = within(timeout, "GET lease", name, api.get(name)).await?;
         if holder_of(&lease).map(String::as_str) != Some(holder) {
             return Ok(false);
         }
         if let Some(spec) = lease.spec.as_mut() {
+            edit(spec);
             spec.renew_time = Some(MicroTime(Timestamp::now()));
         }
         match within(
@@ -792,38 +819,6 @@ async fn renew(
         .await
         {
             Ok(_) => return Ok(true),
-            Err(e) if is_conflict(&e) => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Err(FleetError::Contended(name.to_owned()))
-}
-
-async fn release(
-    api: &Api<Lease>,
-    name: &str,
-    holder: &str,
-    timeout: Duration,
-) -> Result<(), FleetError> {
-    for _ in 0..WRITE_ATTEMPTS {
-        let mut lease = within(timeout, "GET lease", name, api.get(name)).await?;
-        if holder_of(&lease).map(String::as_str) != Some(holder) {
-            return Ok(());
-        }
-        if let Some(spec) = lease.spec.as_mut() {
-            spec.holder_identity = None;
-            spec.acquire_time = None;
-            spec.renew_time = Some(MicroTime(Timestamp::now()));
-        }
-        match within(
-            timeout,
-            "UPDATE lease",
-            name,
-            api.replace(name, &PostParams::default(), &lease),
-        )
-        .await
-        {
-            Ok(_) => return Ok(()),
             Err(e) if is_conflict(&e) => continue,
             Err(e) => return Err(e),
         }

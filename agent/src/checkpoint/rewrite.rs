@@ -19,6 +19,30 @@ use crate::capacity;
 #[error("{0}")]
 pub struct Refused(pub String);
 
+/// Why the kubelet would refuse a checkpoint at start-up, in its own words.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize)]
+#[error("{0}")]
+#[serde(transparent)]
+pub struct KubeletRefuses(pub String);
+
+impl From<Refused> for KubeletRefuses {
+    fn from(r: Refused) -> Self {
+        Self(r.0)
+    }
+}
+
+impl From<String> for KubeletRefuses {
+    fn from(why: String) -> Self {
+        Self(why)
+    }
+}
+
+impl From<&str> for KubeletRefuses {
+    fn from(why: &str) -> Self {
+        Self(why.to_owned())
+    }
+}
+
 fn refuse<T>(why: impl Into<String>) -> Result<T, Refused> {
     Err(Refused(why.into()))
 }
@@ -62,40 +86,44 @@ fn assignments(state: &CpuState) -> Result<Vec<(String, String, CpuSet)>, Refuse
 
 /// pkg/kubelet/cm/cpumanager/policy_static.go `validateState`, in its order and wording,
 /// for a kubelet whose `--reserved-cpus` are `reserved` (without strict-cpu-reservation).
-pub fn validate_cpu(state: &CpuState, online: &CpuSet, reserved: &CpuSet) -> Result<(), String> {
-    let assigned = assignments(state).map_err(|r| r.0)?;
-    let default = cpus("defaultCpuSet", &state.default_cpu_set).map_err(|r| r.0)?;
+pub fn validate_cpu(
+    state: &CpuState,
+    online: &CpuSet,
+    reserved: &CpuSet,
+) -> Result<(), KubeletRefuses> {
+    let assigned = assignments(state)?;
+    let default = cpus("defaultCpuSet", &state.default_cpu_set)?;
     if default.is_empty() {
         if !assigned.is_empty() {
-            return Err("default cpuset cannot be empty".into());
+            return Err(KubeletRefuses::from("default cpuset cannot be empty"));
         }
         return Ok(());
     }
     if !reserved.is_subset(&default) {
-        return Err(format!(
+        return Err(KubeletRefuses::from(format!(
             "not all reserved cpus: \"{}\" are present in defaultCpuSet: \"{}\"",
             list(reserved),
             list(&default)
-        ));
+        )));
     }
     for (pod, container, set) in &assigned {
         if !set.is_disjoint(&default) {
-            return Err(format!(
+            return Err(KubeletRefuses::from(format!(
                 "pod: {pod}, container: {container} cpuset: \"{}\" overlaps with default cpuset \"{}\"",
                 list(set),
                 list(&default)
-            ));
+            )));
         }
     }
     let known = assigned
         .iter()
         .fold(default, |known, (.., set)| &known | set);
     if &known != online {
-        return Err(format!(
+        return Err(KubeletRefuses::from(format!(
             "current set of available CPUs \"{}\" doesn't match with CPUs in state \"{}\"",
             list(online),
             list(&known)
-        ));
+        )));
     }
     Ok(())
 }
@@ -299,25 +327,27 @@ pub fn plan_memory(
 
 /// pkg/kubelet/cm/memorymanager/policy_static.go `validateState`: the machine state the
 /// kubelet computes must equal the checkpoint's ("areMachineStatesEqual").
-pub fn validate_memory(state: &MemoryState, machine: &BTreeMap<i64, u64>) -> Result<(), String> {
+pub fn validate_memory(
+    state: &MemoryState,
+    machine: &BTreeMap<i64, u64>,
+) -> Result<(), KubeletRefuses> {
     const DIFFERENT: &str =
         "[memorymanager] the expected machine state is different from the real one";
     let Some(nodes) = state.machine_state.as_ref().filter(|n| !n.is_empty()) else {
         if state.entries.as_ref().is_some_and(|e| !e.is_empty()) {
-            return Err(
-                "[memorymanager] machine state can not be empty when it has memory assignments"
-                    .into(),
-            );
+            return Err(KubeletRefuses::from(
+                "[memorymanager] machine state can not be empty when it has memory assignments",
+            ));
         }
         return Ok(());
     };
     let expected = kubelet_machine_state(nodes, machine, state)?;
     if nodes.len() != expected.len() {
-        return Err(DIFFERENT.into());
+        return Err(KubeletRefuses::from(DIFFERENT));
     }
     for (id, want) in &expected {
         let Some(Some(node)) = nodes.get(id) else {
-            return Err(DIFFERENT.into());
+            return Err(KubeletRefuses::from(DIFFERENT));
         };
         let cells = |n: &NumaNodeState| BTreeSet::from_iter(n.cells.iter().flatten().copied());
         let tables = |n: &NumaNodeState| -> BTreeMap<String, Option<MemoryTable>> {
@@ -327,7 +357,7 @@ pub fn validate_memory(state: &MemoryState, machine: &BTreeMap<i64, u64>) -> Res
             || cells(node) != cells(want)
             || tables(node) != tables(want)
         {
-            return Err(DIFFERENT.into());
+            return Err(KubeletRefuses::from(DIFFERENT));
         }
     }
     Ok(())

@@ -29,7 +29,7 @@ pub struct Inspection {
     pub checksum: Option<Checksum>,
     /// Whether the kubelet would start on this file on this machine now; if not, why, in
     /// the kubelet's words where it has them.
-    pub kubelet_accepts: Result<(), String>,
+    pub kubelet_accepts: Result<(), rewrite::KubeletRefuses>,
     pub update: Update,
     #[serde(skip)]
     pub original: Vec<u8>,
@@ -118,7 +118,7 @@ fn unreadable(manager: &'static str, path: PathBuf, why: String) -> Inspection {
         policy: None,
         layout: None,
         checksum: None,
-        kubelet_accepts: Err(why.clone()),
+        kubelet_accepts: Err(why.clone().into()),
         update: Update::Refused { reason: why },
         original: Vec::new(),
     }
@@ -152,10 +152,10 @@ fn inspect_cpu(path: PathBuf, bytes: Vec<u8>, machine: &Machine) -> Inspection {
 fn kubelet_accepts<S>(
     file: &format::File<S>,
     is_static: bool,
-    validate: impl FnOnce() -> Result<(), String>,
-) -> Result<(), String> {
+    validate: impl FnOnce() -> Result<(), rewrite::KubeletRefuses>,
+) -> Result<(), rewrite::KubeletRefuses> {
     if !file.checksum.valid {
-        Err(CORRUPT.to_owned())
+        Err(CORRUPT.into())
     } else if is_static {
         validate()
     } else {
@@ -169,7 +169,7 @@ fn inspection<S>(
     original: Vec<u8>,
     file: &format::File<S>,
     policy: &str,
-    kubelet_accepts: Result<(), String>,
+    kubelet_accepts: Result<(), rewrite::KubeletRefuses>,
     update: Update,
 ) -> Inspection {
     Inspection {
@@ -288,7 +288,7 @@ mod tests {
             .expect("one file");
         let accepts = one.kubelet_accepts.clone().expect_err("4 is new");
         assert!(
-            accepts.contains(
+            accepts.0.contains(
                 "current set of available CPUs \"0-4\" doesn't match with CPUs in state \"0-3\""
             ),
             "{accepts}"

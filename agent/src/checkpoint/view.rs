@@ -40,7 +40,7 @@ pub fn write(out: &mut impl Write, found: &[Inspection], format: Format) -> io::
                     checksum_computed: i.checksum.as_ref().map(|c| c.computed),
                     checksum_valid: i.checksum.as_ref().map(|c| c.valid),
                     kubelet_accepts: i.kubelet_accepts.is_ok(),
-                    kubelet_error: i.kubelet_accepts.as_ref().err().map(String::as_str),
+                    kubelet_error: i.kubelet_accepts.as_ref().err().map(|e| e.0.as_str()),
                     update_in_place: &i.update,
                 };
                 serde_json::to_writer(&mut *out, &line)?;

@@ -551,14 +551,15 @@ impl Metrics {
     }
 
     /// Ready, or why not.
-    pub fn ready(&self) -> Result<(), String> {
+    pub fn ready(&self) -> Result<(), super::readiness::NotReady> {
+        use super::readiness::NotReady;
         let h = &self.health;
         if !h.sources_ready.load(Ordering::Relaxed) {
-            return Err("sources not listening yet".into());
+            return Err(NotReady::SourcesNotListening);
         }
         if h.reconciling.load(Ordering::Relaxed) {
             if !h.first_reconcile.load(Ordering::Relaxed) {
-                return Err("first reconcile not done yet (waiting for the Kubernetes API)".into());
+                return Err(NotReady::FirstReconcilePending);
             }
             h.api.check(std::time::Instant::now())?;
         }
@@ -566,7 +567,7 @@ impl Metrics {
     }
 
     /// While the API is unreachable but within the grace: what `/readyz` adds to `ready`.
-    pub fn ready_note(&self) -> Option<String> {
+    pub fn ready_note(&self) -> Option<super::readiness::ApiUnreachableFor> {
         self.health
             .api
             .check(std::time::Instant::now())

@@ -22,6 +22,38 @@ use std::{
 /// the `HotplugAgentNotReady` alert, 15 minutes on top, fires within the half hour).
 pub const API_UNREADY_AFTER: Duration = Duration::from_secs(300);
 
+/// Why `/readyz` answers 503.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotReady {
+    #[error("sources not listening yet")]
+    SourcesNotListening,
+    #[error("first reconcile not done yet (waiting for the Kubernetes API)")]
+    FirstReconcilePending,
+    #[error(
+        "the Kubernetes API has been unreachable for {} s, longer than {} s",
+        .0.as_secs(),
+        API_UNREADY_AFTER.as_secs()
+    )]
+    ApiUnreachable(Duration),
+}
+
+/// Ready, but the API has been unreachable this long (within the grace): what `/readyz`
+/// adds to its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApiUnreachableFor(pub Duration);
+
+impl std::fmt::Display for ApiUnreachableFor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the Kubernetes API has been unreachable for {} s (not a reason to be unready \
+             before {} s)",
+            self.0.as_secs(),
+            API_UNREADY_AFTER.as_secs()
+        )
+    }
+}
+
 /// Since when the API has been unreachable, as the reconcile records say.
 #[derive(Debug, Default)]
 pub struct ApiOutage {
@@ -48,20 +80,11 @@ impl ApiOutage {
 
     /// Ok with a note for `/readyz` while within the grace (`None`: reachable); Err once
     /// the outage is longer than [`API_UNREADY_AFTER`].
-    pub fn check(&self, now: Instant) -> Result<Option<String>, String> {
+    pub fn check(&self, now: Instant) -> Result<Option<ApiUnreachableFor>, NotReady> {
         match self.unreachable_for(now) {
             None => Ok(None),
-            Some(d) if d <= API_UNREADY_AFTER => Ok(Some(format!(
-                "the Kubernetes API has been unreachable for {} s (not a reason to be unready \
-                 before {} s)",
-                d.as_secs(),
-                API_UNREADY_AFTER.as_secs()
-            ))),
-            Some(d) => Err(format!(
-                "the Kubernetes API has been unreachable for {} s, longer than {} s",
-                d.as_secs(),
-                API_UNREADY_AFTER.as_secs()
-            )),
+            Some(d) if d <= API_UNREADY_AFTER => Ok(Some(ApiUnreachableFor(d))),
+            Some(d) => Err(NotReady::ApiUnreachable(d)),
         }
     }
 }
@@ -81,12 +104,15 @@ mod tests {
         let within = outage
             .check(t0 + Duration::from_secs(120))
             .expect("ready within the grace");
-        assert!(within.is_some_and(|n| n.contains("for 120 s")));
+        assert!(within.is_some_and(|n| n.to_string().contains("for 120 s")));
         assert!(outage.check(t0 + API_UNREADY_AFTER).is_ok());
         let after = outage
             .check(t0 + API_UNREADY_AFTER + Duration::from_secs(1))
             .expect_err("unready after the grace");
-        assert!(after.contains("unreachable for 301 s"), "{after}");
+        assert!(
+            after.to_string().contains("unreachable for 301 s"),
+            "{after}"
+        );
         // Back: ready at once, and a new outage starts a new clock.
         outage.observe(true, t0 + Duration::from_secs(400));
         assert_eq!(outage.check(t0 + Duration::from_secs(400)), Ok(None));

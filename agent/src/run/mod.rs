@@ -612,6 +612,22 @@ impl Controller {
         next
     }
 
+    /// Whether the guard rails (minimum interval, back-off, hourly cap) let a restart
+    /// start now; if not, the `deferred` record says why and until when.
+    async fn guard_allows(&mut self, now: Instant, backend: &'static str) -> Result<(), Next> {
+        let Err(deferred) = self.guard.check(now) else {
+            return Ok(());
+        };
+        let wait = deferred.until.saturating_duration_since(now);
+        self.decide(DecisionKind::Refresh, DecisionAction::Deferred, |d| {
+            d.backend = Some(backend.into());
+            d.reason = Some(deferred.reason.into());
+            d.until = Some(crate::record::rfc3339_in(wait));
+        })
+        .await;
+        Err(Next::RetryAt(deferred.until))
+    }
+
     async fn refresh_within_budget(
         &mut self,
         node: &Node,
@@ -679,13 +695,8 @@ impl Controller {
             Blocking::Stop(next) => return next,
             Blocking::Reset(blocked) => {
                 // The reset restarts the kubelet itself; it counts against the guard rails too.
-                if let Err(deferred) = self.guard.check(now) {
-                    self.decide(DecisionKind::Refresh, DecisionAction::Deferred, |d| {
-                        d.backend = Some(backend.into());
-                        d.reason = Some(deferred.reason.into());
-                    })
-                    .await;
-                    return Next::RetryAt(deferred.until);
+                if let Err(next) = self.guard_allows(now, backend).await {
+                    return next;
                 }
                 if let Err(next) = self
                     .take_slots(&[fleet::Action::Drain, fleet::Action::Restart])
@@ -701,13 +712,8 @@ impl Controller {
                 true
             }
             Blocking::Rewrite(planned, checked) => {
-                if let Err(deferred) = self.guard.check(now) {
-                    self.decide(DecisionKind::Refresh, DecisionAction::Deferred, |d| {
-                        d.backend = Some(backend.into());
-                        d.reason = Some(deferred.reason.into());
-                    })
-                    .await;
-                    return Next::RetryAt(deferred.until);
+                if let Err(next) = self.guard_allows(now, backend).await {
+                    return next;
                 }
                 self.guard.started(now);
                 if let Err(next) = self.update_in_place(node, planned, &checked).await {
@@ -722,15 +728,8 @@ impl Controller {
                 .verify(before, window, cgroup_file, cgroup_before, now)
                 .await;
         }
-        if let Err(deferred) = self.guard.check(now) {
-            let wait = deferred.until.saturating_duration_since(now);
-            self.decide(DecisionKind::Refresh, DecisionAction::Deferred, |d| {
-                d.backend = Some(backend.into());
-                d.reason = Some(deferred.reason.into());
-                d.until = Some(crate::record::rfc3339_in(wait));
-            })
-            .await;
-            return Next::RetryAt(deferred.until);
+        if let Err(next) = self.guard_allows(now, backend).await {
+            return next;
         }
         // Evictions take a drain slot first, as a drain-and-reset does.
         let actions: &[fleet::Action] = if evictions.is_some() {
@@ -1067,7 +1066,7 @@ impl Controller {
                     return Blocking::Rewrite(planned, checked);
                 }
                 Ok(_) => refused = Some("nothing to rewrite".to_owned()),
-                Err(why) => refused = Some(why),
+                Err(why) => refused = Some(why.0),
             }
         }
         let message = format!(

@@ -18,7 +18,10 @@ use k8s_openapi::api::core::v1::Node;
 
 use super::{Controller, Next};
 use crate::{
-    checkpoint::update::{self, Inspection, Machine, Update},
+    checkpoint::{
+        rewrite::Refused,
+        update::{self, Inspection, Machine, Update},
+    },
     node::EventType,
     record::{CheckpointChange, DecisionAction, DecisionKind},
     refresh::{self, Backend},
@@ -32,7 +35,7 @@ pub struct Planned {
 
 /// Looks at every checkpoint with update-in-place in mind. `Ok`: a rewrite of each file
 /// the kubelet would refuse; `Err`: why not (the configured fallback applies).
-pub fn plan(kubelet_root: &std::path::Path, machine: &Machine) -> Result<Planned, String> {
+pub fn plan(kubelet_root: &std::path::Path, machine: &Machine) -> Result<Planned, Refused> {
     let mut rewrites = Vec::new();
     let mut refusals = Vec::new();
     for i in update::inspect(kubelet_root, machine) {
@@ -42,7 +45,10 @@ pub fn plan(kubelet_root: &std::path::Path, machine: &Machine) -> Result<Planned
             Update::NotNeeded => refusals.push(format!(
                 "{}: nothing to rewrite but the kubelet would refuse it: {}",
                 i.path.display(),
-                i.kubelet_accepts.as_ref().err().map_or("", String::as_str)
+                i.kubelet_accepts
+                    .as_ref()
+                    .err()
+                    .map_or("", |e| e.0.as_str())
             )),
             Update::Refused { reason } => refusals.push(format!("{}: {reason}", i.path.display())),
         }
@@ -50,7 +56,7 @@ pub fn plan(kubelet_root: &std::path::Path, machine: &Machine) -> Result<Planned
     if refusals.is_empty() {
         Ok(Planned { rewrites })
     } else {
-        Err(refusals.join("; "))
+        Err(Refused(refusals.join("; ")))
     }
 }
 
