@@ -111,7 +111,9 @@ impl Controller {
         check.evict = pods.iter().map(PodLoad::key).collect();
         self.shrink_checked = Some(check.clone());
         if !matches!(blocking, Blocking::No) {
-            // TODO(issue 12): evictions for a shrink together with a static policy reset.
+            // A static policy's reset drains the pinned pods and a rewrite keeps them; the
+            // shrink's evictions by priority would need one plan with either. Until that
+            // exists the safe side is to refuse, saying which pods would have to go.
             let message = format!(
                 "not restarting the kubelet on the smaller machine: {why}; the evictions it \
                  needs ({}) are not combined with the static policy's reset or rewrite",
