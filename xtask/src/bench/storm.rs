@@ -153,8 +153,8 @@ fn storm_section(f: &Value) -> Section {
         None,
     );
     s.note(
-        "the connection limit is per listener (64): with hundreds of clients reconnecting as \
-         fast as they are refused, a well-behaved client mostly gets 503",
+        "the connection limit is per listener (64); at the limit the idlest connection is \
+         closed to make room, so a probe that sends its request at once is answered",
     );
     s
 }
