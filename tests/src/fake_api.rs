@@ -141,6 +141,36 @@ impl FakeApi {
         self.shared.addr
     }
 
+    /// A kube client built the way the agent builds one, from a kubeconfig file in `dir`
+    /// (written once, whole: simulated nodes build theirs at the same time), without
+    /// kube's own retries: a stopped API or a blocked eviction must come back at once, not
+    /// after minutes of back-off.
+    pub async fn client(&self, dir: &Path) -> kube::Client {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static TMP: AtomicU64 = AtomicU64::new(0);
+        let path = dir.join("kubeconfig");
+        if !path.exists() {
+            let tmp = dir.join(format!(
+                "kubeconfig.{}.tmp",
+                TMP.fetch_add(1, Ordering::Relaxed)
+            ));
+            self.write_kubeconfig(&tmp);
+            std::fs::rename(&tmp, &path).expect("moving the kubeconfig into place");
+        }
+        let kubeconfig =
+            kube::config::Kubeconfig::read_from(&path).expect("reading the kubeconfig");
+        let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+            .await
+            .expect("loading the kubeconfig");
+        config.default_retry = false;
+        assert_eq!(config.default_namespace, "default");
+        assert_eq!(
+            config.cluster_url.to_string().trim_end_matches('/'),
+            self.url()
+        );
+        kube::Client::try_from(config).expect("building the client")
+    }
+
     /// Writes a kubeconfig for [`url`](Self::url): no credentials, its context current,
     /// namespace `default`. Works with kubectl too, for poking at a test by hand.
     pub fn write_kubeconfig(&self, path: &Path) {

@@ -15,33 +15,13 @@ use hotplug_tests::{
 };
 use k8s_openapi::api::core::v1::{Event, Node, ObjectReference, Pod};
 use kube::{
-    Api, Client, Config,
+    Api,
     api::{EvictParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams},
-    config::{KubeConfigOptions, Kubeconfig},
     runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter},
 };
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(10);
-
-/// A kube client built the way the agent builds one: from a kubeconfig file.
-async fn client(api: &FakeApi, dir: &Path) -> Client {
-    let path = dir.join("kubeconfig");
-    api.write_kubeconfig(&path);
-    let kubeconfig = Kubeconfig::read_from(&path).expect("reading the kubeconfig");
-    let mut config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .expect("loading the kubeconfig");
-    // kube retries 429/503/504 up to 15 times with exponential back-off (minutes in
-    // all) by default; a blocked eviction must come back at once here.
-    config.default_retry = false;
-    assert_eq!(config.default_namespace, "default");
-    assert_eq!(
-        config.cluster_url.to_string().trim_end_matches('/'),
-        api.url()
-    );
-    Client::try_from(config).expect("building the client")
-}
 
 fn node(name: &str) -> Node {
     serde_json::from_value(json!({
@@ -78,7 +58,7 @@ fn condition_types(node: &Value) -> Vec<String> {
 async fn nodes_get_create_and_every_patch_type() {
     let api = FakeApi::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let nodes: Api<Node> = Api::all(client(&api, dir.path()).await);
+    let nodes: Api<Node> = Api::all(api.client(dir.path()).await);
 
     let created = nodes
         .create(&PostParams::default(), &node("n1"))
@@ -204,7 +184,7 @@ async fn nodes_get_create_and_every_patch_type() {
     );
 
     // JSON patch and an unsupported content type, through raw requests.
-    let kube_client = client(&api, dir.path()).await;
+    let kube_client = api.client(dir.path()).await;
     let json_patch = hyper::http::Request::patch("/api/v1/nodes/n1/status")
         .header("Content-Type", "application/json-patch+json")
         .body(
@@ -295,7 +275,7 @@ async fn nodes_get_create_and_every_patch_type() {
 async fn watch_from_a_resource_version_and_410_when_too_old() {
     let api = FakeApi::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let nodes: Api<Node> = Api::all(client(&api, dir.path()).await);
+    let nodes: Api<Node> = Api::all(api.client(dir.path()).await);
     let created = nodes
         .create(&PostParams::default(), &node("w1"))
         .await
@@ -396,7 +376,7 @@ async fn watch_from_a_resource_version_and_410_when_too_old() {
 async fn events_through_both_api_groups() {
     let api = FakeApi::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let client = client(&api, dir.path()).await;
+    let client = api.client(dir.path()).await;
     let nodes: Api<Node> = Api::all(client.clone());
     nodes
         .create(&PostParams::default(), &node("e1"))
@@ -486,7 +466,7 @@ async fn the_agents_events_repeat_as_one_series_and_always_fit() {
     use hotplug_agent::node::{EventType as AgentEventType, NodeApi};
     let api = FakeApi::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let client = client(&api, dir.path()).await;
+    let client = api.client(dir.path()).await;
     let nodes: Api<Node> = Api::all(client.clone());
     nodes
         .create(&PostParams::default(), &node("e2"))
@@ -546,7 +526,7 @@ async fn the_agents_events_repeat_as_one_series_and_always_fit() {
 async fn pods_by_node_and_evictions_honour_disruption_budgets() {
     let api = FakeApi::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let client = client(&api, dir.path()).await;
+    let client = api.client(dir.path()).await;
     for (name, node) in [("a", "p1"), ("b", "p1"), ("c", "elsewhere")] {
         api.add_pod(json!({
             "metadata": {"name": name, "namespace": "work"},
@@ -588,7 +568,7 @@ async fn pods_by_node_and_evictions_honour_disruption_budgets() {
 async fn stop_fails_requests_and_restart_serves_the_same_state_on_the_same_port() {
     let api = FakeApi::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let nodes: Api<Node> = Api::all(client(&api, dir.path()).await);
+    let nodes: Api<Node> = Api::all(api.client(dir.path()).await);
     nodes
         .create(&PostParams::default(), &node("s1"))
         .await
@@ -671,7 +651,7 @@ fn memory_of(node: &Value) -> &str {
 async fn kubelet_standin_reposts_its_cached_capacity_and_restarts() {
     let api = FakeApi::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let client = client(&api, dir.path()).await;
+    let client = api.client(dir.path()).await;
     let kubeconfig = dir.path().join("kubeconfig");
     let (memory, cpus) = machine();
     let memory_q = binary_quantity(memory);
@@ -832,7 +812,7 @@ async fn kube_runtime_watchers_list_then_watch_and_stream_lists() {
 
     let api = FakeApi::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let nodes: Api<Node> = Api::all(client(&api, dir.path()).await);
+    let nodes: Api<Node> = Api::all(api.client(dir.path()).await);
     nodes
         .create(&PostParams::default(), &node("r1"))
         .await

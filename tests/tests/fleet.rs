@@ -30,9 +30,8 @@ use k8s_openapi::{
     jiff::{SignedDuration, Timestamp},
 };
 use kube::{
-    Api, Client, Config,
+    Api, Client,
     api::{Patch, PatchParams, PostParams},
-    config::{KubeConfigOptions, Kubeconfig},
 };
 use serde_json::json;
 use tokio::time::Instant;
@@ -40,20 +39,6 @@ use tokio::time::Instant;
 const NS: &str = "default";
 const API_TIMEOUT: Duration = Duration::from_secs(5);
 const GIB: u64 = 1 << 30;
-
-async fn client(api: &FakeApi, dir: &Path) -> Client {
-    let path = dir.join("kubeconfig");
-    if !path.exists() {
-        api.write_kubeconfig(&path);
-    }
-    let kubeconfig = Kubeconfig::read_from(&path).expect("reading the kubeconfig");
-    let mut config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .expect("loading the kubeconfig");
-    // A stopped API must surface as an error at once, not after minutes of retries.
-    config.default_retry = false;
-    Client::try_from(config).expect("building the client")
-}
 
 fn config(restarts: Limit, lease: Duration) -> fleet::Config {
     fleet::Config {
@@ -65,7 +50,7 @@ fn config(restarts: Limit, lease: Duration) -> fleet::Config {
 }
 
 async fn budget(api: &FakeApi, dir: &Path, holder: &str, limit: Limit, lease: Duration) -> Budget {
-    let c = client(api, dir).await;
+    let c = api.client(dir).await;
     Fleet::new(c, &config(limit, lease), holder, API_TIMEOUT).restarts
 }
 
@@ -239,7 +224,7 @@ fn a_holder_that_never_renews_loses_its_slot_after_the_duration_whatever_its_clo
     rt().block_on(async {
         let api = FakeApi::start().await;
         let dir = tempfile::tempdir().expect("tempdir");
-        let c = client(&api, dir.path()).await;
+        let c = api.client(dir.path()).await;
         // renewTime an hour in the future: a waiter trusting it would wait an hour.
         let ahead = Timestamp::now() + SignedDuration::from_hours(1);
         ghost_lease(&c, ahead).await;
@@ -280,7 +265,7 @@ fn a_holder_whose_clock_is_an_hour_behind_keeps_its_slot_while_it_renews() {
     rt().block_on(async {
         let api = FakeApi::start().await;
         let dir = tempfile::tempdir().expect("tempdir");
-        let c = client(&api, dir.path()).await;
+        let c = api.client(dir.path()).await;
         let behind = || Timestamp::now() - SignedDuration::from_hours(1);
         ghost_lease(&c, behind()).await;
         // The skewed holder renews every 300 ms (its duration is 1 s), an hour in the past.
@@ -376,7 +361,7 @@ struct FleetRun {
 async fn simulate(nodes: usize, limit: Limit, restart: Duration) -> FleetRun {
     let api = FakeApi::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let admin = client(&api, dir.path()).await;
+    let admin = api.client(dir.path()).await;
     let node_api: Api<Node> = Api::all(admin.clone());
     for i in 0..nodes {
         let name = format!("node-{i:03}");
@@ -398,7 +383,7 @@ async fn simulate(nodes: usize, limit: Limit, restart: Duration) -> FleetRun {
     let mut slots_seen = Vec::new();
     for i in 0..nodes {
         let name = format!("node-{i:03}");
-        let c = client(&api, dir.path()).await;
+        let c = api.client(dir.path()).await;
         let mut b = Fleet::new(
             c.clone(),
             &config(limit, Duration::from_secs(10)),
