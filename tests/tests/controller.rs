@@ -897,6 +897,15 @@ impl Harness {
             }));
     }
 
+    /// No refresh was skipped (no guard rail, pause, stand-down or shrink refusal).
+    fn assert_nothing_skipped(&self) {
+        assert!(
+            self.records("refresh", "skipped").is_empty(),
+            "log:\n{}",
+            self.log()
+        );
+    }
+
     /// The Events posted for the Node with this reason.
     fn events(&self, reason: &str) -> Vec<Value> {
         self.cluster
@@ -1166,11 +1175,7 @@ fn update_in_place_adds_a_new_cpu_to_the_shared_pool_with_one_restart() {
                     .unwrap_or("")
                     .contains("CPUs 2 join the shared pool")
         }));
-    assert!(
-        h.records("refresh", "skipped").is_empty(),
-        "log:\n{}",
-        h.log()
-    );
+    h.assert_nothing_skipped();
 }
 
 /// `update-in-place` when the CPU that went away is pinned to a pod: nothing is written,
@@ -1659,11 +1664,7 @@ fn a_garbled_kubelet_config_is_reported_and_ignored() {
     h.cpu1_offline();
     h.wait_converged();
     assert_eq!(h.cluster.kubelet.restarts(), 2, "log:\n{}", h.log());
-    assert!(
-        h.records("refresh", "skipped").is_empty(),
-        "log:\n{}",
-        h.log()
-    );
+    h.assert_nothing_skipped();
 }
 
 /// The Node's capacity as first seen is written once before the agent's first restart
@@ -1826,11 +1827,7 @@ fn a_shrink_the_pods_fit_restarts_the_kubelet() {
     assert_eq!(check["memory_requests"], GIB, "{started}");
     assert_eq!(check["pods"], 1, "{started}");
     assert_eq!(h.cluster.kubelet.restarts(), 2, "log:\n{}", h.log());
-    assert!(
-        h.records("refresh", "skipped").is_empty(),
-        "log:\n{}",
-        h.log()
-    );
+    h.assert_nothing_skipped();
 }
 
 /// The pods use more than the smaller machine will allow them: no restart (it would lower
