@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 const MEMINFO: &str = "proc/meminfo";
 const CPU_ONLINE: &str = "sys/devices/system/cpu/online";
 const CPU_POSSIBLE: &str = "sys/devices/system/cpu/possible";
-const MEMORY_DIR: &str = "sys/devices/system/memory";
+pub const MEMORY_DIR: &str = "sys/devices/system/memory";
 const NODE_DIR: &str = "sys/devices/system/node";
 const HUGEPAGES_DIR: &str = "sys/kernel/mm/hugepages";
 

@@ -62,6 +62,7 @@ struct Shared {
 pub struct Tracker {
     tx: watch::Sender<Activity>,
     shared: Arc<Shared>,
+    offlining: watch::Sender<crate::offlining::Started>,
 }
 
 impl Tracker {
@@ -87,14 +88,17 @@ impl Tracker {
             added: 0,
         });
         let shared = Arc::new(Shared::default());
+        let (offlining, offlining_rx) = watch::channel(crate::offlining::Started::default());
         (
             Self {
                 tx,
                 shared: shared.clone(),
+                offlining,
             },
             Episodes {
                 rx,
                 shared,
+                offlining: offlining_rx,
                 consumed: 0,
                 consumed_added: 0,
                 timing: Timing::default(),
@@ -116,6 +120,12 @@ impl Tracker {
     pub fn observe(&self, record: &Record) {
         match record {
             Record::Event(e) => {
+                if let Some(by_kernel) = crate::offlining::started_by(e) {
+                    self.offlining.send_modify(|s| {
+                        s.seq += 1;
+                        s.by_kernel = by_kernel;
+                    });
+                }
                 if let Some(seen) = lock(&self.shared.window).as_mut() {
                     seen.widen(e.capacity);
                 }
@@ -226,6 +236,7 @@ pub struct Episode {
 pub struct Episodes {
     rx: watch::Receiver<Activity>,
     shared: Arc<Shared>,
+    offlining: watch::Receiver<crate::offlining::Started>,
     consumed: u64,
     consumed_added: u64,
     timing: Timing,
@@ -262,6 +273,13 @@ impl Episodes {
 
     fn in_flight(&self) -> u64 {
         lock(&self.shared.flight).len() as u64
+    }
+
+    /// The kernel's offline starts, from now on.
+    pub fn offlining(&self) -> crate::offlining::Starts {
+        let mut rx = self.offlining.clone();
+        rx.mark_unchanged();
+        crate::offlining::Starts(rx)
     }
 
     /// The capacity window the controller opens around a refresh.

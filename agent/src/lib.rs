@@ -47,6 +47,7 @@ pub mod files;
 pub mod fleet;
 pub mod kube_client;
 pub mod node;
+pub mod offlining;
 pub mod pipeline;
 pub mod reconcile;
 pub mod record;

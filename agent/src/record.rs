@@ -433,6 +433,10 @@ pub struct ShrinkCheck {
     /// `--shrink-policy evict`: the pods to evict, in order (`namespace/name`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub evict: Vec<String>,
+    /// Checked while the kernel was still offlining these memory blocks (offlining.rs),
+    /// against the machine without them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub offlining: Vec<String>,
 }
 
 /// A pod the kubelet failed at admission after the agent restarted it.

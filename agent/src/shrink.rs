@@ -302,6 +302,7 @@ pub fn check(
         cgroup: usage.path.as_ref().map(|p| p.display().to_string()),
         fits: false,
         evict: Vec::new(),
+        offlining: Vec::new(),
     };
     c.fits = fits(&c);
     c

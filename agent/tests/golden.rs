@@ -328,6 +328,7 @@ fn records() -> Vec<Record> {
         cgroup: Some("/sys/fs/cgroup/kubepods.slice/memory.current".into()),
         fits: false,
         evict: Vec::new(),
+        offlining: Vec::new(),
     };
     let mut refused = decision("refresh", "skipped", 1);
     refused.backend = Some("systemd".into());
@@ -345,7 +346,7 @@ fn records() -> Vec<Record> {
     evicting.message = Some("evicting work/low, work/mid".into());
     evicting.shrink = Some(ShrinkCheck {
         evict: vec!["work/low".into(), "work/mid".into()],
-        ..check
+        ..check.clone()
     });
     out.push(Record::Decision(Box::new(evicting)));
     let mut evicted = decision("reset", "evicted", 1);
@@ -362,6 +363,31 @@ fn records() -> Vec<Record> {
         message: Some("Pod was rejected: Node didn't have enough resource: cpu".into()),
     }];
     out.push(Record::Decision(Box::new(rejected)));
+    // The same check while the kernel is still offlining (offlining.rs): evictions at once,
+    // or with the default policy the refusal then.
+    let offlining = ShrinkCheck {
+        evict: vec!["work/low".into()],
+        offlining: vec!["memory32".into(), "memory33".into()],
+        ..check.clone()
+    };
+    let mut early = decision("reset", "started", 1);
+    early.reason = Some("shrink".into());
+    early.message = Some(
+        "the kernel is offlining memory32, memory33: the pods would not fit the machine \
+         without them (...); evicting work/low now, before it is done"
+            .into(),
+    );
+    early.shrink = Some(offlining.clone());
+    out.push(Record::Decision(Box::new(early)));
+    let mut early_refused = decision("reset", "skipped", 1);
+    early_refused.reason = Some("shrink_unsafe".into());
+    early_refused.message =
+        Some("the kernel is offlining memory32, memory33; on the machine without them: ...".into());
+    early_refused.shrink = Some(ShrinkCheck {
+        evict: Vec::new(),
+        ..offlining
+    });
+    out.push(Record::Decision(Box::new(early_refused)));
     out
 }
 

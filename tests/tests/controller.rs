@@ -1997,6 +1997,184 @@ fn evict_mode_stops_at_a_refused_eviction_and_never_restarts() {
     assert!(!h.node_cordoned(), "the agent's cordon is lifted");
 }
 
+impl Harness {
+    /// A 1 GiB DIMM (ACPI `PNP0C80:00`, blocks 32-39 of 128 MiB) in sysfs, each block in
+    /// `state`, with the links the kernel makes between the device and its blocks.
+    fn dimm(&self, state: &str) {
+        let root = self.machine.root();
+        let memory = root.join("sys/devices/system/memory");
+        let acpi = "LNXSYSTM:00/LNXSYBUS:00/PNP0A06:00/PNP0C80:00";
+        fs::create_dir_all(root.join("sys/devices").join(acpi)).expect("sysfs fixture");
+        fs::create_dir_all(&memory).expect("sysfs fixture");
+        fs::write(memory.join("block_size_bytes"), "8000000\n").expect("sysfs fixture");
+        for n in 0..8 {
+            let dir = memory.join(format!("memory{}", 32 + n));
+            fs::create_dir_all(&dir).expect("sysfs fixture");
+            fs::write(dir.join("state"), format!("{state}\n")).expect("sysfs fixture");
+            let link = dir.join("firmware_node");
+            if !link.exists() {
+                std::os::unix::fs::symlink(format!("../../../{acpi}"), &link).expect("link");
+                let name = match n {
+                    0 => "physical_node".to_owned(),
+                    n => format!("physical_node{n}"),
+                };
+                std::os::unix::fs::symlink(
+                    format!("../../../../system/memory/memory{}", 32 + n),
+                    root.join("sys/devices").join(acpi).join(name),
+                )
+                .expect("link");
+            }
+        }
+    }
+
+    /// The kernel's worker starts offlining the DIMM's first block (an ACPI eject): sysfs
+    /// shows it `going-offline`, MemTotal has not moved yet, and the `offline_pages` probe
+    /// record arrives.
+    fn eject_starts(&self) {
+        let memory = self.machine.root().join("sys/devices/system/memory");
+        fs::write(memory.join("memory32/state"), "going-offline\n").expect("sysfs fixture");
+        let now = self.machine.summary();
+        let change = Change {
+            source: Source::Ebpf,
+            kind: Kind::Memory,
+            action: Action::Resize,
+            device: None,
+            detail: Detail::Probe {
+                probe: "fentry/offline_pages",
+                kernel_ns: 1,
+                delivery_ns: 1,
+                pid: 77,
+                comm: "kworker/u4:3".into(),
+                cpu: 0,
+                pages: Some(-32768),
+                hits: 1,
+            },
+        };
+        self.inject
+            .blocking_send(Record::Event(Box::new(event_record(change, now))))
+            .expect("the controller takes records");
+    }
+
+    /// The eject finishes: every block offline, MemTotal 1 GiB smaller, the uevents.
+    fn eject_finishes(&self) {
+        self.dimm("offline");
+        let base = self.machine.summary();
+        for n in 0..8 {
+            self.change(
+                Kind::MemoryBlock,
+                Action::Offline,
+                &format!("memory{}", 32 + n),
+                Summary {
+                    memory_bytes: base.memory_bytes - GIB,
+                    ..base
+                },
+            );
+        }
+    }
+}
+
+/// `--shrink-policy evict` and an ACPI eject whose offlining has only begun: the agent
+/// checks the pods against the machine without the whole DIMM and evicts at once, before
+/// the kernel is done (the real kernel cannot finish while the pods' pages need room:
+/// `cargo xtask vm-test --scenario shrink-unplug`); the restart comes after the kernel
+/// finished, once, and then the agent's cordon goes.
+#[test]
+fn evictions_start_while_the_kernel_is_still_offlining() {
+    let mut h = Harness::start_with(Options {
+        shrink_policy: Some(hotplug_agent::shrink::Policy::Evict),
+        no_client_retry: true,
+        ..Options::default()
+    });
+    h.dimm("online");
+    three_pods(&h);
+    h.eject_starts();
+    h.wait_for("the second eviction", |r| {
+        r["kind"] == "reset" && r["action"] == "evicted" && r["message"] == "work/mid"
+    });
+    let started = h.records("reset", "started")[0].clone();
+    let blocks: Vec<String> = (32..40).map(|n| format!("memory{n}")).collect();
+    assert_eq!(
+        started["shrink"]["offlining"],
+        serde_json::json!(blocks),
+        "{started}"
+    );
+    assert_eq!(
+        started["shrink"]["memory_allocatable_after"],
+        3 * GIB - 100 * MIB,
+        "{started}"
+    );
+    assert!(
+        started["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("the kernel is offlining memory32"),
+        "{started}"
+    );
+    assert!(h.node_cordoned(), "cordoned while the kernel is offlining");
+    assert_eq!(
+        h.cluster.kubelet.restarts(),
+        1,
+        "no restart before the kernel is done"
+    );
+    assert!(
+        h.records("refresh", "started").is_empty(),
+        "log:\n{}",
+        h.log()
+    );
+
+    // The kubelet stopped the evicted pods: their memory is free (`high`'s 2 GiB is left).
+    h.pods_cgroup(2 * GIB, &[]);
+    h.eject_finishes();
+    h.wait_converged();
+    h.wait_for("the agent's uncordon", |r| {
+        r["kind"] == "reset" && r["action"] == "uncordoned"
+    });
+    assert_eq!(
+        h.steps("shrink"),
+        [
+            "started",
+            "cordoned",
+            "evicted work/low",
+            "evicted work/mid",
+            "uncordoned"
+        ],
+        "log:\n{}",
+        h.log()
+    );
+    let refresh = h.records("refresh", "started");
+    assert_eq!(refresh.len(), 1, "log:\n{}", h.log());
+    assert_eq!(refresh[0]["shrink"]["fits"], true, "{}", refresh[0]);
+    assert_eq!(h.cluster.kubelet.restarts(), 2, "log:\n{}", h.log());
+    assert!(!h.node_cordoned());
+    assert!(h.cluster.api.pod("work", "high").is_some());
+}
+
+/// The same start with the default policy: a Warning now (`reset` `skipped`,
+/// `shrink_unsafe`, naming the blocks), nothing evicted or cordoned.
+#[test]
+fn refuse_mode_warns_while_the_kernel_is_still_offlining() {
+    let mut h = Harness::start_with(Options::default());
+    h.dimm("online");
+    three_pods(&h);
+    h.eject_starts();
+    let skipped = h.wait_for("the early refusal", |r| {
+        r["kind"] == "reset" && r["action"] == "skipped"
+    });
+    assert_eq!(skipped["reason"], "shrink_unsafe", "{skipped}");
+    assert_eq!(skipped["shrink"]["offlining"][7], "memory39", "{skipped}");
+    h.cluster
+        .rt
+        .block_on(h.cluster.api.wait_event(CONVERGE, |e| {
+            e["reason"] == "ShrinkUnsafe"
+                && e["message"]
+                    .as_str()
+                    .is_some_and(|n| n.contains("the kernel is offlining memory32"))
+        }));
+    assert!(!h.node_cordoned());
+    assert_eq!(h.cluster.kubelet.restarts(), 1);
+    assert_eq!(h.steps("shrink"), Vec::<String>::new(), "log:\n{}", h.log());
+}
+
 /// After the restart the kubelet fails a running pod at admission (`OutOfcpu`): verify
 /// names it (`rejected_pods`) and a Warning Event does; a pod that had failed before the
 /// restart is not blamed on it.

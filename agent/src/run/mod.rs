@@ -268,6 +268,9 @@ struct Controller {
     pods_before: Option<HashMap<String, bool>>,
     /// The API refused the initial-capacity annotation and we said so once.
     initial_capacity_refused: bool,
+    /// The allocatable (memory, CPU) the last check made while the kernel was offlining
+    /// refused or evicted for: the rest of the same unplug is not said again.
+    offlining_said: Option<(Option<u64>, Option<u64>)>,
 }
 
 const API_RETRY_MIN: Duration = Duration::from_secs(1);
@@ -305,6 +308,7 @@ impl Controller {
             shrink_cordon: false,
             pods_before: None,
             initial_capacity_refused: false,
+            offlining_said: None,
         }
     }
 
@@ -321,9 +325,18 @@ impl Controller {
             d.events = Some(0);
         })
         .await;
+        // The kernel starting to offline memory is looked at at once (offlining.rs), while
+        // the episode it begins waits to settle.
+        let mut offlining = episodes.offlining();
         loop {
             if !pending {
-                let Some(ep) = episodes.next().await else {
+                let ep = loop {
+                    tokio::select! {
+                        ep = episodes.next() => break ep,
+                        Some(started) = offlining.next() => self.offlining_started(started).await,
+                    }
+                };
+                let Some(ep) = ep else {
                     return;
                 };
                 self.episode += 1;
@@ -343,14 +356,20 @@ impl Controller {
                     // Wait for the retry time; a new episode meanwhile joins the pending work,
                     // and a Node that catches up on its own (someone restarted the kubelet
                     // during an hour-long deferral) ends the wait: stale is not kept up.
-                    tokio::select! {
-                        () = tokio::time::sleep_until(at) => {}
-                        () = self.caught_up(at) => {}
-                        () = self.fleet_changed(at) => {}
-                        ep = episodes.next() => {
-                            let Some(ep) = ep else { return };
-                            self.episode += 1;
-                            self.settled(&ep, false).await;
+                    loop {
+                        tokio::select! {
+                            () = tokio::time::sleep_until(at) => break,
+                            () = self.caught_up(at) => break,
+                            () = self.fleet_changed(at) => break,
+                            ep = episodes.next() => {
+                                let Some(ep) = ep else { return };
+                                self.episode += 1;
+                                self.settled(&ep, false).await;
+                                break;
+                            }
+                            Some(started) = offlining.next() => {
+                                self.offlining_started(started).await;
+                            }
                         }
                     }
                 }
@@ -528,6 +547,8 @@ impl Controller {
     }
 
     async fn handle(&mut self) -> Next {
+        // An episode is handled: a later unplug's checks are said again.
+        self.offlining_said = None;
         if self.node.is_none() {
             self.decide(DecisionKind::Reconcile, DecisionAction::Skipped, |d| {
                 d.reason = Some("no Kubernetes API configured".into())
@@ -560,6 +581,17 @@ impl Controller {
         let differences = reconcile::differences(&expected, &advertised);
         if differences.is_empty() {
             self.announced = None;
+            // Evictions made while the kernel was offlining, and then no restart was needed
+            // (the offline failed, or someone else restarted the kubelet): the agent's cordon
+            // goes, once nothing is going offline any more.
+            if self.shrink_cordon
+                && !machine
+                    .memory_blocks
+                    .iter()
+                    .any(|b| b.state == capacity::BlockState::GoingOffline)
+            {
+                let _ = self.lift_shrink_cordon().await;
+            }
             self.decide(DecisionKind::Reconcile, DecisionAction::InSync, |d| {
                 d.advertised = Some(advertised.clone())
             })

@@ -17,10 +17,12 @@ use std::{collections::HashMap, time::Duration};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use tokio::time::Instant;
 
-use super::{Blocking, Controller, Next};
+use super::{Backend, Blocking, Controller, Next, fleet};
 use crate::{
-    capacity::Snapshot,
+    capacity::{Snapshot, Summary},
+    checkpoint,
     node::{EventType, NodeError},
+    offlining::{self, Started},
     record::{DecisionAction, DecisionKind, RejectedPod, ShrinkCheck},
     shrink::{self, PodLoad, Policy},
     sources::error_chain,
@@ -50,7 +52,72 @@ fn rejected(pod: &Pod) -> Option<(String, Option<String>)> {
         .then(|| (reason.to_owned(), status.message.clone()))
 }
 
+/// The pods against a smaller machine.
+enum Assessment {
+    Fits(ShrinkCheck),
+    Evict(Evictions),
+    /// What does not fit and why nothing is evicted, in words.
+    Refuse {
+        check: ShrinkCheck,
+        why: String,
+    },
+}
+
 impl Controller {
+    /// The pods against the allocatable on `machine`: `None` where it is not smaller than
+    /// the Node. `offlining`: the blocks the kernel is still taking away (offlining.rs).
+    async fn assess(
+        &self,
+        node: &Node,
+        machine: Summary,
+        offlining: Vec<String>,
+    ) -> Option<Assessment> {
+        if !shrink::is_decrease(machine, node) {
+            return None;
+        }
+        let usage = shrink::pods_usage(&self.config.cgroup_root);
+        let api = self
+            .node
+            .as_ref()
+            .expect("the shrink check is only made with a client");
+        let (loads, unlisted) = match api.pods().await {
+            Ok(pods) => (Some(shrink::loads(&pods, &usage)), None),
+            Err(e) => (None, Some(error_chain(&e))),
+        };
+        let mut check = shrink::check(
+            shrink::allocatable_after(machine, node),
+            &usage,
+            loads.as_deref(),
+        );
+        check.offlining = offlining;
+        if check.fits {
+            return Some(Assessment::Fits(check));
+        }
+        let mut why = describe(&check);
+        if let Some(e) = unlisted {
+            why = format!("{why}; the node's pods could not be listed ({e})");
+        }
+        if self.config.shrink_policy == Policy::Refuse {
+            let why = format!(
+                "{why}. A restart would lower the pods' cgroup memory limit below what they use \
+                 or fail them at admission (kubernetes/kubernetes#141609). Free memory or evict \
+                 pods, then restart the kubelet; or run the agent with --shrink-policy evict"
+            );
+            return Some(Assessment::Refuse { check, why });
+        }
+        let loads = loads.unwrap_or_default();
+        let Some(pods) = shrink::plan(&check, &loads) else {
+            let evictable = loads.iter().filter(|p| p.evictable).count();
+            let why = format!(
+                "{why}, and evicting all {evictable} evictable pods would not make the rest \
+                 fit; nothing was evicted"
+            );
+            return Some(Assessment::Refuse { check, why });
+        };
+        check.evict = pods.iter().map(PodLoad::key).collect();
+        Some(Assessment::Evict(Evictions { check, pods }))
+    }
+
     /// `Ok(None)`: no shrink, or the pods fit; `Ok(Some)`: evict these first; `Err`: not
     /// restarting (said, warned).
     pub(super) async fn shrink_gate(
@@ -61,67 +128,123 @@ impl Controller {
     ) -> Result<Option<Evictions>, Next> {
         self.shrink_checked = None;
         // The agent's own cordon left on the Node (an agent stopped between its evictions
-        // and the restart): lifted after this restart, as it would have been.
+        // and the restart, or evictions made while the kernel was offlining): lifted after
+        // this restart, as it would have been.
         if matches!(blocking, Blocking::No) && crate::node::cordoned_by_agent(node) {
             self.shrink_cordon = true;
         }
-        if !shrink::is_decrease(machine.summary(), node) {
-            return Ok(None);
+        let refused =
+            |why: &str| format!("not restarting the kubelet on the smaller machine: {why}");
+        match self.assess(node, machine.summary(), Vec::new()).await {
+            None => Ok(None),
+            Some(Assessment::Fits(check)) => {
+                self.shrink_checked = Some(check);
+                Ok(None)
+            }
+            Some(Assessment::Refuse { check, why }) => {
+                Err(self.refuse_shrink(node, check, refused(&why)).await)
+            }
+            Some(Assessment::Evict(evictions)) => {
+                self.shrink_checked = Some(evictions.check.clone());
+                if !matches!(blocking, Blocking::No) {
+                    let message = refused(&not_combined(&evictions.check));
+                    return Err(self.refuse_shrink(node, evictions.check, message).await);
+                }
+                Ok(Some(evictions))
+            }
         }
-        let usage = shrink::pods_usage(&self.config.cgroup_root);
-        let api = self
-            .node
-            .as_ref()
-            .expect("refresh is only called with a client");
-        let (loads, unlisted) = match api.pods().await {
-            Ok(pods) => (Some(shrink::loads(&pods, &usage)), None),
-            Err(e) => (None, Some(error_chain(&e))),
+    }
+
+    /// The kernel started offlining memory: the check against the machine without the
+    /// blocks going, now, while the kernel still migrates pages out of them (offlining.rs).
+    /// With `--shrink-policy evict` the pods that would not fit are evicted at once, which
+    /// is also what lets an offline finish that waits for their pages; otherwise the
+    /// Warning comes now. The restart waits for the episode's end, as always; the agent's
+    /// cordon stays until then.
+    pub(super) async fn offlining_started(&mut self, started: Started) {
+        if self.node.is_none()
+            || self.upstream_resize
+            || matches!(self.config.backend, Backend::None)
+        {
+            return;
+        }
+        let root = &self.config.pipeline.root;
+        let going = |m: &Snapshot| offlining::heading(root, m, started.by_kernel);
+        if self.snapshot().and_then(|m| going(&m)).is_none() {
+            // Done already: the episode's end has it.
+            return;
+        }
+        let Ok(node) = self.fetch().await else {
+            return;
         };
-        let mut check = shrink::check(
-            shrink::allocatable_after(machine.summary(), node),
-            &usage,
-            loads.as_deref(),
-        );
-        if check.fits {
-            self.shrink_checked = Some(check);
-            return Ok(None);
+        if crate::node::paused(&node) {
+            return;
         }
-        let mut why = describe(&check);
-        if let Some(e) = unlisted {
-            why = format!("{why}; the node's pods could not be listed ({e})");
-        }
-        if self.config.shrink_policy == Policy::Refuse {
-            let message = format!(
-                "not restarting the kubelet on the smaller machine: {why}. A restart would lower \
-                 the pods' cgroup memory limit below what they use or fail them at admission \
-                 (kubernetes/kubernetes#141609). Free memory or evict pods, then restart the \
-                 kubelet; or run the agent with --shrink-policy evict"
-            );
-            return Err(self.refuse_shrink(node, check, message).await);
-        }
-        let loads = loads.unwrap_or_default();
-        let Some(pods) = shrink::plan(&check, &loads) else {
-            let evictable = loads.iter().filter(|p| p.evictable).count();
-            let message = format!(
-                "not restarting the kubelet on the smaller machine: {why}, and evicting all \
-                 {evictable} evictable pods would not make the rest fit; nothing was evicted"
-            );
-            return Err(self.refuse_shrink(node, check, message).await);
+        // Read again after the Node, as everywhere: never a machine older than the Node.
+        let Some(machine) = self.snapshot() else {
+            return;
         };
-        check.evict = pods.iter().map(PodLoad::key).collect();
-        self.shrink_checked = Some(check.clone());
-        if !matches!(blocking, Blocking::No) {
-            // A static policy's reset drains the pinned pods and a rewrite keeps them; the
-            // shrink's evictions by priority would need one plan with either. Until that
-            // exists the safe side is to refuse, saying which pods would have to go.
-            let message = format!(
-                "not restarting the kubelet on the smaller machine: {why}; the evictions it \
-                 needs ({}) are not combined with the static policy's reset or rewrite",
-                check.evict.join(", ")
-            );
-            return Err(self.refuse_shrink(node, check, message).await);
+        let Some(heading) =
+            offlining::heading(&self.config.pipeline.root, &machine, started.by_kernel)
+        else {
+            return;
+        };
+        let after = heading.apply(&machine);
+        let going = heading.blocks.join(", ");
+        let said = |why: &str| {
+            format!("the kernel is offlining {going}; on the machine without them: {why}")
+        };
+        let assessment = self.assess(&node, after.summary(), heading.blocks).await;
+        // The next block of the same unplug comes to the same check: said once.
+        let said_for =
+            |c: &ShrinkCheck| Some((c.memory_allocatable_after, c.cpu_allocatable_after_millis));
+        let check = match &assessment {
+            None | Some(Assessment::Fits(_)) => None,
+            Some(Assessment::Refuse { check, .. }) => Some(check),
+            Some(Assessment::Evict(e)) => Some(&e.check),
+        };
+        if let Some(check) = check {
+            if self.offlining_said == said_for(check) {
+                return;
+            }
+            self.offlining_said = said_for(check);
         }
-        Ok(Some(Evictions { check, pods }))
+        match assessment {
+            None | Some(Assessment::Fits(_)) => {}
+            Some(Assessment::Refuse { check, why }) => {
+                self.refuse_early(&node, check, said(&why)).await;
+            }
+            Some(Assessment::Evict(evictions)) => {
+                // Evictions are not combined with a static policy's reset or rewrite (as at
+                // the episode's end): a checkpoint the smaller machine breaks stops them.
+                let pinned = checkpoint::check(&self.config.kubelet_root, &after)
+                    .map_or(true, |v| v.iter().any(|v| !v.is_safe()));
+                if pinned {
+                    let why = not_combined(&evictions.check);
+                    self.refuse_early(&node, evictions.check, said(&why)).await;
+                    return;
+                }
+                if self.take_slots(&[fleet::Action::Drain]).await.is_err() {
+                    // Waiting for the budget was said; the episode's end tries again.
+                    return;
+                }
+                let _ = self.evict_for_shrink(&node, evictions).await;
+                self.release_slots().await;
+            }
+        }
+    }
+
+    /// A refusal while the kernel is offlining: `reset` `skipped`, reason `shrink_unsafe`,
+    /// and the Warning; the restart's own refusal follows at the episode's end.
+    async fn refuse_early(&mut self, node: &Node, check: ShrinkCheck, message: String) {
+        self.decide(DecisionKind::Reset, DecisionAction::Skipped, |d| {
+            d.reason = Some("shrink_unsafe".into());
+            d.message = Some(message.clone());
+            d.shrink = Some(check);
+        })
+        .await;
+        self.warn(node, "ShrinkUnsafe", "ShrinkUnsafe", &message)
+            .await;
     }
 
     async fn refuse_shrink(&mut self, node: &Node, check: ShrinkCheck, message: String) -> Next {
@@ -163,11 +286,21 @@ impl Controller {
         let Evictions { check, pods } = evictions;
         self.shrink_step(
             DecisionAction::Started,
-            format!(
-                "the pods would not fit after a restart on the smaller machine ({}); evicting {}",
-                describe(&check),
-                check.evict.join(", ")
-            ),
+            if check.offlining.is_empty() {
+                format!(
+                    "the pods would not fit after a restart on the smaller machine ({}); evicting {}",
+                    describe(&check),
+                    check.evict.join(", ")
+                )
+            } else {
+                format!(
+                    "the kernel is offlining {}: the pods would not fit the machine without them \
+                     ({}); evicting {} now, before it is done",
+                    check.offlining.join(", "),
+                    describe(&check),
+                    check.evict.join(", ")
+                )
+            },
             Some(&check),
         )
         .await;
@@ -399,6 +532,19 @@ impl Controller {
         self.event(EventType::Warning, "PodsRejectedAfterRestart", &message)
             .await;
     }
+}
+
+/// Why a static policy's checkpoint stops a shrink's evictions.
+fn not_combined(check: &ShrinkCheck) -> String {
+    // A static policy's reset drains the pinned pods and a rewrite keeps them; the shrink's
+    // evictions by priority would need one plan with either. Until that exists the safe
+    // side is to refuse, saying which pods would have to go.
+    format!(
+        "{}; the evictions it needs ({}) are not combined with the static policy's reset or \
+         rewrite",
+        describe(check),
+        check.evict.join(", ")
+    )
 }
 
 /// The check in words: what does not fit, with the numbers.
