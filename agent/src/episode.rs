@@ -54,7 +54,36 @@ pub struct Activity {
 #[derive(Debug, Default)]
 struct Shared {
     flight: Mutex<BTreeSet<String>>,
+    /// Memory blocks the kernel started offlining (the `offline_pages` probe) whose
+    /// `offline` has not come yet: an unplug under way, waited for like an arrival.
+    going: Mutex<Going>,
     window: Mutex<Option<Seen>>,
+}
+
+/// Blocks being offlined. The probe's record (ring buffer) and the block's `offline`
+/// uevent (netlink) come through different channels, so a fast offline's end can be read
+/// before its start: an end remembers the block until it is online again.
+#[derive(Debug, Default)]
+struct Going {
+    blocks: BTreeSet<String>,
+    ended: BTreeSet<String>,
+}
+
+impl Going {
+    fn start(&mut self, block: &str) {
+        if !self.ended.remove(block) {
+            self.blocks.insert(block.to_owned());
+        }
+    }
+
+    fn end(&mut self, block: &str, online: bool) {
+        self.blocks.remove(block);
+        if online {
+            self.ended.remove(block);
+        } else {
+            self.ended.insert(block.to_owned());
+        }
+    }
 }
 
 /// The publishing side, held by whoever reads the event stream.
@@ -121,10 +150,25 @@ impl Tracker {
         match record {
             Record::Event(e) => {
                 if let Some(by_kernel) = crate::offlining::started_by(e) {
+                    if let Some(device) = &e.device {
+                        lock(&self.shared.going).start(device);
+                    }
                     self.offlining.send_modify(|s| {
                         s.seq += 1;
                         s.by_kernel = by_kernel;
                     });
+                }
+                if e.kind == Kind::MemoryBlock
+                    && let Some(device) = &e.device
+                {
+                    // Offlined, removed, or (back) online: not going any more.
+                    match e.action {
+                        Action::Offline | Action::Remove => {
+                            lock(&self.shared.going).end(device, false);
+                        }
+                        Action::Online | Action::Add => lock(&self.shared.going).end(device, true),
+                        Action::Change | Action::Resize => {}
+                    }
                 }
                 if let Some(seen) = lock(&self.shared.window).as_mut() {
                     seen.widen(e.capacity);
@@ -275,6 +319,10 @@ impl Episodes {
         lock(&self.shared.flight).len() as u64
     }
 
+    fn going(&self) -> u64 {
+        lock(&self.shared.going).blocks.len() as u64
+    }
+
     /// The kernel's offline starts, from now on.
     pub fn offlining(&self) -> crate::offlining::Starts {
         let mut rx = self.offlining.clone();
@@ -300,15 +348,20 @@ impl Episodes {
         let t = self.timing;
         let first = Instant::now();
         let mut waited_in_flight = false;
+        let mut waited_any = false;
         let why = loop {
             let activity = *self.rx.borrow_and_update();
             let last = activity.last.max(first);
             // The set, not the published count: blocks given up on below are gone from it
             // at once, before the tracker publishes again.
-            let in_flight = self.in_flight() > 0;
-            waited_in_flight |= in_flight;
+            let arriving = self.in_flight() > 0;
+            waited_in_flight |= arriving;
+            // Blocks still being offlined hold the episode the same way: a restart half-way
+            // through an unplug would read a MemTotal that is still shrinking.
+            let in_flight = arriving || self.going() > 0;
+            waited_any |= in_flight;
             let bound = first
-                + if waited_in_flight {
+                + if waited_any {
                     t.in_flight_max_wait
                 } else {
                     t.max_wait
@@ -333,8 +386,10 @@ impl Episodes {
         let activity = *self.rx.borrow();
         let blocks_pending = self.in_flight();
         if why == Settled::InFlightStalled {
-            // Nobody is onlining them: later episodes must not wait for them again.
+            // Nobody is onlining them (or the offline is stuck): later episodes must not
+            // wait for them again.
             lock(&self.shared.flight).clear();
+            lock(&self.shared.going).blocks.clear();
         }
         let events = activity.count - self.consumed;
         self.consumed = activity.count;
@@ -614,6 +669,78 @@ mod tests {
         );
         assert_eq!(ep.settled - last_online, SETTLE);
         assert_eq!(episodes.pending(), 0);
+    }
+
+    /// The `offline_pages` probe record of block `n` (the kernel's worker starts offlining it).
+    fn offline_starts(n: u32, capacity: Summary) -> Record {
+        let change = Change {
+            source: Source::Ebpf,
+            kind: Kind::Memory,
+            action: Action::Resize,
+            device: Some(format!("memory{n}")),
+            detail: Detail::Probe {
+                probe: "fentry/offline_pages",
+                kernel_ns: 1,
+                delivery_ns: 1,
+                pid: 9,
+                comm: "kworker/u4:1".into(),
+                cpu: 0,
+                pages: Some(-32768),
+                hits: 1,
+            },
+        };
+        Record::Event(Box::new(event_record(change, capacity)))
+    }
+
+    /// An eject whose blocks each take 1 s to offline (pages to migrate), longer than the
+    /// settle window: one episode, settled one window after the last `offline`, and the
+    /// controller is told at the first start.
+    #[tokio::test(start_paused = true)]
+    async fn an_unplug_slower_than_the_settle_window_is_one_episode() {
+        let (tracker, episodes) = Tracker::new();
+        let mut episodes = episodes.with(timing());
+        let mut starts = episodes.offlining();
+        let task = tokio::spawn(async move { episodes.next().await });
+        for n in 0..4u32 {
+            tracker.observe(&offline_starts(40 + n, mem(4 - u64::from(n))));
+            if n == 0 {
+                let first = starts.next().await.expect("the start is told");
+                assert_eq!((first.seq, first.by_kernel), (1, true));
+            }
+            advance(1000).await;
+            assert!(
+                !task.is_finished(),
+                "settled with memory{} going offline",
+                40 + n
+            );
+            tracker.observe(&block(Action::Offline, 40 + n, mem(3 - u64::from(n))));
+        }
+        let last = Instant::now();
+        let ep = task.await.unwrap().unwrap();
+        assert_eq!((ep.why, ep.events), (Settled::Quiet, 8), "{ep:?}");
+        assert_eq!(ep.settled - last, SETTLE);
+        // Only arrivals are reported as blocks: this record stays as it was.
+        assert!(!ep.waited_in_flight);
+    }
+
+    /// A fast offline's `offline` uevent read before its probe record: the block is not
+    /// taken as still going, so the episode settles after the ordinary window.
+    #[tokio::test(start_paused = true)]
+    async fn an_offline_whose_end_is_read_first_holds_nothing() {
+        let (tracker, episodes) = Tracker::new();
+        let mut episodes = episodes.with(timing());
+        tracker.observe(&block(Action::Offline, 40, mem(0)));
+        tracker.observe(&offline_starts(40, mem(0)));
+        let start = Instant::now();
+        let ep = episodes.next().await.unwrap();
+        assert_eq!((ep.why, ep.settled - start), (Settled::Quiet, SETTLE));
+        // Online again, then offlined for real later: that one is waited for.
+        tracker.observe(&block(Action::Online, 40, mem(1)));
+        tracker.observe(&offline_starts(40, mem(1)));
+        let start = Instant::now();
+        let ep = episodes.next().await.unwrap();
+        assert_eq!(ep.why, Settled::InFlightStalled);
+        assert_eq!(ep.settled - start, DEFAULT_IN_FLIGHT_STALL);
     }
 
     /// Blocks onlined from outside at a steady 40 blocks/s (a slow udev rule): 12.8 s of

@@ -259,6 +259,7 @@ pub async fn start(config: Config) -> Result<Pipeline, StartError> {
         known: Known::from_snapshot(&snapshot),
         last: snapshot.summary(),
         probe_memory: snapshot.memory_bytes,
+        block_size: snapshot.memory_block_size,
         coalescer: Coalescer::new(config.fold_window.as_nanos() as u64),
         names,
         auto_online: config.auto_online,
@@ -279,6 +280,8 @@ struct Core {
     last: Summary,
     /// MemTotal at the previous eBPF memory record: a watermark hit is a `resize` only if it moved.
     probe_memory: u64,
+    /// `memory/block_size_bytes`, fixed at boot: names the block of a memory probe hit.
+    block_size: Option<u64>,
     coalescer: Coalescer,
     names: Vec<(Probe, &'static str)>,
     auto_online: auto_online::Policy,
@@ -352,7 +355,7 @@ impl Core {
             .iter()
             .find(|(p, _)| *p == ev.probe)
             .map_or("unknown", |(_, n)| *n);
-        match ebpf::change_of(&ev, name) {
+        match ebpf::change_of(&ev, name, self.block_size) {
             Some(change) => self.emit(change).await,
             None => true,
         }

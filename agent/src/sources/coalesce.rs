@@ -20,6 +20,8 @@ pub struct ProbeEvent {
     pub subject: u32,
     pub action: u16,
     pub pages: i64,
+    /// The first page frame the hook names (memory block probes), 0 where it names none.
+    pub pfn: u64,
     pub comm: String,
     pub hits: u32,
 }
@@ -93,6 +95,7 @@ mod tests {
             subject: 0,
             action: 0,
             pages,
+            pfn: 0,
             comm: "bash".into(),
             hits: 1,
         }

@@ -483,13 +483,20 @@ pub fn decode(bytes: &[u8], received_ns: u64) -> Result<ProbeEvent, DecodeError>
         subject: r.subject,
         action: r.action,
         pages: r.pages,
+        pfn: r.pfn,
         comm: String::from_utf8_lossy(&r.comm[..comm_len]).into_owned(),
         hits: 1,
     })
 }
 
-/// What a (folded) probe event means. `probe_name` is the attached hook's name.
-pub fn change_of(ev: &ProbeEvent, probe_name: &'static str) -> Option<Change> {
+/// What a (folded) probe event means. `probe_name` is the attached hook's name;
+/// `block_size` (`memory/block_size_bytes`) names the memory block an `online_pages` or
+/// `offline_pages` hit is about, as its uevents will.
+pub fn change_of(
+    ev: &ProbeEvent,
+    probe_name: &'static str,
+    block_size: Option<u64>,
+) -> Option<Change> {
     let (kind, action, device, pages) = match ev.probe {
         Probe::CpuhpExit => {
             let action = match ev.action {
@@ -500,6 +507,13 @@ pub fn change_of(ev: &ProbeEvent, probe_name: &'static str) -> Option<Change> {
             (Kind::Cpu, action, Some(format!("cpu{}", ev.subject)), None)
         }
         Probe::ZoneWatermarks => (Kind::Memory, Action::Change, None, None),
+        Probe::OnlinePages | Probe::OfflinePages => {
+            let block = block_size
+                .filter(|&size| size >= PAGE_SIZE && ev.pfn != 0)
+                .and_then(|size| Some(ev.pfn.checked_mul(PAGE_SIZE)? / size))
+                .map(|id| format!("memory{id}"));
+            (Kind::Memory, Action::Resize, block, Some(ev.pages))
+        }
         _ => (Kind::Memory, Action::Resize, None, Some(ev.pages)),
     };
     Some(Change {
@@ -519,6 +533,10 @@ pub fn change_of(ev: &ProbeEvent, probe_name: &'static str) -> Option<Change> {
         },
     })
 }
+
+/// The page size the memory hooks count in (x86-64, arm64 with 4 KiB pages: the kernels
+/// this agent is built for).
+const PAGE_SIZE: u64 = 4096;
 
 /// Raw hits on their way to the pipeline (folding happens there, where time is known).
 #[derive(Debug)]
@@ -782,6 +800,48 @@ mod tests {
         assert!(report.iter().all(|p| !p.attached && p.error.is_some()));
     }
 
+    /// `offline_pages(start_pfn, nr_pages)` names its block as the uevents will: block 40 of
+    /// 128 MiB starts at PFN 0x140000; without a block size (no memory hotplug) no name.
+    #[test]
+    fn a_memory_block_probe_names_its_block() {
+        let ev = ProbeEvent {
+            probe: Probe::OfflinePages,
+            kernel_ns: 5,
+            received_ns: 6,
+            pid: 7,
+            cpu: 0,
+            subject: 0,
+            action: 0,
+            pages: -32768,
+            pfn: 0x140000,
+            comm: "kworker/u4:1".into(),
+            hits: 1,
+        };
+        let c = change_of(&ev, "fentry/offline_pages", Some(128 << 20)).unwrap();
+        assert_eq!(
+            (c.kind, c.action, c.device.as_deref()),
+            (Kind::Memory, Action::Resize, Some("memory40"))
+        );
+        assert_eq!(
+            change_of(&ev, "fentry/offline_pages", None).unwrap().device,
+            None
+        );
+        let balloon = ProbeEvent {
+            probe: Probe::AdjustManagedPageCount,
+            ..ev
+        };
+        assert_eq!(
+            change_of(
+                &balloon,
+                "fentry/adjust_managed_page_count",
+                Some(128 << 20)
+            )
+            .unwrap()
+            .device,
+            None
+        );
+    }
+
     #[test]
     fn decodes_records_and_rejects_short_ones() {
         let rec = ProbeRecord {
@@ -807,7 +867,7 @@ mod tests {
         shifted.extend_from_slice(bytes);
         let ev = decode(&shifted[1..], 1_500).unwrap();
         assert_eq!((ev.pid, ev.subject, ev.comm.as_str()), (42, 3, "cpuhp/3"));
-        let c = change_of(&ev, "raw_tracepoint/cpuhp_exit").unwrap();
+        let c = change_of(&ev, "raw_tracepoint/cpuhp_exit", None).unwrap();
         assert_eq!(
             (c.kind, c.action, c.device.as_deref()),
             (Kind::Cpu, Action::Online, Some("cpu3"))
