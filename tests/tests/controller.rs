@@ -1878,6 +1878,25 @@ fn a_shrink_the_pods_would_not_fit_is_refused_with_a_warning() {
     assert!(!h.node_cordoned());
 }
 
+impl Harness {
+    /// The shrink's steps with [`three_pods`]: `low`, then `mid` evicted under the agent's
+    /// cordon, lifted at the end.
+    fn assert_low_and_mid_evicted(&self) {
+        assert_eq!(
+            self.steps("shrink"),
+            [
+                "started",
+                "cordoned",
+                "evicted work/low",
+                "evicted work/mid",
+                "uncordoned"
+            ],
+            "log:\n{}",
+            self.log()
+        );
+    }
+}
+
 /// The three pods of `evict_*`: 3.5 GiB in use, 2972 MiB allowed after the shrink; `low`
 /// and `mid` use 512 MiB each, `high` 2 GiB.
 fn three_pods(h: &Harness) {
@@ -1906,18 +1925,7 @@ fn evict_mode_evicts_the_lowest_priority_first_until_the_rest_fit() {
     h.wait_for("the agent's uncordon", |r| {
         r["kind"] == "reset" && r["action"] == "uncordoned"
     });
-    assert_eq!(
-        h.steps("shrink"),
-        [
-            "started",
-            "cordoned",
-            "evicted work/low",
-            "evicted work/mid",
-            "uncordoned"
-        ],
-        "log:\n{}",
-        h.log()
-    );
+    h.assert_low_and_mid_evicted();
     let started = h.records("reset", "started")[0].clone();
     assert_eq!(
         started["shrink"]["evict"],
@@ -2129,18 +2137,7 @@ fn evictions_start_while_the_kernel_is_still_offlining() {
     h.wait_for("the agent's uncordon", |r| {
         r["kind"] == "reset" && r["action"] == "uncordoned"
     });
-    assert_eq!(
-        h.steps("shrink"),
-        [
-            "started",
-            "cordoned",
-            "evicted work/low",
-            "evicted work/mid",
-            "uncordoned"
-        ],
-        "log:\n{}",
-        h.log()
-    );
+    h.assert_low_and_mid_evicted();
     let refresh = h.records("refresh", "started");
     assert_eq!(refresh.len(), 1, "log:\n{}", h.log());
     assert_eq!(refresh[0]["shrink"]["fits"], true, "{}", refresh[0]);

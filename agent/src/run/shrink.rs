@@ -237,20 +237,27 @@ impl Controller {
     /// A refusal while the kernel is offlining: `reset` `skipped`, reason `shrink_unsafe`,
     /// and the Warning; the restart's own refusal follows at the episode's end.
     async fn refuse_early(&mut self, node: &Node, check: ShrinkCheck, message: String) {
-        self.decide(DecisionKind::Reset, DecisionAction::Skipped, |d| {
-            d.reason = Some("shrink_unsafe".into());
-            d.message = Some(message.clone());
-            d.shrink = Some(check);
-        })
-        .await;
-        self.warn(node, "ShrinkUnsafe", "ShrinkUnsafe", &message)
+        self.shrink_unsafe(DecisionKind::Reset, node, check, message)
             .await;
     }
 
+    /// The restart refused: `refresh` `skipped`, reason `shrink_unsafe`, and the Warning.
     async fn refuse_shrink(&mut self, node: &Node, check: ShrinkCheck, message: String) -> Next {
-        let backend = self.config.backend.name();
-        self.decide(DecisionKind::Refresh, DecisionAction::Skipped, |d| {
-            d.backend = Some(backend.into());
+        self.shrink_unsafe(DecisionKind::Refresh, node, check, message)
+            .await;
+        Next::Done
+    }
+
+    async fn shrink_unsafe(
+        &mut self,
+        kind: DecisionKind,
+        node: &Node,
+        check: ShrinkCheck,
+        message: String,
+    ) {
+        let backend = (kind == DecisionKind::Refresh).then(|| self.config.backend.name());
+        self.decide(kind, DecisionAction::Skipped, |d| {
+            d.backend = backend.map(Into::into);
             d.reason = Some("shrink_unsafe".into());
             d.message = Some(message.clone());
             d.shrink = Some(check);
@@ -258,7 +265,6 @@ impl Controller {
         .await;
         self.warn(node, "ShrinkUnsafe", "ShrinkUnsafe", &message)
             .await;
-        Next::Done
     }
 
     async fn shrink_step(
