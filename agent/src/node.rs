@@ -366,6 +366,61 @@ impl NodeApi {
         Ok(())
     }
 
+    /// This Node's pods, listed and then watched until `deadline` (see [`PodWatch`]).
+    pub fn watch_pods(&self, deadline: Instant) -> PodWatch {
+        PodWatch {
+            api: self.clone(),
+            deadline,
+            rv: None,
+            listed_at: None,
+            stream: None,
+        }
+    }
+
+    /// Waits until none of `uids` is among this Node's pods any more (evicted pods whose
+    /// kubelet has stopped their containers, so their memory is free), watched, not polled:
+    /// each deletion is seen as it happens. Returns the ones still there at `deadline`
+    /// (`namespace/name`, sorted), empty when all went.
+    pub async fn wait_pods_gone(
+        &self,
+        uids: &[String],
+        deadline: Instant,
+    ) -> Result<Vec<String>, NodeError> {
+        let mut watch = self.watch_pods(deadline);
+        let mut left = std::collections::BTreeMap::new();
+        let key = |p: &Pod| {
+            let (ns, name) = (p.metadata.namespace.as_deref(), p.metadata.name.as_deref());
+            format!("{}/{}", ns.unwrap_or_default(), name.unwrap_or_default())
+        };
+        let ours = |p: &Pod| p.metadata.uid.clone().filter(|u| uids.contains(u));
+        loop {
+            match watch.next().await? {
+                None => return Ok(left.into_values().collect()),
+                Some(PodChange::Listed(pods)) => {
+                    left = pods
+                        .iter()
+                        .filter_map(|p| Some((ours(p)?, key(p))))
+                        .collect();
+                }
+                // One that comes to match the selector again (it cannot: a pod's node is
+                // set once) would still be there.
+                Some(PodChange::Applied(p)) => {
+                    if let Some(uid) = ours(&p) {
+                        left.insert(uid, key(&p));
+                    }
+                }
+                Some(PodChange::Deleted(p)) => {
+                    if let Some(uid) = ours(&p) {
+                        left.remove(&uid);
+                    }
+                }
+            }
+            if left.is_empty() {
+                return Ok(Vec::new());
+            }
+        }
+    }
+
     /// Watches the Node (no polling) until `done` holds or `timeout` passes; returns the
     /// Node that satisfied it, or `None` on timeout.
     pub async fn wait_until(
@@ -408,5 +463,118 @@ impl NodeApi {
                 }
             }
         }
+    }
+}
+
+/// A change to this Node's pods, as [`PodWatch`] saw it.
+#[derive(Debug)]
+pub enum PodChange {
+    /// Every pod, as listed: at the start, and again where the watch could not resume
+    /// (410 Expired, a broken stream); it replaces whatever was known before.
+    Listed(Vec<Pod>),
+    /// A pod added or changed.
+    Applied(Pod),
+    /// A pod gone from the API.
+    Deleted(Pod),
+}
+
+/// After a watch broke, the next LIST waits until this long after the previous one: an
+/// API that cuts every watch at once is not listed in a tight loop.
+const RELIST_MIN_INTERVAL: Duration = Duration::from_secs(1);
+
+type PodEvents = futures::stream::BoxStream<'static, Result<WatchEvent<Pod>, kube::Error>>;
+
+/// This Node's pods (a `spec.nodeName` field selector) as the kubelet's own pod source and
+/// client-go's reflector follow them: one LIST, then a WATCH from the list's
+/// resourceVersion. A watch that times out resumes from the last resourceVersion seen; a
+/// 410 Expired or a broken watch lists again. Every LIST and the opening of every WATCH
+/// have the per-call deadline of the other [`NodeApi`] calls; the changes are waited for
+/// until the overall `deadline`.
+pub struct PodWatch {
+    api: NodeApi,
+    deadline: Instant,
+    /// Where the watch resumes; `None`: list (again).
+    rv: Option<String>,
+    listed_at: Option<Instant>,
+    stream: Option<PodEvents>,
+}
+
+impl PodWatch {
+    /// The next change; `Ok(None)` once `deadline` has passed. The first is always the
+    /// list (answered within the per-call deadline even if `deadline` is sooner).
+    pub async fn next(&mut self) -> Result<Option<PodChange>, NodeError> {
+        loop {
+            let now = Instant::now();
+            if self.listed_at.is_some() && now >= self.deadline {
+                return Ok(None);
+            }
+            let Some(rv) = self.rv.clone() else {
+                return self.list().await.map(Some);
+            };
+            let stream = match &mut self.stream {
+                Some(s) => s,
+                None => {
+                    let left = self.deadline - now;
+                    let params = WatchParams::default()
+                        .fields(&self.selector())
+                        .timeout(left.as_secs().clamp(1, 290) as u32);
+                    let pods: Api<Pod> = Api::all(self.api.client.clone());
+                    let events = self
+                        .api
+                        .within("WATCH pods", pods.watch(&params, &rv))
+                        .await?;
+                    self.stream.insert(events.boxed())
+                }
+            };
+            match tokio::time::timeout_at(self.deadline, stream.next()).await {
+                Err(_) => return Ok(None),
+                Ok(Some(Ok(WatchEvent::Added(p) | WatchEvent::Modified(p)))) => {
+                    self.rv.clone_from(&p.metadata.resource_version);
+                    return Ok(Some(PodChange::Applied(p)));
+                }
+                Ok(Some(Ok(WatchEvent::Deleted(p)))) => {
+                    self.rv.clone_from(&p.metadata.resource_version);
+                    return Ok(Some(PodChange::Deleted(p)));
+                }
+                Ok(Some(Ok(WatchEvent::Bookmark(b)))) => {
+                    self.rv = Some(b.metadata.resource_version);
+                }
+                Ok(Some(Ok(WatchEvent::Error(e)))) => {
+                    // 410 Expired (the history is compacted) and any other error the
+                    // server ends a watch with: what happened since is only in a new list.
+                    tracing::debug!(code = e.code, message = %e.message, "pod watch ended; listing again");
+                    self.relist();
+                }
+                Ok(Some(Err(e))) => {
+                    tracing::debug!(error = %e, "pod watch broke; listing again");
+                    self.relist();
+                }
+                // The server's timeoutSeconds: resume where it ended.
+                Ok(None) => self.stream = None,
+            }
+        }
+    }
+
+    fn selector(&self) -> String {
+        format!("spec.nodeName={}", self.api.name)
+    }
+
+    fn relist(&mut self) {
+        self.stream = None;
+        self.rv = None;
+    }
+
+    async fn list(&mut self) -> Result<PodChange, NodeError> {
+        if let Some(at) = self.listed_at {
+            tokio::time::sleep_until((at + RELIST_MIN_INTERVAL).min(self.deadline)).await;
+        }
+        self.listed_at = Some(Instant::now());
+        let pods: Api<Pod> = Api::all(self.api.client.clone());
+        let params = ListParams::default().fields(&self.selector());
+        let list = self.api.within("LIST pods", pods.list(&params)).await?;
+        // A list always carries one; without it the watch would start from the current
+        // state, whose ADDED events repeat the list: harmless to every reader here.
+        self.rv = Some(list.metadata.resource_version.unwrap_or_default());
+        Ok(PodChange::Listed(list.items))
     }
 }

@@ -27,7 +27,8 @@
 //!   conversion), with the namespace rules of event validation (an Event about a Node
 //!   belongs in `default`) and the stricter events.k8s.io/v1 rules.
 //! - Pods (injected by tests) listed by `spec.nodeName`, and the Eviction subresource:
-//!   201 and the pod is deleted, or 429 TooManyRequests naming the disruption budget.
+//!   201 and the pod is deleted (or, after [`FakeApi::hold_evictions`], marked terminating
+//!   until the test deletes it), or 429 TooManyRequests naming the disruption budget.
 //! - coordination.k8s.io/v1 Leases (namespaced): create, get, list, watch, PUT, PATCH,
 //!   delete. A PUT carrying a stale `metadata.resourceVersion` gets 409 Conflict and a
 //!   create of an existing name 409 AlreadyExists, with the real group-qualified messages
@@ -45,7 +46,7 @@
 //! # What it does not
 //! No authentication, authorisation, admission, TLS, HTTP/2, protobuf, YAML bodies,
 //! managedFields (apply is a strategic merge: fields dropped from a later apply stay),
-//! finalizers or graceful deletion (evicted pods vanish at once), the Lease admission
+//! finalizers or graceful deletion (evicted pods vanish at once unless held), the Lease admission
 //! rules of the real server's identity leases (`kube-node-lease`), periodic watch
 //! bookmarks, pagination (`limit` is ignored, everything comes in one page),
 //! `resourceVersionMatch` (lists are always current), other kinds (404, recorded in
@@ -315,6 +316,24 @@ impl FakeApi {
             st.blocked_evictions
                 .insert((ns.to_owned(), name.to_owned()))
         });
+    }
+
+    /// From now on, evicting this pod deletes it gracefully, as a real server does with a
+    /// pod that has a termination grace period: it gets `deletionTimestamp` and stays
+    /// (terminating) until [`delete_pod`](Self::delete_pod), the kubelet's final delete.
+    pub fn hold_evictions(&self, ns: &str, name: &str) {
+        self.shared
+            .write(|st| st.held_evictions.insert((ns.to_owned(), name.to_owned())));
+    }
+
+    /// Deletes a pod at once (a watch sees DELETED); `false` if there was none.
+    pub fn delete_pod(&self, ns: &str, name: &str) -> bool {
+        let key = Key {
+            kind: Kind::Pod,
+            ns: ns.to_owned(),
+            name: name.to_owned(),
+        };
+        self.shared.write(|st| st.delete(&key)).is_ok()
     }
 
     pub fn unblock_evictions(&self, ns: &str, name: &str) {

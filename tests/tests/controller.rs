@@ -2243,6 +2243,78 @@ fn pods_failed_at_admission_after_the_restart_are_reported() {
     assert!(!message.contains("work/old"), "{event}");
 }
 
+impl Harness {
+    /// The agent's (LISTs, WATCHes) of pods among its requests from `since` on.
+    fn agent_pod_requests(&self, since: usize) -> (usize, usize) {
+        let agent = self.cluster.api.requests_from("hotplug-agent/");
+        let pods: Vec<&(String, String)> = agent[since.min(agent.len())..]
+            .iter()
+            .filter(|(m, p)| m == "GET" && p.starts_with("/api/v1/pods?"))
+            .collect();
+        let watches = pods
+            .iter()
+            .filter(|(_, p)| p.contains("watch=true"))
+            .count();
+        (pods.len() - watches, watches)
+    }
+}
+
+/// `--shrink-policy evict` with a pod that terminates gracefully (the eviction leaves it
+/// terminating until its kubelet deletes it): no restart while it is there, and the wait
+/// watches for its deletion instead of listing the pods again and again.
+#[test]
+fn evict_mode_restarts_when_the_evicted_pod_is_deleted_watched_not_polled() {
+    let mut h = Harness::start_with(Options {
+        shrink_policy: Some(hotplug_agent::shrink::Policy::Evict),
+        no_client_retry: true,
+        ..Options::default()
+    });
+    three_pods(&h);
+    h.cluster.api.hold_evictions("work", "low");
+    h.memory_offline_1gib();
+    h.wait_for("the second eviction", |r| {
+        r["kind"] == "reset" && r["action"] == "evicted" && r["message"] == "work/mid"
+    });
+    // `low`'s grace period: its kubelet deletes it a while after the eviction. A 1 s poll
+    // would have listed the pods twice more by then.
+    thread::sleep(Duration::from_millis(2500));
+    let low = h.cluster.api.pod("work", "low").expect("still terminating");
+    assert!(low["metadata"]["deletionTimestamp"].is_string(), "{low}");
+    assert_eq!(
+        h.cluster.kubelet.restarts(),
+        1,
+        "no restart while an evicted pod is there; log:
+{}",
+        h.log()
+    );
+    let agent = h.cluster.api.requests_from("hotplug-agent/");
+    let evicted = agent
+        .iter()
+        .rposition(|(m, p)| m == "POST" && p.contains("/eviction"))
+        .expect("the evictions");
+    assert_eq!(
+        h.agent_pod_requests(evicted),
+        (1, 1),
+        "one LIST, then the watch: {:?}",
+        &agent[evicted..]
+    );
+    let deleted = Instant::now();
+    assert!(h.cluster.api.delete_pod("work", "low"));
+    h.wait_for("refresh started", |r| {
+        r["kind"] == "refresh" && r["action"] == "started"
+    });
+    eprintln!(
+        "the restart began {:?} after the evicted pod was deleted",
+        deleted.elapsed()
+    );
+    h.wait_converged();
+    h.wait_for("the agent's uncordon", |r| {
+        r["kind"] == "reset" && r["action"] == "uncordoned"
+    });
+    assert_eq!(h.cluster.kubelet.restarts(), 2, "log:\n{}", h.log());
+    assert!(!h.node_cordoned());
+}
+
 /// The API refuses the initial-capacity annotation (403: RBAC without `nodes` `patch`):
 /// said once, by a Warning Event, and the agent carries on with the restart; the next
 /// change tries the write again, and a second refusal is not said again.

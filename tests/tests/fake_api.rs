@@ -564,6 +564,146 @@ async fn pods_by_node_and_evictions_honour_disruption_budgets() {
     );
 }
 
+/// The agent's requests for pods: (LISTs, WATCHes), as the API server's log has them.
+fn pod_requests(api: &FakeApi) -> (usize, usize) {
+    let pods: Vec<(String, String)> = api
+        .requests()
+        .into_iter()
+        .filter(|(m, p)| m == "GET" && p.starts_with("/api/v1/pods?"))
+        .collect();
+    let watches = pods
+        .iter()
+        .filter(|(_, p)| p.contains("watch=true"))
+        .count();
+    (pods.len() - watches, watches)
+}
+
+/// `NodeApi::wait_pods_gone`, the wait for evicted pods: a pod deleted gracefully (the
+/// server keeps it, terminating, until its kubelet deletes it) is seen gone by the watch
+/// the moment it is deleted: one LIST and one WATCH, no polling. One that never goes is
+/// named at the deadline.
+#[tokio::test]
+async fn evicted_pods_are_waited_for_by_watching_them_within_a_deadline() {
+    use hotplug_agent::node::NodeApi;
+    let api = FakeApi::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let client = api.client(dir.path()).await;
+    for (name, node) in [("slow", "w1"), ("stays", "w1"), ("other", "w2")] {
+        api.add_pod(json!({
+            "metadata": {"name": name, "namespace": "work"},
+            "spec": {"nodeName": node, "containers": [{"name": "c", "image": "x"}]},
+            "status": {"phase": "Running"},
+        }));
+    }
+    let uid = |name: &str| {
+        api.pod("work", name).expect("the pod")["metadata"]["uid"]
+            .as_str()
+            .expect("a uid")
+            .to_owned()
+    };
+    let agent = NodeApi::new(client, "w1").with_timeout(WAIT);
+    let slow = uid("slow");
+    api.hold_evictions("work", "slow");
+    agent.evict("work", "slow").await.expect("the eviction");
+    let terminating = api.pod("work", "slow").expect("terminating, not gone yet");
+    assert!(
+        terminating["metadata"]["deletionTimestamp"].is_string(),
+        "{terminating}"
+    );
+
+    let waiting = tokio::spawn({
+        let (agent, uids) = (agent.clone(), vec![slow.clone()]);
+        async move {
+            let left = agent
+                .wait_pods_gone(&uids, tokio::time::Instant::now() + 6 * WAIT)
+                .await;
+            (left, tokio::time::Instant::now())
+        }
+    });
+    // Another node's pod going is not ours.
+    assert!(api.delete_pod("work", "other"));
+    // The pod's grace period: its kubelet deletes it a while after the eviction. A 1 s
+    // poll would have listed the pods twice more by then.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(pod_requests(&api), (1, 1), "{:?}", api.requests());
+    let deleted = tokio::time::Instant::now();
+    assert!(api.delete_pod("work", "slow"));
+    let (left, done) = waiting.await.expect("the wait");
+    assert_eq!(left.expect("the API answers"), Vec::<String>::new());
+    eprintln!(
+        "wait_pods_gone returned {:?} after the delete",
+        done - deleted
+    );
+    assert_eq!(
+        pod_requests(&api),
+        (1, 1),
+        "one LIST, then the watch: {:?}",
+        api.requests()
+    );
+
+    // A pod that does not go: named at the deadline, not before, not much after.
+    let start = tokio::time::Instant::now();
+    let left = agent
+        .wait_pods_gone(&[uid("stays")], start + Duration::from_millis(800))
+        .await
+        .expect("the API answers");
+    let took = start.elapsed();
+    assert_eq!(left, ["work/stays"]);
+    assert!(
+        took >= Duration::from_millis(800) && took < WAIT,
+        "{took:?}"
+    );
+    // Nothing to wait for: one LIST and done.
+    let before = pod_requests(&api);
+    let left = agent
+        .wait_pods_gone(&[slow], start + WAIT)
+        .await
+        .expect("the API answers");
+    assert!(left.is_empty());
+    assert_eq!(pod_requests(&api), (before.0 + 1, before.1));
+}
+
+/// `NodeApi::watch_pods` resumes from the list's resourceVersion; where that is compacted
+/// away (410 Expired), it lists again, and the list has what changed meanwhile.
+#[tokio::test]
+async fn the_pod_watch_lists_again_after_410_expired() {
+    use hotplug_agent::node::{NodeApi, PodChange};
+    let api = FakeApi::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let client = api.client(dir.path()).await;
+    let pod = |name: &str| {
+        json!({
+            "metadata": {"name": name, "namespace": "work"},
+            "spec": {"nodeName": "x1", "containers": [{"name": "c", "image": "x"}]},
+        })
+    };
+    api.add_pod(pod("first"));
+    let agent = NodeApi::new(client, "x1").with_timeout(WAIT);
+    let mut watch = agent.watch_pods(tokio::time::Instant::now() + WAIT);
+    let names = |change| match change {
+        Some(PodChange::Listed(pods)) => pods
+            .iter()
+            .filter_map(|p: &Pod| p.metadata.name.clone())
+            .collect::<Vec<_>>(),
+        other => panic!("expected a list, got {other:?}"),
+    };
+    assert_eq!(names(watch.next().await.expect("listed")), ["first"]);
+    // Changes after the list, then a compaction: the watch from the list's version fails.
+    api.add_pod(pod("second"));
+    api.compact();
+    let mut again = names(watch.next().await.expect("listed again"));
+    again.sort();
+    assert_eq!(again, ["first", "second"]);
+    assert_eq!(pod_requests(&api), (2, 1), "{:?}", api.requests());
+    // And from that list on it watches: a change comes as itself.
+    api.add_pod(pod("third"));
+    match watch.next().await.expect("watched") {
+        Some(PodChange::Applied(p)) => assert_eq!(p.metadata.name.as_deref(), Some("third")),
+        other => panic!("expected the new pod, got {other:?}"),
+    }
+    assert_eq!(pod_requests(&api), (2, 2), "{:?}", api.requests());
+}
+
 #[tokio::test]
 async fn stop_fails_requests_and_restart_serves_the_same_state_on_the_same_port() {
     let api = FakeApi::start().await;

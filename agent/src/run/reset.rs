@@ -2,9 +2,9 @@
 //! or memory manager checkpoint no longer matches the machine (kubernetes/kubernetes#124066,
 //! #109996; the "changing the CPU manager policy" procedure in the Kubernetes docs):
 //! cordon, evict the pods that hold exclusive CPUs or pinned memory (through the Eviction
-//! API, so PodDisruptionBudgets are honoured), stop the kubelet, move the checkpoint aside
-//! (kept as a backup, never deleted), start the kubelet, wait for the Node to be Ready,
-//! uncordon. Every step is a `reset` record; a step that fails stops the procedure, and the
+//! API, so PodDisruptionBudgets are honoured), wait until they are gone (watched, as the
+//! shrink's evictions are), stop the kubelet, move the checkpoint aside (kept as a backup,
+//! never deleted), start the kubelet, wait for the Node to be Ready, uncordon. Every step is a `reset` record; a step that fails stops the procedure, and the
 //! kubelet is never left stopped by us.
 use crate::record::{DecisionAction, DecisionKind};
 use std::{path::PathBuf, time::Duration};
@@ -112,6 +112,12 @@ impl Controller {
         }
 
         if let Err(why) = self.evict_pinned(&blocked.pods).await {
+            return Err(self.abort(node, why, ours).await);
+        }
+        // Drained means gone, as `kubectl drain` waits for: a kubelet stopped while it
+        // still terminates a pinned pod leaves its containers on the CPUs the new
+        // checkpoint hands out again.
+        if let Err(why) = self.wait_pods_gone(&blocked.pods).await {
             return Err(self.abort(node, why, ours).await);
         }
 

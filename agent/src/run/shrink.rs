@@ -31,9 +31,6 @@ use crate::{
 /// How long evicted pods may take to terminate (their grace period) before the agent gives
 /// up; `kubectl drain`'s default timeout is unbounded, the kubelet's default grace 30 s.
 const TERMINATION_PATIENCE: Duration = Duration::from_secs(120);
-/// How often the evicted pods are looked for while they terminate, as `kubectl drain`'s
-/// `waitForDelete` does (k8s.io/kubectl/pkg/drain: a 1 s poll).
-const TERMINATION_POLL: Duration = Duration::from_secs(1);
 
 /// The evictions a restart on the smaller machine needs first.
 pub(super) struct Evictions {
@@ -381,40 +378,25 @@ impl Controller {
     }
 
     /// Until none of `uids` is on the node any more (the kubelet has stopped their
-    /// containers, so their memory is free), within [`TERMINATION_PATIENCE`].
-    async fn wait_pods_gone(&self, uids: &[String]) -> Result<(), String> {
+    /// containers, so their memory is free), within [`TERMINATION_PATIENCE`]: watched
+    /// (`NodeApi::wait_pods_gone`), so the restart follows the last deletion at once.
+    pub(super) async fn wait_pods_gone(&self, uids: &[String]) -> Result<(), String> {
         let api = self
             .node
             .as_ref()
             .expect("refresh is only called with a client");
         let deadline = Instant::now() + TERMINATION_PATIENCE;
-        loop {
-            let pods = api
-                .pods()
-                .await
-                .map_err(|e| format!("listing the node's pods: {}", error_chain(&e)))?;
-            let left: Vec<String> = pods
-                .iter()
-                .filter(|p| p.metadata.uid.as_ref().is_some_and(|u| uids.contains(u)))
-                .filter_map(|p| {
-                    Some(format!(
-                        "{}/{}",
-                        p.metadata.namespace.as_ref()?,
-                        p.metadata.name.as_ref()?
-                    ))
-                })
-                .collect();
-            if left.is_empty() {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "evicted pods still terminating after {TERMINATION_PATIENCE:?}: {}",
-                    left.join(", ")
-                ));
-            }
-            tokio::time::sleep(TERMINATION_POLL).await;
+        let left = api
+            .wait_pods_gone(uids, deadline)
+            .await
+            .map_err(|e| format!("watching the node's pods: {}", error_chain(&e)))?;
+        if left.is_empty() {
+            return Ok(());
         }
+        Err(format!(
+            "evicted pods still terminating after {TERMINATION_PATIENCE:?}: {}",
+            left.join(", ")
+        ))
     }
 
     /// Stops the shrink: the agent's cordon lifted, a `reset` `failed` step, then the

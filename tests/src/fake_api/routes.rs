@@ -499,6 +499,17 @@ fn evict(ctx: &Ctx, key: &Key) -> Result<Response<Body>, ApiError> {
         {
             return Err(ApiError::disruption_budget(&key.name));
         }
+        if st
+            .held_evictions
+            .contains(&(key.ns.clone(), key.name.clone()))
+        {
+            // A graceful deletion: the pod stays, terminating, until its kubelet deletes it.
+            let mut pod = view(Kind::Pod, Group::Core, &st.get(key).expect("checked"));
+            pod["metadata"]["deletionTimestamp"] = json!(super::store::now_rfc3339());
+            pod["metadata"]["deletionGracePeriodSeconds"] = json!(30);
+            let pod = from_view(Kind::Pod, Group::Core, pod);
+            return st.update(key, Group::Core, pod, Sub::Main);
+        }
         st.delete(key)
     })?;
     Ok(json_response(

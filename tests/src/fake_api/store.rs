@@ -82,6 +82,8 @@ pub(crate) struct State {
     pub(crate) user_agents: Vec<String>,
     pub(crate) unhandled: Vec<(String, String)>,
     pub(crate) blocked_evictions: HashSet<(String, String)>,
+    /// Pods whose eviction marks them terminating instead of deleting them.
+    pub(crate) held_evictions: HashSet<(String, String)>,
     pub(crate) failures: Vec<Failure>,
 }
 
