@@ -2244,6 +2244,27 @@ fn pods_failed_at_admission_after_the_restart_are_reported() {
 }
 
 impl Harness {
+    /// The kubelet fails a pod at admission, as pkg/kubelet/kubelet.go `rejectPod` writes
+    /// it (through the status subresource).
+    fn fail_pod(&self, name: &str, reason: &str, message: &str) {
+        let client = self.client();
+        self.cluster.rt.block_on(async {
+            let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+                kube::Api::namespaced(client, "work");
+            pods.patch_status(
+                name,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(serde_json::json!({"status": {
+                    "phase": "Failed",
+                    "reason": reason,
+                    "message": message,
+                }})),
+            )
+            .await
+            .expect("failing the pod");
+        });
+    }
+
     /// The agent's (LISTs, WATCHes) of pods among its requests from `since` on.
     fn agent_pod_requests(&self, since: usize) -> (usize, usize) {
         let agent = self.cluster.api.requests_from("hotplug-agent/");
@@ -2313,6 +2334,85 @@ fn evict_mode_restarts_when_the_evicted_pod_is_deleted_watched_not_polled() {
     });
     assert_eq!(h.cluster.kubelet.restarts(), 2, "log:\n{}", h.log());
     assert!(!h.node_cordoned());
+}
+
+/// The kubelet fails a pod at admission after the Node has already converged (its first
+/// syncs re-admit pods after its first status post): the watch after convergence sees it,
+/// a `verify` record (`rejected_after_convergence`, `rejected_pods`) and the Warning Event
+/// say so; a pod failed before the restart is not blamed on it, even when it changes.
+#[test]
+fn a_pod_failed_at_admission_after_convergence_is_reported() {
+    let mut h = Harness::start_with(Options::default());
+    h.add_pod("victim", 0, "64Mi");
+    h.cluster.api.add_pod(serde_json::json!({
+        "metadata": {"name": "old", "namespace": "work"},
+        "spec": {"nodeName": NODE, "containers": [{"name": "c", "image": "x"}]},
+        "status": {"phase": "Failed", "reason": "OutOfmemory", "message": "Pod was rejected: earlier"},
+    }));
+    let base = h.machine.summary();
+    h.change(
+        Kind::MemoryBlock,
+        Action::Online,
+        "memory40",
+        Summary {
+            memory_bytes: base.memory_bytes + GIB,
+            ..base
+        },
+    );
+    h.wait_converged();
+    let converged = h
+        .records("verify", "converged")
+        .into_iter()
+        .rfind(|r| r.get("reason").is_none())
+        .expect("the verify")
+        .clone();
+    assert!(converged.get("rejected_pods").is_none(), "{converged}");
+    let message = "Pod was rejected: Node didn't have enough resource: memory";
+    h.fail_pod("old", "OutOfmemory", "Pod was rejected: earlier, again");
+    h.fail_pod("victim", "OutOfmemory", message);
+    let late = h.wait_for("the verify record after convergence", |r| {
+        r["kind"] == "verify" && r["reason"] == "rejected_after_convergence"
+    });
+    assert_eq!(late["action"], "converged", "{late}");
+    assert_eq!(late["episode"], converged["episode"], "{late}");
+    assert_eq!(
+        late["rejected_pods"],
+        serde_json::json!([{
+            "namespace": "work",
+            "name": "victim",
+            "reason": "OutOfmemory",
+            "message": message,
+        }]),
+        "{late}"
+    );
+    let event = h
+        .cluster
+        .rt
+        .block_on(h.cluster.api.wait_event(CONVERGE, |e| {
+            e["reason"] == "PodsRejectedAfterRestart" && e["type"] == "Warning"
+        }));
+    let text = event["message"].as_str().unwrap_or("");
+    assert!(text.contains("work/victim (OutOfmemory)"), "{event}");
+    assert!(!text.contains("work/old"), "{event}");
+    // Said once: a change of the failed pod is not a new failure.
+    h.fail_pod("victim", "OutOfmemory", "Pod was rejected: said again");
+    h.fail_pod("old", "OutOfmemory", "Pod was rejected: a third time");
+    h.add_pod("marker", 0, "64Mi");
+    h.fail_pod("marker", "OutOfcpu", "Pod was rejected: cpu");
+    let marker = h.wait_for("the marker's record", |r| {
+        r["reason"] == "rejected_after_convergence" && r["rejected_pods"][0]["name"] == "marker"
+    });
+    assert_eq!(
+        marker["rejected_pods"].as_array().map(Vec::len),
+        Some(1),
+        "{marker}"
+    );
+    let late: Vec<&Value> = h
+        .seen
+        .iter()
+        .filter(|r| r["reason"] == "rejected_after_convergence")
+        .collect();
+    assert_eq!(late.len(), 2, "victim, then marker: log:\n{}", h.log());
 }
 
 /// The API refuses the initial-capacity annotation (403: RBAC without `nodes` `patch`):
@@ -2516,6 +2616,15 @@ fn the_deployed_rbac_is_exactly_what_the_agent_calls() {
                 .then_some(())
             }),
     );
+    // The watch after convergence (LIST, WATCH pods): a pod failed after it is named; the
+    // second can only have come through the watch, whichever the first came through.
+    for name in ["late-1", "late-2"] {
+        h.add_pod(name, 0, "64Mi");
+        h.fail_pod(name, "OutOfcpu", "Pod was rejected: cpu");
+        h.wait_for("the record of a pod failed after convergence", |r| {
+            r["reason"] == "rejected_after_convergence" && r["rejected_pods"][0]["name"] == name
+        });
+    }
     // A repeated Event: the Recorder PATCHes the first one's series. The agent repeats an
     // Event only when the same thing happens again within six minutes (a refresh failing
     // the same way every back-off), which this flow does not, so the repeat goes through

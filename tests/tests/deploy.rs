@@ -472,7 +472,7 @@ fn expected_rbac(v: &Variant) -> BTreeMap<(String, String), BTreeSet<String>> {
     // (`the_deployed_rbac_is_exactly_what_the_agent_calls`), per variant.
     let mut rules = vec![
         ("", "nodes", vec!["get", "list", "watch", "patch"]),
-        ("", "pods", vec!["list"]),
+        ("", "pods", vec!["list", "watch"]),
         ("", "nodes/status", vec!["patch"]),
         ("events.k8s.io", "events", vec!["create", "patch"]),
         (

@@ -523,6 +523,10 @@ impl Metrics {
                     self.refresh_seconds.observe(ms as f64 / 1000.0);
                 }
             }
+            // A late word on a verify already counted (run/admission.rs): its pods are
+            // counted above, the verify and the gauges stay as that verify left them.
+            (DecisionKind::Verify, _)
+                if d.reason.as_deref() == Some("rejected_after_convergence") => {}
             (DecisionKind::Verify, action) => {
                 if let Some(a) = &d.advertised_after {
                     advertised(a);
@@ -851,6 +855,49 @@ mod tests {
         assert_eq!(
             get(&m, "hotplug_agent_pods_rejected_after_restart_total"),
             Some(2.0)
+        );
+    }
+
+    #[test]
+    fn a_pod_rejected_after_convergence_is_counted_and_the_verify_is_not_again() {
+        let m = Metrics::new();
+        let mut verify = DecisionRecord::new(
+            DecisionKind::Verify,
+            DecisionAction::Converged,
+            machine(1, 1),
+            1,
+        );
+        verify.cgroup = Some(crate::record::CgroupCheck {
+            path: "kubepods.slice/memory.max".into(),
+            before: Some(1),
+            after: Some(1),
+            expected_delta: Some(1),
+            ok: false,
+        });
+        m.observe(&Record::Decision(Box::new(verify.clone())));
+        let mut late = verify;
+        late.cgroup = None;
+        late.reason = Some("rejected_after_convergence".into());
+        late.rejected_pods = vec![crate::record::RejectedPod::default()];
+        m.observe(&Record::Decision(Box::new(late)));
+        let text = m.render_text();
+        assert_eq!(
+            sample(&text, "hotplug_agent_pods_rejected_after_restart_total"),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "hotplug_agent_verifications_total{result=\"converged\"}"
+            ),
+            Some(1.0),
+            "{text}"
+        );
+        // The stale cgroup the verify found is still said.
+        assert_eq!(
+            sample(&text, "hotplug_agent_unconverged"),
+            Some(1.0),
+            "{text}"
         );
     }
 }

@@ -26,6 +26,7 @@ use crate::{
     verify,
 };
 
+mod admission;
 mod budget;
 mod reset;
 mod shrink;
@@ -266,6 +267,9 @@ struct Controller {
     shrink_checked: Option<crate::record::ShrinkCheck>,
     shrink_cordon: bool,
     pods_before: Option<HashMap<String, bool>>,
+    /// The watch for pods failed at admission after the last convergence (admission.rs);
+    /// dropped, so cancelled, when the next restart begins.
+    admissions: Option<admission::Admissions>,
     /// The API refused the initial-capacity annotation and we said so once.
     initial_capacity_refused: bool,
     /// The allocatable (memory, CPU) the last check made while the kernel was offlining
@@ -307,6 +311,7 @@ impl Controller {
             shrink_checked: None,
             shrink_cordon: false,
             pods_before: None,
+            admissions: None,
             initial_capacity_refused: false,
             offlining_said: None,
         }
@@ -722,6 +727,9 @@ impl Controller {
             return next;
         }
         self.pods_before = self.pods_before_restart().await;
+        // A new restart: pods failed from here on are its own (the list above has those
+        // failed before it), not the last one's.
+        self.admissions = None;
         let reset = match blocking {
             Blocking::No => false,
             Blocking::Stop(next) => return next,
@@ -912,6 +920,18 @@ impl Controller {
                 self.event(EventType::Normal, "CapacityConverged", &message)
                     .await;
                 self.warn_rejected(&rejected).await;
+                if let Some(before) = self.pods_before.take() {
+                    let reporter = admission::Reporter {
+                        api: self
+                            .node
+                            .clone()
+                            .expect("verify is only called with a client"),
+                        log: self.log.clone(),
+                        root: self.config.pipeline.root.clone(),
+                        episode: self.episode,
+                    };
+                    self.admissions = Some(admission::watch(reporter, before));
+                }
                 if !cgroup_ok {
                     let c = cgroup.as_ref().expect("checked");
                     let warn = format!(

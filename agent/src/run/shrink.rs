@@ -11,7 +11,8 @@
 //!
 //! After a restart: pods the kubelet failed at admission (kubernetes/kubernetes#125579:
 //! `OutOfcpu`, `OutOfmemory`, `UnexpectedAdmissionError`) that were not failed before it
-//! are named in the `verify` record (`rejected_pods`) and a Warning Event.
+//! are named in the `verify` record (`rejected_pods`) and a Warning Event; admission.rs
+//! watches for those the kubelet fails later.
 use std::{collections::HashMap, time::Duration};
 
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -47,6 +48,32 @@ fn rejected(pod: &Pod) -> Option<(String, Option<String>)> {
     (status.phase.as_deref() == Some("Failed")
         && (reason.starts_with("OutOf") || reason == "UnexpectedAdmissionError"))
         .then(|| (reason.to_owned(), status.message.clone()))
+}
+
+/// [`rejected`], as the record names it.
+pub(super) fn rejected_pod(pod: &Pod) -> Option<RejectedPod> {
+    let (reason, message) = rejected(pod)?;
+    Some(RejectedPod {
+        namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+        name: pod.metadata.name.clone().unwrap_or_default(),
+        reason,
+        message,
+    })
+}
+
+/// The `PodsRejectedAfterRestart` Warning's text.
+pub(super) fn rejected_message(pods: &[RejectedPod]) -> String {
+    let names: Vec<String> = pods
+        .iter()
+        .map(|p| format!("{}/{} ({})", p.namespace, p.name, p.reason))
+        .collect();
+    format!(
+        "after the kubelet restart, the kubelet failed {} pod(s) at admission: {} \
+         (kubernetes/kubernetes#125579); their controllers recreate them elsewhere, bare \
+         pods stay failed",
+        pods.len(),
+        names.join(", ")
+    )
 }
 
 /// The pods against a smaller machine.
@@ -463,15 +490,16 @@ impl Controller {
     }
 
     /// The pods failed at admission since the restart began: failed now, and not before
-    /// (or not there before).
+    /// (or not there before). Those found count as failed before from now on, so that the
+    /// watch after convergence (admission.rs) does not name them again.
     pub(super) async fn rejected_since_restart(&mut self) -> Vec<RejectedPod> {
-        let Some(before) = self.pods_before.take() else {
-            return Vec::new();
-        };
         let api = self
             .node
             .as_ref()
             .expect("verify is only called with a client");
+        let Some(before) = self.pods_before.as_mut() else {
+            return Vec::new();
+        };
         let pods = match api.pods().await {
             Ok(p) => p,
             Err(e) => {
@@ -479,24 +507,20 @@ impl Controller {
                 return Vec::new();
             }
         };
-        let mut out: Vec<RejectedPod> = pods
-            .iter()
-            .filter(|p| {
-                p.metadata
-                    .uid
-                    .as_ref()
-                    .is_none_or(|u| before.get(u) != Some(&true))
-            })
-            .filter_map(|p| {
-                let (reason, message) = rejected(p)?;
-                Some(RejectedPod {
-                    namespace: p.metadata.namespace.clone().unwrap_or_default(),
-                    name: p.metadata.name.clone().unwrap_or_default(),
-                    reason,
-                    message,
-                })
-            })
-            .collect();
+        let mut out = Vec::new();
+        for p in &pods {
+            let uid = p.metadata.uid.as_ref();
+            if uid.is_some_and(|u| before.get(u) == Some(&true)) {
+                continue;
+            }
+            let Some(rejected) = rejected_pod(p) else {
+                continue;
+            };
+            if let Some(u) = uid {
+                before.insert(u.clone(), true);
+            }
+            out.push(rejected);
+        }
         out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         out
     }
@@ -506,17 +530,7 @@ impl Controller {
         if pods.is_empty() {
             return;
         }
-        let names: Vec<String> = pods
-            .iter()
-            .map(|p| format!("{}/{} ({})", p.namespace, p.name, p.reason))
-            .collect();
-        let message = format!(
-            "after the kubelet restart, the kubelet failed {} pod(s) at admission: {} \
-             (kubernetes/kubernetes#125579); their controllers recreate them elsewhere, bare \
-             pods stay failed",
-            pods.len(),
-            names.join(", ")
-        );
+        let message = rejected_message(pods);
         self.event(EventType::Warning, "PodsRejectedAfterRestart", &message)
             .await;
     }
