@@ -519,11 +519,20 @@ impl PodWatch {
                         .fields(&self.selector())
                         .timeout(left.as_secs().clamp(1, 290) as u32);
                     let pods: Api<Pod> = Api::all(self.api.client.clone());
-                    let events = self
+                    match self
                         .api
                         .within("WATCH pods", pods.watch(&params, &rv))
-                        .await?;
-                    self.stream.insert(events.boxed())
+                        .await
+                    {
+                        Ok(events) => self.stream.insert(events.boxed()),
+                        // Expired as the answer to the request itself, not as an event in
+                        // the stream: the same, a new list.
+                        Err(NodeError::Api(kube::Error::Api(s))) if s.code == 410 => {
+                            self.relist();
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
             };
             match tokio::time::timeout_at(self.deadline, stream.next()).await {

@@ -702,6 +702,12 @@ async fn the_pod_watch_lists_again_after_410_expired() {
         other => panic!("expected the new pod, got {other:?}"),
     }
     assert_eq!(pod_requests(&api), (2, 2), "{:?}", api.requests());
+    // 410 as the answer to the WATCH request itself: listed again all the same.
+    let mut watch = agent.watch_pods(tokio::time::Instant::now() + WAIT);
+    assert_eq!(names(watch.next().await.expect("listed")).len(), 3);
+    api.fail_next("GET", "/api/v1/pods", 410, 1);
+    assert_eq!(names(watch.next().await.expect("listed again")).len(), 3);
+    assert_eq!(pod_requests(&api), (4, 3), "{:?}", api.requests());
 }
 
 #[tokio::test]
