@@ -373,6 +373,7 @@ impl NodeApi {
             deadline,
             rv: None,
             listed_at: None,
+            watched_at: None,
             stream: None,
         }
     }
@@ -478,9 +479,9 @@ pub enum PodChange {
     Deleted(Pod),
 }
 
-/// After a watch broke, the next LIST waits until this long after the previous one: an
-/// API that cuts every watch at once is not listed in a tight loop.
-const RELIST_MIN_INTERVAL: Duration = Duration::from_secs(1);
+/// A LIST, and the opening of a WATCH, at most this often: an API (or a proxy) that ends
+/// every watch at once is not asked in a tight loop.
+const REQUEST_MIN_INTERVAL: Duration = Duration::from_secs(1);
 
 type PodEvents = futures::stream::BoxStream<'static, Result<WatchEvent<Pod>, kube::Error>>;
 
@@ -496,6 +497,7 @@ pub struct PodWatch {
     /// Where the watch resumes; `None`: list (again).
     rv: Option<String>,
     listed_at: Option<Instant>,
+    watched_at: Option<Instant>,
     stream: Option<PodEvents>,
 }
 
@@ -509,12 +511,19 @@ impl PodWatch {
                 return Ok(None);
             }
             let Some(rv) = self.rv.clone() else {
+                if !Self::paced(self.listed_at, self.deadline).await {
+                    return Ok(None);
+                }
                 return self.list().await.map(Some);
             };
+            if self.stream.is_none() && !Self::paced(self.watched_at, self.deadline).await {
+                return Ok(None);
+            }
             let stream = match &mut self.stream {
                 Some(s) => s,
                 None => {
-                    let left = self.deadline - now;
+                    self.watched_at = Some(Instant::now());
+                    let left = self.deadline.saturating_duration_since(Instant::now());
                     let params = WatchParams::default()
                         .fields(&self.selector())
                         .timeout(left.as_secs().clamp(1, 290) as u32);
@@ -573,10 +582,18 @@ impl PodWatch {
         self.rv = None;
     }
 
+    /// Waits until [`REQUEST_MIN_INTERVAL`] after `last` (no wait for a first request);
+    /// `false` if the deadline came first.
+    /// (A free function: `&self` holds a stream that is not `Sync`.)
+    async fn paced(last: Option<Instant>, deadline: Instant) -> bool {
+        let Some(at) = last else {
+            return true;
+        };
+        tokio::time::sleep_until((at + REQUEST_MIN_INTERVAL).min(deadline)).await;
+        Instant::now() < deadline
+    }
+
     async fn list(&mut self) -> Result<PodChange, NodeError> {
-        if let Some(at) = self.listed_at {
-            tokio::time::sleep_until((at + RELIST_MIN_INTERVAL).min(self.deadline)).await;
-        }
         self.listed_at = Some(Instant::now());
         let pods: Api<Pod> = Api::all(self.api.client.clone());
         let params = ListParams::default().fields(&self.selector());
