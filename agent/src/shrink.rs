@@ -95,6 +95,37 @@ pub fn loads(pods: &[Pod], usage: &PodsUsage) -> Vec<PodLoad> {
         .collect()
 }
 
+/// Pods a static policy's reset or rewrite has already decided about, when the same
+/// restart is also on a smaller machine.
+#[derive(Clone, Copy, Debug)]
+pub enum Pinned<'a> {
+    /// No static policy in the way.
+    None,
+    /// drain-and-reset evicts these (UIDs) anyway: they hold nothing after it.
+    Leaving(&'a [String]),
+    /// update-in-place keeps these (UIDs) on their CPUs and memory: never evicted for the
+    /// shrink.
+    Staying(&'a [String]),
+}
+
+/// `loads` and `usage` as the shrink's plan must see them, given what the static policy
+/// does with the pinned pods.
+pub fn account_pinned(loads: &mut Vec<PodLoad>, usage: &mut PodsUsage, pinned: Pinned<'_>) {
+    match pinned {
+        Pinned::None => {}
+        Pinned::Leaving(uids) => {
+            loads.retain(|p| !uids.contains(&p.uid));
+            let freed: u64 = uids.iter().filter_map(|u| usage.pods.remove(u)).sum();
+            usage.total = usage.total.map(|t| t.saturating_sub(freed));
+        }
+        Pinned::Staying(uids) => {
+            for p in loads.iter_mut().filter(|p| uids.contains(&p.uid)) {
+                p.evictable = false;
+            }
+        }
+    }
+}
+
 /// A pod's requests as the scheduler and the kubelet's admission count them
 /// (k8s.io/component-helpers/resource `PodRequests`): the larger of the containers' sum
 /// and the largest init container, plus the pod overhead.
@@ -510,6 +541,45 @@ mod tests {
         assert_eq!(
             names,
             [("daemon", false), ("mirror", false), ("plain", true)]
+        );
+    }
+
+    /// A reset's pinned pods count as gone (their use and requests), a rewrite's stay and
+    /// are never picked for eviction.
+    #[test]
+    fn pinned_pods_leave_with_a_reset_and_stay_with_a_rewrite() {
+        let pods = [pod("pinned", 2000, "1Gi", "1"), pod("low", 0, "1Gi", "0")];
+        let mut usage = PodsUsage {
+            total: Some(3 * GIB),
+            pods: [
+                ("uid-pinned".to_owned(), 2 * GIB),
+                ("uid-low".to_owned(), GIB),
+            ]
+            .into(),
+            path: None,
+        };
+        let base = loads(&pods, &usage);
+        let pinned = ["uid-pinned".to_owned()];
+
+        let (mut leaving, mut after) = (base.clone(), usage.clone());
+        account_pinned(&mut leaving, &mut after, Pinned::Leaving(&pinned));
+        assert_eq!(after.total, Some(GIB));
+        assert_eq!(
+            leaving.iter().map(PodLoad::key).collect::<Vec<_>>(),
+            ["work/low"]
+        );
+
+        let mut staying = base;
+        account_pinned(&mut staying, &mut usage, Pinned::Staying(&pinned));
+        assert_eq!(usage.total, Some(3 * GIB));
+        let evictable: Vec<(String, bool)> =
+            staying.iter().map(|p| (p.key(), p.evictable)).collect();
+        assert_eq!(
+            evictable,
+            [
+                ("work/pinned".to_owned(), false),
+                ("work/low".to_owned(), true)
+            ]
         );
     }
 

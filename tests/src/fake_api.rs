@@ -247,6 +247,20 @@ impl FakeApi {
         })
     }
 
+    /// The pod LISTs and WATCHes among `requests` (from [`requests`](Self::requests) or
+    /// [`requests_from`](Self::requests_from)), as (LISTs, WATCHes).
+    pub fn pod_lists_and_watches(requests: &[(String, String)]) -> (usize, usize) {
+        let pods: Vec<&(String, String)> = requests
+            .iter()
+            .filter(|(m, p)| m == "GET" && p.starts_with("/api/v1/pods?"))
+            .collect();
+        let watches = pods
+            .iter()
+            .filter(|(_, p)| p.contains("watch=true"))
+            .count();
+        (pods.len() - watches, watches)
+    }
+
     /// The requests no handler serves (answered 404): calls a test did not expect.
     pub fn unhandled(&self) -> Vec<(String, String)> {
         self.shared.read(|st| st.unhandled.clone())

@@ -31,7 +31,7 @@ use hotplug_agent::{
     run::{self, StaticPolicy},
     sources::{Change, Detail},
 };
-use hotplug_tests::cluster::Cluster;
+use hotplug_tests::{cluster::Cluster, fake_api::FakeApi};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
@@ -2172,6 +2172,199 @@ fn refuse_mode_warns_while_the_kernel_is_still_offlining() {
     assert_eq!(h.steps("shrink"), Vec::<String>::new(), "log:\n{}", h.log());
 }
 
+impl Harness {
+    /// CPU 1 and 1 GiB go in one change: 4 GiB, 2 CPUs -> 3 GiB, 1 CPU.
+    fn cpu1_and_1gib_offline(&self) {
+        let base = self.machine.summary();
+        self.change(
+            Kind::Cpu,
+            Action::Offline,
+            "cpu1",
+            Summary {
+                memory_bytes: base.memory_bytes - GIB,
+                cpus_online: 1,
+            },
+        );
+    }
+
+    fn reset_steps(&self) -> Vec<String> {
+        self.seen
+            .iter()
+            .filter(|r| r["kind"] == "reset")
+            .map(|r| match r["action"].as_str().unwrap_or_default() {
+                "evicted" => format!("evicted {}", r["message"].as_str().unwrap_or_default()),
+                a => a.to_owned(),
+            })
+            .collect()
+    }
+}
+
+/// drain-and-reset on a machine that also shrank: one plan. The pinned pod goes with the
+/// reset's drain anyway, so the shrink's check counts it as gone and adds only what is
+/// still too much (`low`, then `mid`); one drain evicts all three, one restart, `high`
+/// stays.
+#[test]
+fn a_reset_on_a_smaller_machine_drains_what_does_not_fit_in_the_same_drain() {
+    let mut h = Harness::start_with(Options {
+        cpu_manager_state: Some(r#"{"policyName":"static","defaultCpuSet":"0-1","checksum":0}"#),
+        drain_and_reset: true,
+        shrink_policy: Some(hotplug_agent::shrink::Policy::Evict),
+        no_client_retry: true,
+        ..Options::default()
+    });
+    let low = h.add_pod("low", 0, "512Mi");
+    let mid = h.add_pod("mid", 100, "512Mi");
+    let high = h.add_pod("high", 1000, "512Mi");
+    let pinned = h.add_pod("pinned", 2000, "512Mi");
+    h.pods_cgroup(
+        3 * GIB + 768 * MIB,
+        &[
+            (&low, 512 * MIB),
+            (&mid, 512 * MIB),
+            (&high, 2 * GIB),
+            (&pinned, 256 * MIB),
+        ],
+    );
+    fs::write(
+        h.cluster.path("kubelet-root/cpu_manager_state"),
+        format!(
+            r#"{{"policyName":"static","defaultCpuSet":"0","entries":{{"{pinned}":{{"c":"1"}}}},"checksum":0}}"#
+        ),
+    )
+    .expect("checkpoint");
+    h.cpu1_and_1gib_offline();
+    h.wait_converged();
+    let mut steps = h.reset_steps();
+    // The drain goes in the API's order; which pods, not their order, is the plan.
+    steps[2..5].sort();
+    assert_eq!(
+        steps,
+        [
+            "started",
+            "cordoned",
+            "evicted work/low",
+            "evicted work/mid",
+            "evicted work/pinned",
+            "kubelet_stopped",
+            "checkpoint_moved",
+            "kubelet_started",
+            "node_ready",
+            "uncordoned"
+        ],
+        "log:\n{}",
+        h.log()
+    );
+    let started = h.records("reset", "started")[0].clone();
+    assert_eq!(
+        started["shrink"]["evict"],
+        serde_json::json!(["work/low", "work/mid"]),
+        "{started}"
+    );
+    // 3.75 GiB in use, minus the pinned pod's 256 MiB that the drain frees anyway.
+    assert_eq!(
+        started["shrink"]["memory_in_use"],
+        3 * GIB + 512 * MIB,
+        "{started}"
+    );
+    assert!(h.cluster.api.pod("work", "high").is_some());
+    assert_eq!(h.cluster.kubelet.restarts(), 2, "log:\n{}", h.log());
+    assert!(
+        h.records("refresh", "skipped").is_empty(),
+        "log:\n{}",
+        h.log()
+    );
+}
+
+/// update-in-place on a machine that also shrank: the pods there is no room for are
+/// evicted under the agent's cordon first, then the checkpoint is rewritten for the
+/// smaller CPU set, one restart, and the cordon goes.
+#[test]
+fn update_in_place_on_a_smaller_machine_evicts_first_then_rewrites() {
+    let mut h = Harness::start_with(Options {
+        cpu_manager_state: Some(r#"{"policyName":"static","defaultCpuSet":"0-1","checksum":0}"#),
+        static_policy: Some(StaticPolicy::UpdateInPlace),
+        validating_standin: true,
+        shrink_policy: Some(hotplug_agent::shrink::Policy::Evict),
+        no_client_retry: true,
+        ..Options::default()
+    });
+    three_pods(&h);
+    h.cpu1_and_1gib_offline();
+    h.wait_converged();
+    h.wait_for("the agent's uncordon", |r| {
+        r["kind"] == "reset" && r["action"] == "uncordoned"
+    });
+    let steps = h.reset_steps();
+    assert_eq!(
+        steps,
+        [
+            "started",
+            "cordoned",
+            "evicted work/low",
+            "evicted work/mid",
+            "checkpoint_rewritten",
+            "kubelet_started",
+            "cpusets_unchanged",
+            "uncordoned"
+        ],
+        "log:\n{}",
+        h.log()
+    );
+    let path = h.cluster.path("kubelet-root/cpu_manager_state");
+    let state = fs::read_to_string(&path).expect("checkpoint");
+    assert!(state.contains(r#""defaultCpuSet":"0""#), "{state}");
+    assert!(h.cluster.api.pod("work", "high").is_some());
+    assert_eq!(h.cluster.kubelet.restarts(), 2, "log:\n{}", h.log());
+    assert!(!h.node_cordoned());
+}
+
+impl Harness {
+    /// `record` names only `victim` as failed at admission, with `reason` and `message`,
+    /// and so does the Warning Event; the pod failed before the restart is in neither.
+    fn assert_only_victim_rejected(&self, record: &Value, reason: &str, message: &str) {
+        assert_eq!(
+            record["rejected_pods"],
+            serde_json::json!([{
+                "namespace": "work",
+                "name": "victim",
+                "reason": reason,
+                "message": message,
+            }]),
+            "{record}"
+        );
+        let event = self
+            .cluster
+            .rt
+            .block_on(self.cluster.api.wait_event(CONVERGE, |e| {
+                e["reason"] == "PodsRejectedAfterRestart" && e["type"] == "Warning"
+            }));
+        let text = event["message"].as_str().unwrap_or("");
+        assert!(text.contains(&format!("work/victim ({reason})")), "{event}");
+        assert!(!text.contains("work/old"), "{event}");
+    }
+
+    /// A running pod `victim` and a pod `old` the kubelet had failed at admission before,
+    /// then 1 GiB comes online.
+    fn victim_and_an_old_rejection_then_1gib_online(&self) {
+        self.add_pod("victim", 0, "64Mi");
+        self.cluster.api.add_pod(serde_json::json!({
+            "metadata": {"name": "old", "namespace": "work"},
+            "spec": {"nodeName": NODE, "containers": [{"name": "c", "image": "x"}]},
+            "status": {"phase": "Failed", "reason": "OutOfmemory", "message": "Pod was rejected: earlier"},
+        }));
+        let base = self.machine.summary();
+        self.change(
+            Kind::MemoryBlock,
+            Action::Online,
+            "memory40",
+            Summary {
+                memory_bytes: base.memory_bytes + GIB,
+                ..base
+            },
+        );
+    }
+}
+
 /// After the restart the kubelet fails a running pod at admission (`OutOfcpu`): verify
 /// names it (`rejected_pods`) and a Warning Event does; a pod that had failed before the
 /// restart is not blamed on it.
@@ -2181,22 +2374,7 @@ fn pods_failed_at_admission_after_the_restart_are_reported() {
         gated: true,
         ..Options::default()
     });
-    h.add_pod("victim", 0, "64Mi");
-    h.cluster.api.add_pod(serde_json::json!({
-        "metadata": {"name": "old", "namespace": "work"},
-        "spec": {"nodeName": NODE, "containers": [{"name": "c", "image": "x"}]},
-        "status": {"phase": "Failed", "reason": "OutOfmemory", "message": "Pod was rejected: earlier"},
-    }));
-    let base = h.machine.summary();
-    h.change(
-        Kind::MemoryBlock,
-        Action::Online,
-        "memory40",
-        Summary {
-            memory_bytes: base.memory_bytes + GIB,
-            ..base
-        },
-    );
+    h.victim_and_an_old_rejection_then_1gib_online();
     h.wait_for("refresh started", |r| {
         r["kind"] == "refresh" && r["action"] == "started"
     });
@@ -2222,25 +2400,11 @@ fn pods_failed_at_admission_after_the_restart_are_reported() {
     let verify = h.wait_for("verify converged", |r| {
         r["kind"] == "verify" && r["action"] == "converged"
     });
-    assert_eq!(
-        verify["rejected_pods"],
-        serde_json::json!([{
-            "namespace": "work",
-            "name": "victim",
-            "reason": "OutOfcpu",
-            "message": "Pod was rejected: Node didn't have enough resource: cpu",
-        }]),
-        "{verify}"
+    h.assert_only_victim_rejected(
+        &verify,
+        "OutOfcpu",
+        "Pod was rejected: Node didn't have enough resource: cpu",
     );
-    let event = h
-        .cluster
-        .rt
-        .block_on(h.cluster.api.wait_event(CONVERGE, |e| {
-            e["reason"] == "PodsRejectedAfterRestart" && e["type"] == "Warning"
-        }));
-    let message = event["message"].as_str().unwrap_or("");
-    assert!(message.contains("work/victim (OutOfcpu)"), "{event}");
-    assert!(!message.contains("work/old"), "{event}");
 }
 
 impl Harness {
@@ -2268,15 +2432,7 @@ impl Harness {
     /// The agent's (LISTs, WATCHes) of pods among its requests from `since` on.
     fn agent_pod_requests(&self, since: usize) -> (usize, usize) {
         let agent = self.cluster.api.requests_from("hotplug-agent/");
-        let pods: Vec<&(String, String)> = agent[since.min(agent.len())..]
-            .iter()
-            .filter(|(m, p)| m == "GET" && p.starts_with("/api/v1/pods?"))
-            .collect();
-        let watches = pods
-            .iter()
-            .filter(|(_, p)| p.contains("watch=true"))
-            .count();
-        (pods.len() - watches, watches)
+        FakeApi::pod_lists_and_watches(&agent[since.min(agent.len())..])
     }
 }
 
@@ -2343,22 +2499,7 @@ fn evict_mode_restarts_when_the_evicted_pod_is_deleted_watched_not_polled() {
 #[test]
 fn a_pod_failed_at_admission_after_convergence_is_reported() {
     let mut h = Harness::start_with(Options::default());
-    h.add_pod("victim", 0, "64Mi");
-    h.cluster.api.add_pod(serde_json::json!({
-        "metadata": {"name": "old", "namespace": "work"},
-        "spec": {"nodeName": NODE, "containers": [{"name": "c", "image": "x"}]},
-        "status": {"phase": "Failed", "reason": "OutOfmemory", "message": "Pod was rejected: earlier"},
-    }));
-    let base = h.machine.summary();
-    h.change(
-        Kind::MemoryBlock,
-        Action::Online,
-        "memory40",
-        Summary {
-            memory_bytes: base.memory_bytes + GIB,
-            ..base
-        },
-    );
+    h.victim_and_an_old_rejection_then_1gib_online();
     h.wait_converged();
     let converged = h
         .records("verify", "converged")
@@ -2375,25 +2516,7 @@ fn a_pod_failed_at_admission_after_convergence_is_reported() {
     });
     assert_eq!(late["action"], "converged", "{late}");
     assert_eq!(late["episode"], converged["episode"], "{late}");
-    assert_eq!(
-        late["rejected_pods"],
-        serde_json::json!([{
-            "namespace": "work",
-            "name": "victim",
-            "reason": "OutOfmemory",
-            "message": message,
-        }]),
-        "{late}"
-    );
-    let event = h
-        .cluster
-        .rt
-        .block_on(h.cluster.api.wait_event(CONVERGE, |e| {
-            e["reason"] == "PodsRejectedAfterRestart" && e["type"] == "Warning"
-        }));
-    let text = event["message"].as_str().unwrap_or("");
-    assert!(text.contains("work/victim (OutOfmemory)"), "{event}");
-    assert!(!text.contains("work/old"), "{event}");
+    h.assert_only_victim_rejected(&late, "OutOfmemory", message);
     // Said once: a change of the failed pod is not a new failure.
     h.fail_pod("victim", "OutOfmemory", "Pod was rejected: said again");
     h.fail_pod("old", "OutOfmemory", "Pod was rejected: a third time");

@@ -566,16 +566,7 @@ async fn pods_by_node_and_evictions_honour_disruption_budgets() {
 
 /// The agent's requests for pods: (LISTs, WATCHes), as the API server's log has them.
 fn pod_requests(api: &FakeApi) -> (usize, usize) {
-    let pods: Vec<(String, String)> = api
-        .requests()
-        .into_iter()
-        .filter(|(m, p)| m == "GET" && p.starts_with("/api/v1/pods?"))
-        .collect();
-    let watches = pods
-        .iter()
-        .filter(|(_, p)| p.contains("watch=true"))
-        .count();
-    (pods.len() - watches, watches)
+    FakeApi::pod_lists_and_watches(&api.requests())
 }
 
 /// `NodeApi::wait_pods_gone`, the wait for evicted pods: a pod deleted gracefully (the

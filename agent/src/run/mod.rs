@@ -717,7 +717,7 @@ impl Controller {
             return next;
         }
         // A restart on a smaller machine the pods would not fit: refused, or evictions first.
-        let evictions = match self.shrink_gate(node, machine, &blocking).await {
+        let mut evictions = match self.shrink_gate(node, machine, &blocking).await {
             Ok(e) => e,
             Err(next) => return next,
         };
@@ -733,7 +733,7 @@ impl Controller {
         let reset = match blocking {
             Blocking::No => false,
             Blocking::Stop(next) => return next,
-            Blocking::Reset(blocked) => {
+            Blocking::Reset(mut blocked) => {
                 // The reset restarts the kubelet itself; it counts against the guard rails too.
                 if let Err(next) = self.guard_allows(now, backend).await {
                     return next;
@@ -744,6 +744,11 @@ impl Controller {
                 {
                     return next;
                 }
+                // One drain: the pods the smaller machine has no room for go with the pinned
+                // ones (the plan already counted those as gone).
+                if let Some(evictions) = evictions.take() {
+                    blocked.pods.extend(evictions.uids());
+                }
                 self.guard.started(now);
                 if let Err(next) = self.drain_and_reset(node, blocked).await {
                     self.guard.finished(Instant::now(), false);
@@ -751,8 +756,23 @@ impl Controller {
                 }
                 true
             }
-            Blocking::Rewrite(planned, checked) => {
+            Blocking::Rewrite(planned, checked, _) => {
                 if let Err(next) = self.guard_allows(now, backend).await {
+                    return next;
+                }
+                let actions: &[fleet::Action] = if evictions.is_some() {
+                    &[fleet::Action::Drain, fleet::Action::Restart]
+                } else {
+                    &[fleet::Action::Restart]
+                };
+                if let Err(next) = self.take_slots(actions).await {
+                    return next;
+                }
+                // The pinned pods stay where the rewrite keeps them; the others the smaller
+                // machine has no room for go first.
+                if let Some(evictions) = evictions.take()
+                    && let Err(next) = self.evict_for_shrink(node, evictions).await
+                {
                     return next;
                 }
                 self.guard.started(now);
@@ -1115,7 +1135,7 @@ impl Controller {
                 checkpoint::update::Machine::new(machine, checkpoint::update::reserved_cpus(root));
             match update::plan(root, &checked) {
                 Ok(planned) if !planned.rewrites.is_empty() => {
-                    return Blocking::Rewrite(planned, checked);
+                    return Blocking::Rewrite(planned, checked, blocked.pods);
                 }
                 Ok(_) => refused = Some("nothing to rewrite".to_owned()),
                 Err(why) => refused = Some(why.0),
@@ -1159,7 +1179,8 @@ enum Blocking {
     No,
     Stop(Next),
     Reset(reset::Blocked),
-    Rewrite(update::Planned, checkpoint::update::Machine),
+    /// The rewrite, and the pinned pods (UIDs) it keeps where they are.
+    Rewrite(update::Planned, checkpoint::update::Machine, Vec<String>),
 }
 
 /// Whether `adv` is what a kubelet that started inside the window could have posted: memory

@@ -72,14 +72,18 @@ impl Controller {
             .iter()
             .map(|p| p.display().to_string())
             .collect();
-        self.step(
-            DecisionAction::Started,
-            format!(
-                "checkpoints {}; pods {}",
-                names.join(", "),
-                blocked.pods.join(", ")
-            ),
-        )
+        // On a smaller machine the drain also takes the pods there is no room for
+        // (shrink.rs): the check and its `evict` list go with this record.
+        let shrink = self.shrink_checked.take();
+        let message = format!(
+            "checkpoints {}; pods {}",
+            names.join(", "),
+            blocked.pods.join(", ")
+        );
+        self.decide(DecisionKind::Reset, DecisionAction::Started, |d| {
+            d.message = Some(message);
+            d.shrink = shrink;
+        })
         .await;
         self.event(
             EventType::Warning,

@@ -25,7 +25,7 @@ use crate::{
     node::{EventType, NodeError},
     offlining::{self, Started},
     record::{DecisionAction, DecisionKind, RejectedPod, ShrinkCheck},
-    shrink::{self, PodLoad, Policy},
+    shrink::{self, Pinned, PodLoad, Policy},
     sources::error_chain,
 };
 
@@ -37,6 +37,12 @@ const TERMINATION_PATIENCE: Duration = Duration::from_secs(120);
 pub(super) struct Evictions {
     check: ShrinkCheck,
     pods: Vec<PodLoad>,
+}
+
+impl Evictions {
+    pub(super) fn uids(&self) -> impl Iterator<Item = String> + '_ {
+        self.pods.iter().map(|p| p.uid.clone())
+    }
 }
 
 /// A pod the kubelet failed at admission: `OutOfcpu`, `OutOfmemory`,
@@ -95,17 +101,22 @@ impl Controller {
         node: &Node,
         machine: Summary,
         offlining: Vec<String>,
+        pinned: Pinned<'_>,
     ) -> Option<Assessment> {
         if !shrink::is_decrease(machine, node) {
             return None;
         }
-        let usage = shrink::pods_usage(&self.config.cgroup_root);
+        let mut usage = shrink::pods_usage(&self.config.cgroup_root);
         let api = self
             .node
             .as_ref()
             .expect("the shrink check is only made with a client");
         let (loads, unlisted) = match api.pods().await {
-            Ok(pods) => (Some(shrink::loads(&pods, &usage)), None),
+            Ok(pods) => {
+                let mut loads = shrink::loads(&pods, &usage);
+                shrink::account_pinned(&mut loads, &mut usage, pinned);
+                (Some(loads), None)
+            }
             Err(e) => (None, Some(error_chain(&e))),
         };
         let mut check = shrink::check(
@@ -159,7 +170,17 @@ impl Controller {
         }
         let refused =
             |why: &str| format!("not restarting the kubelet on the smaller machine: {why}");
-        match self.assess(node, machine.summary(), Vec::new()).await {
+        // One plan with a static policy: a reset's drain takes the pinned pods anyway, a
+        // rewrite keeps them where they are.
+        let pinned = match blocking {
+            Blocking::Reset(blocked) => Pinned::Leaving(&blocked.pods),
+            Blocking::Rewrite(_, _, pods) => Pinned::Staying(pods),
+            Blocking::No | Blocking::Stop(_) => Pinned::None,
+        };
+        match self
+            .assess(node, machine.summary(), Vec::new(), pinned)
+            .await
+        {
             None => Ok(None),
             Some(Assessment::Fits(check)) => {
                 self.shrink_checked = Some(check);
@@ -170,10 +191,6 @@ impl Controller {
             }
             Some(Assessment::Evict(evictions)) => {
                 self.shrink_checked = Some(evictions.check.clone());
-                if !matches!(blocking, Blocking::No) {
-                    let message = refused(&not_combined(&evictions.check));
-                    return Err(self.refuse_shrink(node, evictions.check, message).await);
-                }
                 Ok(Some(evictions))
             }
         }
@@ -218,7 +235,16 @@ impl Controller {
         let said = |why: &str| {
             format!("the kernel is offlining {going}; on the machine without them: {why}")
         };
-        let assessment = self.assess(&node, after.summary(), heading.blocks).await;
+        // A checkpoint the smaller machine breaks: the episode's end makes one plan with the
+        // static policy's reset or rewrite (shrink_gate); nothing is done ahead of it.
+        let pinned = checkpoint::check(&self.config.kubelet_root, &after)
+            .map_or(true, |v| v.iter().any(|v| !v.is_safe()));
+        if pinned {
+            return;
+        }
+        let assessment = self
+            .assess(&node, after.summary(), heading.blocks, Pinned::None)
+            .await;
         // The next block of the same unplug comes to the same check: said once.
         let said_for =
             |c: &ShrinkCheck| Some((c.memory_allocatable_after, c.cpu_allocatable_after_millis));
@@ -239,15 +265,6 @@ impl Controller {
                 self.refuse_early(&node, check, said(&why)).await;
             }
             Some(Assessment::Evict(evictions)) => {
-                // Evictions are not combined with a static policy's reset or rewrite (as at
-                // the episode's end): a checkpoint the smaller machine breaks stops them.
-                let pinned = checkpoint::check(&self.config.kubelet_root, &after)
-                    .map_or(true, |v| v.iter().any(|v| !v.is_safe()));
-                if pinned {
-                    let why = not_combined(&evictions.check);
-                    self.refuse_early(&node, evictions.check, said(&why)).await;
-                    return;
-                }
                 if self.take_slots(&[fleet::Action::Drain]).await.is_err() {
                     // Waiting for the budget was said; the episode's end tries again.
                     return;
@@ -534,19 +551,6 @@ impl Controller {
         self.event(EventType::Warning, "PodsRejectedAfterRestart", &message)
             .await;
     }
-}
-
-/// Why a static policy's checkpoint stops a shrink's evictions.
-fn not_combined(check: &ShrinkCheck) -> String {
-    // A static policy's reset drains the pinned pods and a rewrite keeps them; the shrink's
-    // evictions by priority would need one plan with either. Until that exists the safe
-    // side is to refuse, saying which pods would have to go.
-    format!(
-        "{}; the evictions it needs ({}) are not combined with the static policy's reset or \
-         rewrite",
-        describe(check),
-        check.evict.join(", ")
-    )
 }
 
 /// The check in words: what does not fit, with the numbers.
