@@ -369,6 +369,7 @@ fn build() -> anyhow::Result<image::Binaries> {
         agent: workspace::agent_binary("release"),
         fake_apiserver: target.join("debug/fake-apiserver"),
         kubelet_standin: target.join("debug/kubelet-standin"),
+        pod_standin: target.join("debug/pod-standin"),
     })
 }
 
