@@ -289,10 +289,13 @@ fn run_scenarios(selected: &[&'static Scenario], image: &image::Image, dir: &Pat
             let t = Instant::now();
             let result = (|| {
                 if session.is_none() {
-                    // One guest per seed-scale variant: each its own logs.
-                    let name = match guest {
-                        Guest::SeedScale => scenario.test.trim_start_matches("vm::"),
-                        Guest::Watch | Guest::Incident => scenario.name,
+                    // Scenarios that share a name (the seed-scale variants, shrink-unplug's
+                    // control) each boot their own guest: each its own logs.
+                    let shared = SCENARIOS.iter().filter(|o| o.name == scenario.name).count() > 1;
+                    let name = if shared && guest != Guest::Watch {
+                        scenario.test.trim_start_matches("vm::")
+                    } else {
+                        scenario.name
                     };
                     session = Some(boot(image, guest, dir, name, &mut out.figures)?);
                 }

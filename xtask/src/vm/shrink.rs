@@ -146,8 +146,9 @@ pub fn pins_stall_the_unplug(s: &mut Session, figures: &mut Figures) -> anyhow::
         },
     )?;
     figures.push(format!(
-        "shrink control: {in_dimm} of {pinned} pinned hog pages in the DIMM; unplug stalled          {:.1} s ({}), hog killed -> DEVICE_DELETED {} ms",
-        t0.elapsed().as_secs_f64() - eject.as_secs_f64(),
+        "shrink control: {in_dimm} of {pinned} pinned hog pages in the DIMM; no eject for \
+         {:.1} s while the hog lived ({}), hog killed -> DEVICE_DELETED {} ms",
+        (t0.elapsed() - eject).as_secs_f64(),
         states.join(", "),
         eject.as_millis()
     ));
