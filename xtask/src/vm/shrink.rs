@@ -267,6 +267,12 @@ pub fn shrink_evicts_while_the_kernel_offlines(
         .context("the keeper should still run")?;
 
     // One restart for the shrink, and the Node converged to the machine as it is now.
+    let refreshes = recs.iter().filter(|r| r.is("refresh", "succeeded")).count();
+    ensure_records(
+        refreshes == 1,
+        "exactly one refresh after the unplug",
+        &recs,
+    )?;
     let restarts_after = restarts(s)?;
     ensure!(
         restarts_after == restarts_before + 1,
