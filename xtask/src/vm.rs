@@ -36,6 +36,7 @@ mod qmp;
 mod scenarios;
 mod seed_scale;
 mod session;
+mod shrink;
 mod static_cpu;
 mod systemd;
 // The container path: the image and the DaemonSet's pod under podman, in a systemd guest.
@@ -45,7 +46,7 @@ mod container;
 #[derive(Debug, ClapArgs)]
 pub struct Args {
     /// Run only these scenarios (repeatable): dimm, virtio-mem, cpu, manual-offline,
-    /// unplug, incident, static-cpu, seed-scale. Default: all.
+    /// unplug, incident, static-cpu, shrink-unplug, seed-scale. Default: all.
     #[arg(long = "scenario", value_name = "NAME")]
     pub scenarios: Vec<String>,
     /// Run only the scenarios whose test name (`vm::dimm_hot_add`, ...) contains one of these.
@@ -76,7 +77,7 @@ struct Scenario {
 }
 
 /// In the order they run: unplug undoes what the plugs before it did.
-const SCENARIOS: [Scenario; 11] = [
+const SCENARIOS: [Scenario; 13] = [
     Scenario {
         name: "dimm",
         test: "vm::dimm_hot_add",
@@ -118,6 +119,18 @@ const SCENARIOS: [Scenario; 11] = [
         test: "vm::static_cpu_update_in_place",
         guest: Guest::Incident,
         run: static_cpu::static_cpu_hot_add,
+    },
+    Scenario {
+        name: "shrink-unplug",
+        test: "vm::shrink_pins_stall_the_unplug",
+        guest: Guest::Incident,
+        run: shrink::pins_stall_the_unplug,
+    },
+    Scenario {
+        name: "shrink-unplug",
+        test: "vm::shrink_evicts_while_the_kernel_offlines",
+        guest: Guest::Incident,
+        run: shrink::shrink_evicts_while_the_kernel_offlines,
     },
     Scenario {
         name: "seed-scale",
@@ -276,10 +289,13 @@ fn run_scenarios(selected: &[&'static Scenario], image: &image::Image, dir: &Pat
             let t = Instant::now();
             let result = (|| {
                 if session.is_none() {
-                    // One guest per seed-scale variant: each its own logs.
-                    let name = match guest {
-                        Guest::SeedScale => scenario.test.trim_start_matches("vm::"),
-                        Guest::Watch | Guest::Incident => scenario.name,
+                    // Scenarios that share a name (the seed-scale variants, shrink-unplug's
+                    // control) each boot their own guest: each its own logs.
+                    let shared = SCENARIOS.iter().filter(|o| o.name == scenario.name).count() > 1;
+                    let name = if shared && guest != Guest::Watch {
+                        scenario.test.trim_start_matches("vm::")
+                    } else {
+                        scenario.name
                     };
                     session = Some(boot(image, guest, dir, name, &mut out.figures)?);
                 }
@@ -369,6 +385,7 @@ fn build() -> anyhow::Result<image::Binaries> {
         agent: workspace::agent_binary("release"),
         fake_apiserver: target.join("debug/fake-apiserver"),
         kubelet_standin: target.join("debug/kubelet-standin"),
+        pod_standin: target.join("debug/pod-standin"),
     })
 }
 

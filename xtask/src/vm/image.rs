@@ -50,6 +50,7 @@ pub struct Binaries {
     pub agent: PathBuf,
     pub fake_apiserver: PathBuf,
     pub kubelet_standin: PathBuf,
+    pub pod_standin: PathBuf,
 }
 
 pub fn prepare(dir: &Path, bins: &Binaries) -> anyhow::Result<Image> {
@@ -58,7 +59,14 @@ pub fn prepare(dir: &Path, bins: &Binaries) -> anyhow::Result<Image> {
     let doubles = dir.join("initramfs-doubles");
     stage_base(&base, &kernel, &bins.agent)?;
     fresh_dir(&doubles)?;
-    stage_binaries(&doubles, &[&bins.fake_apiserver, &bins.kubelet_standin])?;
+    stage_binaries(
+        &doubles,
+        &[
+            &bins.fake_apiserver,
+            &bins.kubelet_standin,
+            &bins.pod_standin,
+        ],
+    )?;
     // The kube clients (rustls) refuse to start without CA certificates, plain HTTP or not.
     let certs = doubles.join(CA_BUNDLE.trim_start_matches('/'));
     fs::create_dir_all(certs.parent().context("CA bundle path")?)?;
