@@ -2037,7 +2037,8 @@ impl Harness {
 
     /// The kernel's worker starts offlining the DIMM's first block (an ACPI eject): sysfs
     /// shows it `going-offline`, MemTotal has not moved yet, and the `offline_pages` probe
-    /// record arrives.
+    /// record arrives, naming the block as the pipeline does. The episode it begins holds
+    /// until that block's `offline` (or the 2 s stall window).
     fn eject_starts(&self) {
         let memory = self.machine.root().join("sys/devices/system/memory");
         fs::write(memory.join("memory32/state"), "going-offline\n").expect("sysfs fixture");
@@ -2046,7 +2047,7 @@ impl Harness {
             source: Source::Ebpf,
             kind: Kind::Memory,
             action: Action::Resize,
-            device: None,
+            device: Some("memory32".into()),
             detail: Detail::Probe {
                 probe: "fentry/offline_pages",
                 kernel_ns: 1,
@@ -2100,6 +2101,8 @@ fn evictions_start_while_the_kernel_is_still_offlining() {
         r["kind"] == "reset" && r["action"] == "evicted" && r["message"] == "work/mid"
     });
     let started = h.records("reset", "started")[0].clone();
+    // The episode the offline's first event began, not the start-up's.
+    assert_eq!(started["episode"], 1, "{started}");
     let blocks: Vec<String> = (32..40).map(|n| format!("memory{n}")).collect();
     assert_eq!(
         started["shrink"]["offlining"],
@@ -2141,6 +2144,7 @@ fn evictions_start_while_the_kernel_is_still_offlining() {
     let refresh = h.records("refresh", "started");
     assert_eq!(refresh.len(), 1, "log:\n{}", h.log());
     assert_eq!(refresh[0]["shrink"]["fits"], true, "{}", refresh[0]);
+    assert_eq!(refresh[0]["episode"], 1, "one episode: {}", refresh[0]);
     assert_eq!(h.cluster.kubelet.restarts(), 2, "log:\n{}", h.log());
     assert!(!h.node_cordoned());
     assert!(h.cluster.api.pod("work", "high").is_some());

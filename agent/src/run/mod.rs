@@ -335,16 +335,27 @@ impl Controller {
         let mut offlining = episodes.offlining();
         loop {
             if !pending {
+                // What the agent does while the kernel offlines belongs to the episode that
+                // the offline's first event began: its number is taken then, once.
+                let mut opened = false;
                 let ep = loop {
                     tokio::select! {
                         ep = episodes.next() => break ep,
-                        Some(started) = offlining.next() => self.offlining_started(started).await,
+                        Some(started) = offlining.next() => {
+                            if !opened {
+                                self.episode += 1;
+                                opened = true;
+                            }
+                            self.offlining_started(started).await;
+                        }
                     }
                 };
                 let Some(ep) = ep else {
                     return;
                 };
-                self.episode += 1;
+                if !opened {
+                    self.episode += 1;
+                }
                 self.settled(&ep, true).await;
             }
             pending = false;

@@ -267,10 +267,19 @@ pub fn shrink_evicts_while_the_kernel_offlines(
         .context("the keeper should still run")?;
 
     // One restart for the shrink, and the Node converged to the machine as it is now.
-    let refreshes = recs.iter().filter(|r| r.is("refresh", "succeeded")).count();
+    let refreshes: Vec<&Rec> = recs
+        .iter()
+        .filter(|r| r.is("refresh", "succeeded"))
+        .collect();
     ensure_records(
-        refreshes == 1,
+        refreshes.len() == 1,
         "exactly one refresh after the unplug",
+        &recs,
+    )?;
+    // The evictions during the offline and the restart after it are one episode.
+    ensure_records(
+        recs[started].v["episode"] == refreshes[0].v["episode"],
+        "the shrink's evictions and the restart in the same episode",
         &recs,
     )?;
     let restarts_after = restarts(s)?;
