@@ -209,9 +209,7 @@ impl Controller {
         {
             return;
         }
-        let root = &self.config.pipeline.root;
-        let going = |m: &Snapshot| offlining::heading(root, m, started.by_kernel);
-        if self.snapshot().and_then(|m| going(&m)).is_none() {
+        if self.heading(started.by_kernel).is_none() {
             // Done already: the episode's end has it.
             return;
         }
@@ -222,12 +220,7 @@ impl Controller {
             return;
         }
         // Read again after the Node, as everywhere: never a machine older than the Node.
-        let Some(machine) = self.snapshot() else {
-            return;
-        };
-        let Some(heading) =
-            offlining::heading(&self.config.pipeline.root, &machine, started.by_kernel)
-        else {
+        let Some((machine, heading)) = self.heading(started.by_kernel) else {
             return;
         };
         let after = heading.apply(&machine);
@@ -273,6 +266,14 @@ impl Controller {
                 self.release_slots().await;
             }
         }
+    }
+
+    /// The machine now and where the offline under way takes it; `None` when nothing is
+    /// going offline (any more).
+    fn heading(&self, by_kernel: bool) -> Option<(Snapshot, offlining::Heading)> {
+        let machine = self.snapshot()?;
+        let heading = offlining::heading(&self.config.pipeline.root, &machine, by_kernel)?;
+        Some((machine, heading))
     }
 
     /// A refusal while the kernel is offlining: `reset` `skipped`, reason `shrink_unsafe`,
