@@ -15,7 +15,7 @@
 //!   RSS and descriptors before, during and after, and detection throughout.
 //!
 //! Each suite appends [`Section`]s (rows of p50/p99/max or single values, with targets);
-//! they are printed as one table and written to `target/bench/watch.json`. To add a suite,
+//! they are printed as one table and written to `target/bench/results.json`. To add a suite,
 //! write `fn(&Context, &mut Vec<Section>) -> anyhow::Result<()>` in `bench/<name>.rs` and
 //! list it in [`SUITES`].
 //!
@@ -165,7 +165,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     println!("\nhotplug-agent bench: {}", machine.line());
     print!("{}", report::table(&sections));
-    let json_path = ctx.out_dir.join("watch.json");
+    // Every section the selected suites measured (not only the watch suite's); a suite
+    // with raw output of its own (fleet, storm) also keeps that beside it.
+    let json_path = ctx.out_dir.join("results.json");
     write_json(&json_path, &ctx, &machine, &sections, &errors)?;
     println!("\nresults: {}", json_path.display());
     if !errors.is_empty() {
