@@ -186,8 +186,38 @@ pub fn lazy(kubeconfig: Option<PathBuf>) -> Client {
         kubeconfig: kubeconfig.map(Arc::from),
         client: Arc::new(tokio::sync::Mutex::new(None)),
     };
-    // Every API call of the agent names its namespace; this default is never used.
-    Client::new(service, "default")
+    let namespace = namespace_now(service.kubeconfig.as_deref());
+    Client::new(service, &namespace)
+}
+
+/// The in-cluster service account's namespace file.
+const SERVICE_ACCOUNT_NAMESPACE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
+
+/// The default namespace the real client will have, as far as it can be told before it
+/// can be built, in kube's own order (`Config::infer`): the kubeconfig's current context,
+/// else the in-cluster service account's, else `default`. The fleet's Leases go there
+/// unless `--lease-namespace` says otherwise; a kubeconfig that cannot be read at all
+/// yet leaves `default`.
+fn namespace_now(kubeconfig: Option<&Path>) -> String {
+    let kubeconfig = match kubeconfig {
+        // Read with the same guards as for the client: a FIFO or /dev/zero is not read.
+        Some(path) => read_kubeconfig_blocking(path).ok(),
+        None => Kubeconfig::read().ok(),
+    };
+    let from_context = kubeconfig.and_then(|kc| {
+        let current = kc.current_context.clone()?;
+        kc.contexts
+            .into_iter()
+            .find(|c| c.name == current)?
+            .context?
+            .namespace
+    });
+    from_context
+        .or_else(|| {
+            let text = std::fs::read_to_string(SERVICE_ACCOUNT_NAMESPACE).ok()?;
+            Some(text.trim().to_owned()).filter(|ns| !ns.is_empty())
+        })
+        .unwrap_or_else(|| "default".to_owned())
 }
 
 #[derive(Clone)]
@@ -497,6 +527,25 @@ mod tests {
             ) && msg.contains("No CA certificates were loaded from the system"),
             "{msg}"
         );
+    }
+
+    /// A client that cannot be built yet (here: an https:// server without a CA, on a host
+    /// that may have no trust store) still has the kubeconfig context's namespace, where
+    /// the fleet's Leases and the Role for them are; not a hard-coded `default`.
+    #[tokio::test]
+    async fn a_lazy_client_has_the_kubeconfig_contexts_namespace() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = kubeconfig(dir.path(), "https://127.0.0.1:6443", "");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let with_ns = text.replace("    user: u\n", "    user: u\n    namespace: hotplug\n");
+        assert_ne!(text, with_ns);
+        std::fs::write(&path, with_ns).unwrap();
+        assert_eq!(lazy(Some(path)).default_namespace(), "hotplug");
+        // Nothing readable yet: kube's own fallback (the service account's, else default).
+        let missing = lazy(Some(dir.path().join("absent")));
+        let expected = std::fs::read_to_string(SERVICE_ACCOUNT_NAMESPACE)
+            .map_or_else(|_| "default".to_owned(), |ns| ns.trim().to_owned());
+        assert_eq!(missing.default_namespace(), expected);
     }
 
     #[tokio::test]
