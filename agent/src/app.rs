@@ -79,9 +79,10 @@ pub fn main(mut cli: Cli) -> Result<(), AppError> {
     let origins = std::mem::take(&mut cli.origins);
     command(cli).map_err(|e| match e {
         // Found after parsing, so named by its flag: by the file and key where it came
-        // from the config file, as the parse errors are.
+        // from the config file, by the variable where it came from the environment, as the
+        // parse errors are.
         AppError::Setting(s) => origins
-            .file_error(s.flag, s.problem)
+            .error_for(s.flag, s.problem)
             .map_or(AppError::Setting(s), AppError::Config),
         e => e,
     })

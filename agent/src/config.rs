@@ -41,6 +41,9 @@ pub enum ConfigError {
         key: String,
         message: String,
     },
+    /// An environment variable's value: named by the variable, not by a flag nobody typed.
+    #[error("environment variable {var}: {message}")]
+    BadEnv { var: String, message: String },
 }
 
 /// The environment variable of a long flag: `settle-ms` -> `HOTPLUG_AGENT_SETTLE_MS`.
@@ -167,12 +170,20 @@ pub struct Origins {
     path: Option<PathBuf>,
     /// Long flag -> (key as written, values).
     keys: BTreeMap<String, (String, Vec<String>)>,
+    /// Long flag -> (environment variable, value), for the flags the environment set.
+    env: BTreeMap<String, (String, String)>,
 }
 
 impl Origins {
-    /// The error for `flag` (its long name) being `problem`, by file and key, if the
-    /// config file set it; `None` if a flag, a variable or the default did.
-    pub fn file_error(&self, flag: &str, problem: &str) -> Option<ConfigError> {
+    /// The error for `flag` (its long name) being `problem`, by file and key if the config
+    /// file set it, by variable if the environment did; `None` if a flag or the default did.
+    pub fn error_for(&self, flag: &str, problem: &str) -> Option<ConfigError> {
+        if let Some((var, value)) = self.env.get(flag) {
+            return Some(ConfigError::BadEnv {
+                var: var.clone(),
+                message: format!("invalid value {value:?}: {problem}"),
+            });
+        }
         let path = self.path.as_ref()?;
         let (key, values) = self.keys.get(flag)?;
         let value = match values.as_slice() {
@@ -200,14 +211,24 @@ pub fn merge_traced(
     argv: Vec<OsString>,
 ) -> Result<(Vec<OsString>, Origins), ConfigError> {
     let mut origins = Origins::default();
-    let Some(path) = config_path(&argv) else {
-        return Ok((argv, origins));
-    };
     // Which subcommand: the first argument that names one.
     let Some((pos, sub)) = argv.iter().enumerate().skip(1).find_map(|(i, a)| {
         cmd.find_subcommand(a.to_string_lossy().as_ref())
             .map(|s| (i, s))
     }) else {
+        return Ok((argv, origins));
+    };
+    // What the command line decided (parse errors are left for the real parse to report).
+    let given = cmd
+        .clone()
+        .ignore_errors(true)
+        .try_get_matches_from(&argv)
+        .ok();
+    let sub_matches: Option<&ArgMatches> = given
+        .as_ref()
+        .and_then(|m| m.subcommand_matches(sub.get_name()));
+    check_env(cmd, sub, sub_matches, &mut origins)?;
+    let Some(path) = config_path(&argv) else {
         return Ok((argv, origins));
     };
     // Only subcommands that take `--config` read the file.
@@ -221,16 +242,6 @@ pub fn merge_traced(
         .filter_map(|a| a.get_long())
         .filter(|l| *l != "config")
         .collect();
-    // What the command line and the environment already decided (parse errors are left
-    // for the real parse to report).
-    let given = cmd
-        .clone()
-        .ignore_errors(true)
-        .try_get_matches_from(&argv)
-        .ok();
-    let sub_matches: Option<&ArgMatches> = given
-        .as_ref()
-        .and_then(|m| m.subcommand_matches(sub.get_name()));
     let mut inserted = Vec::new();
     for (original, values) in file {
         let key = original.replace('_', "-");
@@ -282,6 +293,46 @@ pub fn merge_traced(
     let mut out = argv;
     out.splice(pos + 1..pos + 1, inserted);
     Ok((out, origins))
+}
+
+/// The environment variables of `sub`'s flags that the command line did not override:
+/// checked here, where the error can name the variable (clap would name the flag), and
+/// remembered in `origins` for the checks made after parsing. Switches are left to clap,
+/// which reads any value of theirs as true or false.
+fn check_env(
+    cmd: &Command,
+    sub: &Command,
+    given: Option<&ArgMatches>,
+    origins: &mut Origins,
+) -> Result<(), ConfigError> {
+    for arg in sub.get_arguments() {
+        let (Some(long), Some(var)) = (arg.get_long(), arg.get_env()) else {
+            continue;
+        };
+        // No lenient parse (`--help`, `--version`): clap shows those whatever the
+        // environment says; nothing to check.
+        let Some(given) = given else {
+            return Ok(());
+        };
+        let on_command_line =
+            given.value_source(arg.get_id().as_str()) == Some(ValueSource::CommandLine);
+        let Some(value) = std::env::var_os(var) else {
+            continue;
+        };
+        if on_command_line || !arg.get_action().takes_values() {
+            continue;
+        }
+        let var = var.to_string_lossy().into_owned();
+        let value = value.to_string_lossy().into_owned();
+        check_values(cmd, sub, arg, Some(std::slice::from_ref(&value))).map_err(|message| {
+            ConfigError::BadEnv {
+                var: var.clone(),
+                message,
+            }
+        })?;
+        origins.env.insert(long.to_owned(), (var, value));
+    }
+    Ok(())
 }
 
 /// Whether clap would take `values` (from a file key) for `arg`; why not, if not.
@@ -468,7 +519,8 @@ mod tests {
             (500, "command".into(), true)
         );
         // The environment over the file.
-        // SAFETY: this is the only test touching these variables.
+        // SAFETY: this is the only test setting a variable; no other test depends on
+        // this one's value (a valid one, so every parse that reads it meanwhile passes).
         unsafe { std::env::set_var("HOTPLUG_AGENT_SETTLE_MS", "700") };
         assert_eq!(
             effective(merge(&cli(), args(&["a", "run", "--config", f])).unwrap()).0,
@@ -552,7 +604,7 @@ mod tests {
         let f = file.to_str().unwrap();
         let (_, origins) = merge_traced(&cli(), args(&["a", "run", "--config", f])).unwrap();
         let err = origins
-            .file_error("refresh", "not a backend")
+            .error_for("refresh", "not a backend")
             .expect("the file set --refresh")
             .to_string();
         assert_eq!(
@@ -565,10 +617,11 @@ mod tests {
             args(&["a", "run", "--config", f, "--refresh", "none"]),
         )
         .unwrap();
-        assert!(origins.file_error("refresh", "x").is_none());
-        // The default, and no file at all.
-        assert!(origins.file_error("settle-ms", "x").is_none());
+        assert!(origins.error_for("refresh", "x").is_none());
+        // The default, and no file at all. (Not settle-ms: the precedence test sets its
+        // variable for a moment, and the environment names a setting too.)
+        assert!(origins.error_for("max-wait-ms", "x").is_none());
         let (_, origins) = merge_traced(&cli(), args(&["a", "run"])).unwrap();
-        assert!(origins.file_error("refresh", "x").is_none());
+        assert!(origins.error_for("refresh", "x").is_none());
     }
 }

@@ -60,3 +60,54 @@ fn the_agents_variables_do_not_change_the_client_commands() {
         "HOTPLUG_AGENT_EVENTS_SINCE was not read:\n{err}"
     );
 }
+
+/// An agent setting from the environment that is refused is named by its variable, whether
+/// the parser refuses the value or a check after parsing does: not by a flag nobody typed.
+#[test]
+fn a_refused_variable_is_named_by_the_variable() {
+    for (var, flag, value) in [
+        ("HOTPLUG_AGENT_SETTLE_MS", "--settle-ms", "bogus-ms"),
+        (
+            "HOTPLUG_AGENT_VERIFY_TIMEOUT",
+            "--verify-timeout",
+            "400000000000y",
+        ),
+    ] {
+        let out = Command::new(agent_bin())
+            .args([
+                "run",
+                "--no-kubernetes",
+                "--refresh",
+                "none",
+                "--stream-socket",
+                "off",
+                "--metrics-addr",
+                "off",
+            ])
+            .env_clear()
+            .env(var, value)
+            .output()
+            .expect("running hotplug-agent run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{var}={value} was taken:\n{err}");
+        let want = format!("environment variable {var}: invalid value {value:?}");
+        assert!(err.contains(&want), "stderr lacks {want:?}:\n{err}");
+        assert!(!err.contains(flag), "named by a flag nobody typed:\n{err}");
+    }
+    // The flag given overrides the variable, which is then not looked at; `--help` is
+    // shown whatever the environment says.
+    for extra in [["--settle-ms", "5", "--help"], ["--help", "", ""]] {
+        let out = Command::new(agent_bin())
+            .arg("run")
+            .args(extra.iter().filter(|a| !a.is_empty()))
+            .env_clear()
+            .env("HOTPLUG_AGENT_SETTLE_MS", "bogus-ms")
+            .output()
+            .expect("running hotplug-agent run --help");
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("Usage"),
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
