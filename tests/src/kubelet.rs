@@ -212,6 +212,26 @@ impl Drop for Kubelet {
     }
 }
 
+/// The kube client of the stand-in doubles (`kubelet-standin`, `pod-standin`) from their
+/// kubeconfig, with a short connect timeout. `read_timeout`: also for reads and writes
+/// (the stand-in's status posts); none for a client that holds a watch open.
+pub async fn client(
+    kubeconfig: &Path,
+    read_timeout: Option<std::time::Duration>,
+) -> anyhow::Result<kube::Client> {
+    use anyhow::Context as _;
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig)
+        .with_context(|| format!("reading {}", kubeconfig.display()))?;
+    let mut config =
+        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+            .await
+            .context("loading the kubeconfig")?;
+    config.connect_timeout = Some(std::time::Duration::from_secs(2));
+    config.read_timeout = read_timeout;
+    config.write_timeout = read_timeout;
+    kube::Client::try_from(config).context("building the kube client")
+}
+
 #[cfg(test)]
 mod tests {
     use super::quote;

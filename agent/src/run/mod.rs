@@ -771,12 +771,7 @@ impl Controller {
                 if let Err(next) = self.guard_allows(now, backend).await {
                     return next;
                 }
-                let actions: &[fleet::Action] = if evictions.is_some() {
-                    &[fleet::Action::Drain, fleet::Action::Restart]
-                } else {
-                    &[fleet::Action::Restart]
-                };
-                if let Err(next) = self.take_slots(actions).await {
+                if let Err(next) = self.take_slots(restart_slots(&evictions)).await {
                     return next;
                 }
                 // The pinned pods stay where the rewrite keeps them; the others the smaller
@@ -802,13 +797,7 @@ impl Controller {
         if let Err(next) = self.guard_allows(now, backend).await {
             return next;
         }
-        // Evictions take a drain slot first, as a drain-and-reset does.
-        let actions: &[fleet::Action] = if evictions.is_some() {
-            &[fleet::Action::Drain, fleet::Action::Restart]
-        } else {
-            &[fleet::Action::Restart]
-        };
-        let taken = match self.take_slots(actions).await {
+        let taken = match self.take_slots(restart_slots(&evictions)).await {
             Ok(taken) => taken,
             Err(next) => return next,
         };
@@ -1176,6 +1165,16 @@ impl Controller {
         )
         .await;
         Blocking::Stop(Next::Done)
+    }
+}
+
+/// The fleet budgets a restart takes: evictions first take a drain slot, as a
+/// drain-and-reset does.
+fn restart_slots<T>(evictions: &Option<T>) -> &'static [fleet::Action] {
+    if evictions.is_some() {
+        &[fleet::Action::Drain, fleet::Action::Restart]
+    } else {
+        &[fleet::Action::Restart]
     }
 }
 

@@ -28,9 +28,8 @@ use clap::{Args, Parser};
 use hotplug_tests::kubelet::{self, Capacity, capacity_of, process};
 use k8s_openapi::{api::core::v1::Node, jiff::Timestamp};
 use kube::{
-    Api, Client, Config,
+    Api,
     api::{Patch, PatchParams, PostParams},
-    config::{KubeConfigOptions, Kubeconfig},
 };
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -328,7 +327,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .with_context(|| format!("writing the kubepods limit to {}", path.display()))?;
     }
     log(&format!("started, capacity cached: {summary}"));
-    let api: Api<Node> = Api::all(client(&args.kubeconfig).await?);
+    let api: Api<Node> = Api::all(
+        hotplug_tests::kubelet::client(&args.kubeconfig, Some(Duration::from_secs(10))).await?,
+    );
     let started = now();
     let owner = owner_exit(args.owner_pid);
     tokio::pin!(owner);
@@ -373,18 +374,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     log("stopping");
     Ok(())
-}
-
-async fn client(kubeconfig: &Path) -> anyhow::Result<Client> {
-    let kc = Kubeconfig::read_from(kubeconfig)
-        .with_context(|| format!("reading {}", kubeconfig.display()))?;
-    let mut config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-        .await
-        .context("loading the kubeconfig")?;
-    config.connect_timeout = Some(Duration::from_secs(2));
-    config.read_timeout = Some(Duration::from_secs(10));
-    config.write_timeout = Some(Duration::from_secs(10));
-    Client::try_from(config).context("building the kube client")
 }
 
 /// Resolves when `owner` exits (never without one).

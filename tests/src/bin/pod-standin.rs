@@ -31,7 +31,6 @@ use std::{
     io::{Read as _, Seek as _, SeekFrom},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
-    time::Duration,
 };
 
 use anyhow::{Context as _, bail, ensure};
@@ -39,9 +38,8 @@ use clap::Parser;
 use futures::{StreamExt as _, TryStreamExt as _};
 use k8s_openapi::api::core::v1::Pod;
 use kube::{
-    Api, Client, Config,
+    Api,
     api::{Patch, PatchParams, PostParams},
-    config::{KubeConfigOptions, Kubeconfig},
     runtime::watcher,
 };
 use tokio::signal::unix::{SignalKind, signal};
@@ -100,7 +98,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    let client = client(&args.kubeconfig).await?;
+    let client = hotplug_tests::kubelet::client(&args.kubeconfig, None).await?;
     let pods: Api<Pod> = Api::namespaced(client, &args.namespace);
 
     let pod: Pod = serde_json::from_value(serde_json::json!({
@@ -173,16 +171,6 @@ async fn main() -> anyhow::Result<()> {
     drop(pins);
     drop(held);
     Ok(())
-}
-
-async fn client(kubeconfig: &Path) -> anyhow::Result<Client> {
-    let kc = Kubeconfig::read_from(kubeconfig)
-        .with_context(|| format!("reading {}", kubeconfig.display()))?;
-    let mut config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-        .await
-        .context("loading the kubeconfig")?;
-    config.connect_timeout = Some(Duration::from_secs(2));
-    Client::try_from(config).context("building the kube client")
 }
 
 /// Resolves once our Pod (this uid) is gone: a DELETED event, or a re-list without it

@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 
-use super::session::{Cpu, Dimm, Move, Session, WAIT};
+use super::{
+    guest::Rec,
+    session::{Cpu, Dimm, Move, Session, WAIT},
+};
 
 impl Session {
     /// Hot-adds a DIMM of `size` bytes (a fresh memory-backend-ram behind it).
@@ -183,16 +186,7 @@ impl Session {
         let from = self.vm.records.mark();
         let t0 = Instant::now();
         self.qmp("device_del", json!({"id": dimm.id}))?;
-        let removes = self.wait_n(
-            from,
-            "memory_block `remove` uevents",
-            dimm.blocks.len(),
-            |r| {
-                r.source() == "uevent"
-                    && r.is("memory_block", "remove")
-                    && dimm.blocks.iter().any(|b| b == r.device())
-            },
-        )?;
+        let removes = self.wait_removed(from, dimm)?;
         let target = base_memory - online * self.block_size;
         let (record, latency) = self.wait_capacity(from, target, base_cpus, t0)?;
         self.device_deleted(&dimm.id)?;
@@ -204,6 +198,20 @@ impl Session {
             base_memory,
             base_cpus,
         })
+    }
+
+    /// The `remove` uevents of every block of `dimm`, from record `from` on.
+    pub fn wait_removed(&mut self, from: usize, dimm: &Dimm) -> anyhow::Result<Vec<Rec>> {
+        self.wait_n(
+            from,
+            "memory_block `remove` uevents",
+            dimm.blocks.len(),
+            |r| {
+                r.source() == "uevent"
+                    && r.is("memory_block", "remove")
+                    && dimm.blocks.iter().any(|b| b == r.device())
+            },
+        )
     }
 
     /// QEMU's side of an unplug is done (the guest ejected the device): only then the

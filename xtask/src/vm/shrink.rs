@@ -135,16 +135,7 @@ pub fn pins_stall_the_unplug(s: &mut Session, figures: &mut Figures) -> anyhow::
         })
         .context("the DIMM should be ejected once the hog exited")?;
     let eject = killed.elapsed();
-    s.wait_n(
-        from,
-        "memory_block `remove` uevents",
-        dimm.blocks.len(),
-        |r| {
-            r.source() == "uevent"
-                && r.is("memory_block", "remove")
-                && dimm.blocks.iter().any(|b| b == r.device())
-        },
-    )?;
+    s.wait_removed(from, &dimm)?;
     figures.push(format!(
         "shrink control: {in_dimm} of {pinned} pinned hog pages in the DIMM; no eject for \
          {:.1} s while the hog lived ({}), hog killed -> DEVICE_DELETED {} ms",
