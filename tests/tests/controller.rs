@@ -1293,7 +1293,7 @@ fn update_in_place_adds_hot_added_memory_to_its_numa_node() {
 /// out), and gives the slot back once verify converged.
 #[test]
 fn a_restart_waits_for_a_fleet_budget_slot_and_gives_it_back_after_verify() {
-    use hotplug_agent::fleet::{self, Attempt, Fleet, Limit};
+    use hotplug_agent::fleet::{self, Limit};
     let config = fleet::Config {
         namespace: None,
         restarts: Limit::Count(1),
@@ -1304,20 +1304,8 @@ fn a_restart_waits_for_a_fleet_budget_slot_and_gives_it_back_after_verify() {
         fleet: Some(config.clone()),
         ..Options::default()
     });
-    let kubeconfig = PathBuf::from(h.cluster.path("kubeconfig"));
     // Another node is restarting its kubelet: it holds the only slot.
-    let other = h.cluster.rt.block_on(async {
-        let kc = kube::config::Kubeconfig::read_from(&kubeconfig).expect("kubeconfig");
-        let kube_config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
-            .await
-            .expect("client config");
-        let client = kube::Client::try_from(kube_config).expect("client");
-        let mut budget = Fleet::new(client, &config, "other-node", API_TIMEOUT).restarts;
-        match budget.try_take().await.expect("the API answers") {
-            Attempt::Held(slot) => slot,
-            Attempt::Full(_) => panic!("the only slot is free"),
-        }
-    });
+    let other = h.other_node_takes_the_restart_slot(&config);
     let restarts = h.cluster.kubelet.restarts();
     let base = h.machine.summary();
     let grown = Summary {
@@ -1385,15 +1373,27 @@ fn a_restart_waits_for_a_fleet_budget_slot_and_gives_it_back_after_verify() {
 }
 
 impl Harness {
+    /// Another node (`other-node`) takes the only slot of the fleet's restart budget, as
+    /// its agent would before restarting its kubelet.
+    fn other_node_takes_the_restart_slot(
+        &self,
+        config: &hotplug_agent::fleet::Config,
+    ) -> hotplug_agent::fleet::Slot {
+        use hotplug_agent::fleet::{Attempt, Fleet};
+        let client = self.client();
+        self.cluster.rt.block_on(async {
+            let mut budget = Fleet::new(client, config, "other-node", API_TIMEOUT).restarts;
+            match budget.try_take().await.expect("the API answers") {
+                Attempt::Held(slot) => slot,
+                Attempt::Full(_) => panic!("the only slot is free"),
+            }
+        })
+    }
+
     /// A merge patch on the Node, as an operator's `kubectl annotate`/`cordon` would.
     fn patch_node(&self, patch: serde_json::Value) {
-        let kubeconfig = PathBuf::from(self.cluster.path("kubeconfig"));
+        let client = self.client();
         self.cluster.rt.block_on(async {
-            let kc = kube::config::Kubeconfig::read_from(&kubeconfig).expect("kubeconfig");
-            let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
-                .await
-                .expect("client config");
-            let client = kube::Client::try_from(config).expect("client");
             let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client);
             nodes
                 .patch(
@@ -2667,7 +2667,7 @@ fn a_failed_initial_capacity_write_defers_the_restart_until_it_is_written() {
 /// it: nothing denied, nothing granted and unused.
 #[test]
 fn the_deployed_rbac_is_exactly_what_the_agent_calls() {
-    use hotplug_agent::fleet::{self, Attempt, Fleet, Limit};
+    use hotplug_agent::fleet::{self, Limit};
     use hotplug_tests::rbac;
     const OWN_NAMESPACE: &str = "hotplug-agent";
     let Some(grants) = rbac::deployed("overlays/drain-and-reset") else {
@@ -2703,19 +2703,7 @@ fn the_deployed_rbac_is_exactly_what_the_agent_calls() {
     )
     .expect("writing the checkpoint");
     // Another node is restarting: the agent waits for the slot (LIST, WATCH).
-    let kubeconfig = PathBuf::from(h.cluster.path("kubeconfig"));
-    let other = h.cluster.rt.block_on(async {
-        let kc = kube::config::Kubeconfig::read_from(&kubeconfig).expect("kubeconfig");
-        let kube_config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
-            .await
-            .expect("client config");
-        let client = kube::Client::try_from(kube_config).expect("client");
-        let mut budget = Fleet::new(client, &config, "other-node", API_TIMEOUT).restarts;
-        match budget.try_take().await.expect("the API answers") {
-            Attempt::Held(slot) => slot,
-            Attempt::Full(_) => panic!("the only slot is free"),
-        }
-    });
+    let other = h.other_node_takes_the_restart_slot(&config);
     h.cpu1_offline();
     h.wait_for("the wait for a restart slot", |r| {
         r["action"] == "deferred" && r["reason"] == "fleet_budget"
@@ -2756,6 +2744,7 @@ fn the_deployed_rbac_is_exactly_what_the_agent_calls() {
     // Event only when the same thing happens again within six minutes (a refresh failing
     // the same way every back-off), which this flow does not, so the repeat goes through
     // the agent's own NodeApi and client (its User-Agent) directly.
+    let kubeconfig = PathBuf::from(h.cluster.path("kubeconfig"));
     h.cluster.rt.block_on(async {
         let kc = kube::config::Kubeconfig::read_from(&kubeconfig).expect("kubeconfig");
         let kube_config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
