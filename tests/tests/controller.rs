@@ -898,6 +898,15 @@ impl Harness {
     }
 
     /// No refresh was skipped (no guard rail, pause, stand-down or shrink refusal).
+    /// Waits for a Warning Event with `reason` on the API.
+    fn wait_warning(&self, reason: &str) -> Value {
+        self.cluster
+            .rt
+            .block_on(self.cluster.api.wait_event(CONVERGE, |e| {
+                e["reason"] == reason && e["type"] == "Warning"
+            }))
+    }
+
     fn assert_nothing_skipped(&self) {
         assert!(
             self.records("refresh", "skipped").is_empty(),
@@ -942,11 +951,7 @@ fn a_failing_refresh_is_recorded_warned_and_set_on_the_node() {
         failed["message"].as_str().unwrap_or("").contains("exit"),
         "{failed}"
     );
-    h.cluster
-        .rt
-        .block_on(h.cluster.api.wait_event(CONVERGE, |e| {
-            e["reason"] == "KubeletRefreshFailed" && e["type"] == "Warning"
-        }));
+    h.wait_warning("KubeletRefreshFailed");
     h.wait_condition("True", "RefreshFailed");
     assert_eq!(h.cluster.kubelet.restarts(), 1);
 }
@@ -997,11 +1002,7 @@ fn a_node_that_never_converges_times_out_verify() {
         took >= Duration::from_millis(1500) && took < Duration::from_secs(6),
         "timed out after {took:?}: {timeout}"
     );
-    h.cluster
-        .rt
-        .block_on(h.cluster.api.wait_event(CONVERGE, |e| {
-            e["reason"] == "CapacityNotConverged" && e["type"] == "Warning"
-        }));
+    h.wait_warning("CapacityNotConverged");
     h.wait_condition("True", "RefreshNotConverged");
     assert!(h.events("CapacityConverged").is_empty());
 }
@@ -1020,11 +1021,7 @@ fn a_static_cpu_manager_checkpoint_blocks_the_restart() {
         r["kind"] == "refresh" && r["action"] == "skipped"
     });
     assert_eq!(skipped["reason"], "static_policy", "{skipped}");
-    h.cluster
-        .rt
-        .block_on(h.cluster.api.wait_event(CONVERGE, |e| {
-            e["reason"] == "StaticPolicyBlocksRefresh" && e["type"] == "Warning"
-        }));
+    h.wait_warning("StaticPolicyBlocksRefresh");
     h.wait_condition("True", "StaticPolicyCheckpoint");
     assert_eq!(h.cluster.kubelet.restarts(), 1, "log:\n{}", h.log());
     assert!(h.records("refresh", "started").is_empty());
@@ -1086,11 +1083,7 @@ fn a_pods_cgroup_limit_that_did_not_move_is_warned() {
     assert_eq!(verify["cgroup"]["ok"], false, "{verify}");
     assert_eq!(verify["cgroup"]["before"], 3_221_225_472u64, "{verify}");
     assert_eq!(verify["cgroup"]["after"], 3_221_225_472u64, "{verify}");
-    h.cluster
-        .rt
-        .block_on(h.cluster.api.wait_event(CONVERGE, |e| {
-            e["reason"] == "PodsCgroupLimitStale" && e["type"] == "Warning"
-        }));
+    h.wait_warning("PodsCgroupLimitStale");
     h.wait_condition("True", "PodsCgroupLimitStale");
 }
 
@@ -1854,12 +1847,7 @@ fn a_shrink_the_pods_would_not_fit_is_refused_with_a_warning() {
         3 * GIB - 100 * MIB,
         "{skipped}"
     );
-    let event = h
-        .cluster
-        .rt
-        .block_on(h.cluster.api.wait_event(CONVERGE, |e| {
-            e["reason"] == "ShrinkUnsafe" && e["type"] == "Warning"
-        }));
+    let event = h.wait_warning("ShrinkUnsafe");
     assert!(
         event["message"]
             .as_str()
@@ -1909,17 +1897,24 @@ fn three_pods(h: &Harness) {
     );
 }
 
-/// `--shrink-policy evict`: the lowest-priority pods are evicted, one by one, until the
-/// rest fit (`low`, then `mid`; `high` stays), under the agent's own cordon and a drain slot
-/// of the fleet budget; then the restart, and the cordon is lifted.
-#[test]
-fn evict_mode_evicts_the_lowest_priority_first_until_the_rest_fit() {
-    let mut h = Harness::start_with(Options {
+/// `--shrink-policy evict` (API errors surfacing at once, no client retries), with
+/// [`three_pods`] on the Node.
+fn evict_mode_with_three_pods() -> Harness {
+    let h = Harness::start_with(Options {
         shrink_policy: Some(hotplug_agent::shrink::Policy::Evict),
         no_client_retry: true,
         ..Options::default()
     });
     three_pods(&h);
+    h
+}
+
+/// `--shrink-policy evict`: the lowest-priority pods are evicted, one by one, until the
+/// rest fit (`low`, then `mid`; `high` stays), under the agent's own cordon and a drain slot
+/// of the fleet budget; then the restart, and the cordon is lifted.
+#[test]
+fn evict_mode_evicts_the_lowest_priority_first_until_the_rest_fit() {
+    let mut h = evict_mode_with_three_pods();
     h.memory_offline_1gib();
     h.wait_converged();
     h.wait_for("the agent's uncordon", |r| {
@@ -1960,12 +1955,7 @@ fn evict_mode_evicts_the_lowest_priority_first_until_the_rest_fit() {
 /// cordon, says so, and never restarts the kubelet into the OOM kill.
 #[test]
 fn evict_mode_stops_at_a_refused_eviction_and_never_restarts() {
-    let mut h = Harness::start_with(Options {
-        shrink_policy: Some(hotplug_agent::shrink::Policy::Evict),
-        no_client_retry: true,
-        ..Options::default()
-    });
-    three_pods(&h);
+    let mut h = evict_mode_with_three_pods();
     h.cluster.api.block_evictions("work", "mid");
     h.memory_offline_1gib();
     let skipped = h.wait_for("refresh skipped", |r| {
@@ -1989,11 +1979,7 @@ fn evict_mode_stops_at_a_refused_eviction_and_never_restarts() {
         "log:\n{}",
         h.log()
     );
-    h.cluster
-        .rt
-        .block_on(h.cluster.api.wait_event(CONVERGE, |e| {
-            e["reason"] == "ShrinkUnsafe" && e["type"] == "Warning"
-        }));
+    h.wait_warning("ShrinkUnsafe");
     assert!(
         h.records("refresh", "started").is_empty(),
         "log:\n{}",
@@ -2089,13 +2075,8 @@ impl Harness {
 /// finished, once, and then the agent's cordon goes.
 #[test]
 fn evictions_start_while_the_kernel_is_still_offlining() {
-    let mut h = Harness::start_with(Options {
-        shrink_policy: Some(hotplug_agent::shrink::Policy::Evict),
-        no_client_retry: true,
-        ..Options::default()
-    });
+    let mut h = evict_mode_with_three_pods();
     h.dimm("online");
-    three_pods(&h);
     h.eject_starts();
     h.wait_for("the second eviction", |r| {
         r["kind"] == "reset" && r["action"] == "evicted" && r["message"] == "work/mid"
@@ -2336,12 +2317,7 @@ impl Harness {
             }]),
             "{record}"
         );
-        let event = self
-            .cluster
-            .rt
-            .block_on(self.cluster.api.wait_event(CONVERGE, |e| {
-                e["reason"] == "PodsRejectedAfterRestart" && e["type"] == "Warning"
-            }));
+        let event = self.wait_warning("PodsRejectedAfterRestart");
         let text = event["message"].as_str().unwrap_or("");
         assert!(text.contains(&format!("work/victim ({reason})")), "{event}");
         assert!(!text.contains("work/old"), "{event}");
@@ -2445,12 +2421,7 @@ impl Harness {
 /// watches for its deletion instead of listing the pods again and again.
 #[test]
 fn evict_mode_restarts_when_the_evicted_pod_is_deleted_watched_not_polled() {
-    let mut h = Harness::start_with(Options {
-        shrink_policy: Some(hotplug_agent::shrink::Policy::Evict),
-        no_client_retry: true,
-        ..Options::default()
-    });
-    three_pods(&h);
+    let mut h = evict_mode_with_three_pods();
     h.cluster.api.hold_evictions("work", "low");
     h.memory_offline_1gib();
     h.wait_for("the second eviction", |r| {
@@ -2564,12 +2535,7 @@ fn a_refused_initial_capacity_write_is_said_once_and_the_agent_carries_on() {
     h.cpu1_offline();
     h.wait_converged();
     assert_eq!(h.cluster.kubelet.restarts(), 2, "log:\n{}", h.log());
-    let event = h
-        .cluster
-        .rt
-        .block_on(h.cluster.api.wait_event(CONVERGE, |e| {
-            e["reason"] == "InitialCapacityNotAnnotated" && e["type"] == "Warning"
-        }));
+    let event = h.wait_warning("InitialCapacityNotAnnotated");
     assert!(
         event["message"].as_str().unwrap_or("").contains("403"),
         "{event}"
